@@ -1,0 +1,100 @@
+"""The GPU search path of the torch backend (grouped top-k, candidate re-scoring, shard merge), run
+with torch on the CPU at small sizes: the same code as on CUDA, minus streams and pinned memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from searchr1.retrieval.index import TorchBackend, merge_topk, topk_grouped
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _exact(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = q.astype(np.float64) @ x.astype(np.float64).T
+    ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, ids, 1), ids
+
+
+@pytest.mark.parametrize("length", [1, 5, 127, 128, 1000, 4099])
+@pytest.mark.parametrize("group", [1, 8, 128])
+def test_topk_grouped_equals_topk_values(length: int, group: int) -> None:
+    g = torch.Generator().manual_seed(length * 7 + group)
+    scores = torch.randn(6, length, generator=g)
+    for k in (1, 3, 19):
+        vals, pos = topk_grouped(scores, k, group)
+        want = torch.topk(scores, min(k, length), dim=1).values
+        assert torch.equal(vals, want)
+        assert torch.equal(scores.gather(1, pos), vals)  # positions point at those values
+        assert all(len(set(r.tolist())) == r.numel() for r in pos)  # no position twice
+
+
+def test_topk_grouped_with_ties_and_a_row_slice() -> None:
+    # Many equal values (fp16-like plateaus) spread over several groups; a row-sliced view as input.
+    base = torch.randint(0, 4, (5, 1000)).float()
+    view = base[:, :997]
+    vals, pos = topk_grouped(view, 10, 32)
+    assert torch.equal(vals, torch.topk(view, 10, dim=1).values)
+    assert torch.equal(view.gather(1, pos), vals)
+
+
+def test_merge_topk() -> None:
+    s = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
+    i = torch.tensor([[10, 11, 12, 13]])
+    top_s, top_i = merge_topk(s, i, 2)
+    assert top_i.tolist() == [[11, 13]] and torch.allclose(top_s, torch.tensor([[0.9, 0.7]]))
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("chunk_rows,group", [(None, 128), (300, 16), (1000, 7), (64, 128)])
+def test_grouped_search_is_exact(fp16: bool, chunk_rows: int | None, group: int) -> None:
+    rng = np.random.default_rng(0)
+    x, q = _unit(rng, 2500, 32), _unit(rng, 17, 32)
+    be = TorchBackend(x, device="cpu", fp16=fp16, method="grouped", chunk_rows=chunk_rows, group=group)
+    assert be.method == "grouped"
+    got_s, got_i = be.search(q, 5)
+    assert got_s.dtype == np.float32 and got_i.dtype == np.int64 and got_s.shape == (17, 5)
+    stored = x.astype(np.float16).astype(np.float32) if fp16 else x
+    want_s, want_i = _exact(stored, q, 5)
+    # Scores are fp32 re-scores of the stored rows: equal to the exact ones to fp32 rounding; ids
+    # equal up to ties (random data: no ties).
+    np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+    np.testing.assert_array_equal(got_i, want_i)
+
+
+def test_grouped_search_merges_shards_and_clamps_k() -> None:
+    rng = np.random.default_rng(1)
+    x, q = _unit(rng, 900, 16), _unit(rng, 4, 16)
+    shards = [torch.from_numpy(x[:400].copy()), torch.from_numpy(x[400:401].copy()), torch.from_numpy(x[401:].copy())]
+    be = TorchBackend.from_shards(shards, fp16=False, chunk_rows=128, group=8, method="grouped")
+    assert be.ntotal == 900 and be.dim == 16 and be.method == "grouped"
+    got_s, got_i = be.search(q, 7)
+    want_s, want_i = _exact(x, q, 7)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+    # k above the number of rows: every row once, best first.
+    small = TorchBackend(x[:3], device="cpu", fp16=False, method="grouped", group=2)
+    s, i = small.search(q, 10)
+    assert s.shape == (4, 3) and sorted(i[0].tolist()) == [0, 1, 2]
+
+
+def test_plain_and_grouped_agree() -> None:
+    rng = np.random.default_rng(2)
+    x, q = _unit(rng, 3000, 24), _unit(rng, 9, 24)
+    a = TorchBackend(x, device="cpu", fp16=False, method="plain", chunk_rows=500).search(q, 3)
+    b = TorchBackend(x, device="cpu", fp16=False, method="grouped", chunk_rows=700, group=16).search(q, 3)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+
+
+def test_cpu_default_stays_plain_and_bad_method_is_refused() -> None:
+    x = _unit(np.random.default_rng(3), 10, 4)
+    be = TorchBackend(x, device="cpu")
+    assert be.method == "plain" and be.name == "torch-cpux1" and be.overlaps_encode is False
+    with pytest.raises(ValueError, match="method"):
+        TorchBackend(x, device="cpu", method="fast")
