@@ -48,12 +48,46 @@ def _which(module: str) -> str:
     return module if importlib.util.find_spec(module) is not None else f"no {module}"
 
 
+def _add_http_limit_args(p: argparse.ArgumentParser) -> None:
+    from searchr1.retrieval.server import DEFAULT_MAX_BATCH_CHARS, HttpLimits
+
+    d = HttpLimits()  # the defaults live in the server, in one place
+    p.add_argument("--max-batch-chars", type=int, default=DEFAULT_MAX_BATCH_CHARS,
+                   help="most query characters per encode+search call; larger requests are served in slices "
+                        "interleaved with other requests")  # fmt: skip
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help="request line + headers, bytes (431 beyond)")  # fmt: skip
+    p.add_argument("--max-headers", type=int, default=d.max_headers, help="header fields per request (431 beyond)")
+    p.add_argument("--keep-alive-timeout-s", type=float, default=d.keep_alive_timeout_s,
+                   help="close a connection idle this long with no request in progress")  # fmt: skip
+    p.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
+                   help="a request's headers must be complete this long after its first byte (408)")  # fmt: skip
+    p.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                   help="a request's body must be complete this long after its headers (408)")  # fmt: skip
+    p.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
+                   help="on SIGTERM/SIGINT in-flight requests get this long; the process is gone 1 s later "
+                        "at most; a second signal exits at once")  # fmt: skip
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
-    import uvicorn
+    from searchr1.retrieval.server import HttpLimits, PortInUseError, RetrieverServer, bind_socket, create_app
+
+    try:
+        http_limits = HttpLimits(max_header_bytes=a.max_header_bytes, max_headers=a.max_headers,
+                                 keep_alive_timeout_s=a.keep_alive_timeout_s, header_timeout_s=a.header_timeout_s,
+                                 body_timeout_s=a.body_timeout_s, shutdown_grace_s=a.shutdown_grace_s)  # fmt: skip
+    except ValueError as e:
+        log.error("refusing to start: %s", e)
+        return 2
+    # The port first: a busy one fails in milliseconds, not after loading the encoder and the index.
+    try:
+        sock = bind_socket(a.host, a.port)
+    except OSError as e:
+        log.error("refusing to start: %s", e)
+        return 2
 
     from searchr1.retrieval.corpus import CorpusStore
     from searchr1.retrieval.index import IndexPairError, check_pair, load_backend
-    from searchr1.retrieval.server import create_app
 
     try:
         meta = check_pair(a.index, a.corpus)
@@ -78,14 +112,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_batch_size=a.max_batch_size,
         max_wait_ms=a.max_wait_ms,
         batching=not a.no_batching,
+        max_batch_chars=a.max_batch_chars,
+        http_limits=http_limits,
     )
-    # uvicorn's "auto" picks uvloop and the httptools parser when installed (they are pinned
-    # dependencies): several times less CPU per request than asyncio + the pure-Python h11.
-    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False, backlog=4096)
+    # uvicorn's "auto" loop picks uvloop when installed (a pinned dependency), and the server runs the
+    # httptools parser (pinned too): several times less CPU per request than asyncio + the pure-Python h11.
     log.info("serving on http://%s:%d/retrieve (backend %s, batching %s, loop %s, http %s)", a.host, a.port,
              backend.name, not a.no_batching, _which("uvloop"), _which("httptools"))  # fmt: skip
-    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown (lifespan stops the worker thread).
-    uvicorn.Server(config).run()
+    # SIGTERM/SIGINT: graceful shutdown bounded by --shutdown-grace-s; a second signal exits at once.
+    RetrieverServer(app, sock, log_level=a.log_level).run()
     return 0
 
 
@@ -188,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int, default=1024, help="most queries per request")
     p.add_argument("--max-query-chars", type=int, default=4096)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    _add_http_limit_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-index", help="encode a corpus into a faiss flat index (resumable)")

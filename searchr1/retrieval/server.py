@@ -2,31 +2,50 @@
 
 One worker thread owns the encoder and the search backend (faiss GPU indexes are not thread-safe,
 and one big matmul beats many small ones). Request handlers validate their input, put the queries on
-a queue and await a future. The batching task takes the first waiting request, gathers more
-until it holds ``max_batch_size`` queries or ``max_wait_ms`` have passed, encodes and searches them
-in one call, and resolves every request of the batch. With ``batching=False`` the worker takes one
-request at a time (the per-request baseline that Search-R1's server amounts to), same code otherwise.
+a queue and await a future. The batching task fills each batch round-robin from the waiting requests
+until it holds ``max_batch_size`` queries (or ``max_batch_chars`` characters) or ``max_wait_ms`` have
+passed, encodes and searches them in one call, and resolves the requests it completed. With
+``batching=False`` the worker takes one request at a time (the per-request baseline that Search-R1's
+server amounts to), same code otherwise.
+
+Hostile clients (see ``HttpLimits``): header size and count are bounded (431), idle connections and
+stalled headers or bodies time out (408), a client that leaves at any point is counted, never an
+error; SIGTERM/SIGINT stop the server within ``shutdown_grace_s`` whatever the clients do, a second
+signal stops it at once, and a watchdog hard-exits a shutdown that overruns the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from searchr1.retrieval.corpus import CorpusStore
-from searchr1.retrieval.encoder import TextEncoder
-from searchr1.retrieval.index import SearchBackend
+if TYPE_CHECKING:  # kept out of the import path: the encoder module pulls in torch
+    from searchr1.retrieval.corpus import CorpusStore
+    from searchr1.retrieval.encoder import TextEncoder
+    from searchr1.retrieval.index import SearchBackend
+
+log = logging.getLogger("searchr1.retrieval.server")
 
 DEFAULT_TOPK = 3  # Search-R1's default when a request has no topk
+# A batch's character budget: 256 typical queries (< 256 characters) fit, so slime's one-query
+# requests batch as before; 256 queries at the 4,096-character limit are served in 16 slices.
+DEFAULT_MAX_BATCH_CHARS = 65536
 
 
 class ClientError(Exception):
@@ -38,12 +57,18 @@ class ClientError(Exception):
         self.message = message
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     queries: list[str]
     topk: int
     return_scores: bool
     future: asyncio.Future
+    sent: int = 0  # queries handed to batches so far (the next slice starts here)
+    answered: int = 0
+    results: list | None = None  # per-query hits, filled slice by slice
+
+
+_Slice = tuple[_Job, int, int]  # (job, first query, one past the last)
 
 
 class BatchingWorker:
@@ -53,6 +78,11 @@ class BatchingWorker:
     GIL ping-pong per request); each batch's encode + search + lookups run in a single-thread
     executor, which serialises every use of the encoder and the index. While a batch computes, new
     requests pile up in the queue and form the next batch.
+
+    Fairness: a batch is filled round-robin, one query from each waiting request in turn (oldest
+    first), up to ``max_batch_size`` queries and ``max_batch_chars`` characters. A request larger
+    than that is served in slices over several batches, and a request that arrives meanwhile joins
+    the next batch, so it waits for at most the batch in flight, not for the whole large request.
     """
 
     def __init__(
@@ -64,17 +94,24 @@ class BatchingWorker:
         max_batch_size: int = 256,
         max_wait_ms: float = 1.0,
         batching: bool = True,
+        max_batch_chars: int = DEFAULT_MAX_BATCH_CHARS,
     ) -> None:
-        if max_batch_size <= 0 or max_wait_ms < 0:
-            raise ValueError(f"max_batch_size must be > 0 and max_wait_ms >= 0, got {max_batch_size}, {max_wait_ms}")
+        if max_batch_size <= 0 or max_wait_ms < 0 or max_batch_chars <= 0:
+            raise ValueError(
+                "max_batch_size and max_batch_chars must be > 0 and max_wait_ms >= 0, "
+                f"got {max_batch_size}, {max_batch_chars}, {max_wait_ms}"
+            )
         self.corpus = corpus
         self.encoder = encoder
         self.backend = backend
         self.max_batch_size = max_batch_size
+        self.max_batch_chars = max_batch_chars
         self.max_wait_s = max_wait_ms / 1000.0
         self.batching = batching
         self._queue: asyncio.Queue[_Job] | None = None
-        self._carry: _Job | None = None
+        self._active: list[_Job] = []  # admitted jobs with queries not yet sent, oldest first
+        self._pending = 0  # queries of _active not yet sent
+        self._unresolved: set[_Job] = set()  # every job whose future is open (failed on stop)
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.batches = 0
@@ -87,6 +124,7 @@ class BatchingWorker:
         self.search_s = 0.0
         self.lookup_s = 0.0
         self.unique_queries = 0  # after de-duplication within each batch
+        self.split_requests = 0  # requests served over more than one batch
 
     def start(self) -> None:
         """Start the batching task on the running event loop (idempotent)."""
@@ -103,32 +141,42 @@ class BatchingWorker:
                 await task
             except asyncio.CancelledError:
                 pass
-        pending = [self._carry] if self._carry else []
-        self._carry = None
         while self._queue is not None and not self._queue.empty():
-            pending.append(self._queue.get_nowait())
-        for job in pending:
+            self._queue.get_nowait()
+        self._active, self._pending = [], 0
+        for job in list(self._unresolved):
             if not job.future.done():
                 job.future.set_exception(RuntimeError("retriever is shutting down"))
+        self._unresolved.clear()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # Do not block the event loop on a batch still computing: shutdown must stay bounded.
+            self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
     async def submit(self, queries: list[str], topk: int, return_scores: bool) -> list[list[dict]]:
+        job = self.enqueue(queries, topk, return_scores)
+        return await job.future
+
+    def enqueue(self, queries: list[str], topk: int, return_scores: bool) -> _Job:
+        """Queue a request; its ``future`` gets the hits. Cancelling the future drops the request."""
         if self._task is None or self._task.done():
             self.start()
         job = _Job(queries, topk, return_scores, asyncio.get_running_loop().create_future())
+        self._unresolved.add(job)
+        job.future.add_done_callback(lambda _f, job=job: self._unresolved.discard(job))
         self._queue.put_nowait(job)
-        return await job.future
+        return job
 
     def stats(self) -> dict:
         return {
             "enabled": self.batching,
             "max_batch_size": self.max_batch_size,
+            "max_batch_chars": self.max_batch_chars,
             "max_wait_ms": self.max_wait_s * 1000.0,
             "batches": self.batches,
             "requests": self.requests,
             "queries": self.queries,
+            "split_requests": self.split_requests,
             "mean_batch_queries": (self.queries / self.batches) if self.batches else 0.0,
             "max_batch_queries": self.max_batch_seen,
             "busy_s": round(self.busy_s, 3),
@@ -136,60 +184,123 @@ class BatchingWorker:
             "search_s": round(self.search_s, 3),
             "lookup_s": round(self.lookup_s, 3),
             "unique_queries": self.unique_queries,
-            "queued": self._queue.qsize() if self._queue is not None else 0,
+            "queued": (self._queue.qsize() if self._queue is not None else 0) + len(self._active),
         }
 
-    def _drain(self, batch: list[_Job], n: int) -> int:
-        """Move waiting jobs into ``batch`` while they fit; return the new query count."""
-        while n < self.max_batch_size and not self._queue.empty():
+    def _admit(self) -> None:
+        """Move queued jobs to the active list (dropping those whose client already left)."""
+        while not self._queue.empty():
             job = self._queue.get_nowait()
-            if n + len(job.queries) > self.max_batch_size:
-                self._carry = job  # would overflow: it opens the next batch
-                break
-            batch.append(job)
-            n += len(job.queries)
-        return n
+            if not job.future.done():
+                self._active.append(job)
+                self._pending += len(job.queries)
 
-    async def _next_batch(self) -> list[_Job]:
-        """Wait for the first job, then gather more within the size and time limits."""
-        first = self._carry if self._carry is not None else await self._queue.get()
-        self._carry = None
-        batch, n = [first], len(first.queries)
+    def _prune(self) -> None:
+        """Drop active jobs that are fully sent or whose future is done (client gone, failed)."""
+        keep = []
+        for job in self._active:
+            if job.sent < len(job.queries) and not job.future.done():
+                keep.append(job)
+            else:
+                self._pending -= len(job.queries) - job.sent
+        self._active = keep
+
+    def _take(self) -> list[_Slice]:
+        """The next batch: whole oldest job without batching, else round-robin slices of all jobs."""
         if not self.batching:
-            return batch
-        n = self._drain(batch, n)
-        if n < self.max_batch_size and self._carry is None and self.max_wait_s > 0:
+            job = self._active.pop(0)
+            self._pending -= len(job.queries) - job.sent
+            slices = [(job, job.sent, len(job.queries))]
+        else:
+            jobs = self._active
+            counts = [0] * len(jobs)
+            n = chars = 0
+            full = False
+            while not full:
+                progressed = False
+                for i, job in enumerate(jobs):
+                    j = job.sent + counts[i]
+                    if j >= len(job.queries):
+                        continue
+                    c = len(job.queries[j])
+                    if n and chars + c > self.max_batch_chars:  # a batch always takes at least one query
+                        full = True
+                        break
+                    counts[i] += 1
+                    n += 1
+                    chars += c
+                    progressed = True
+                    if n >= self.max_batch_size:
+                        full = True
+                        break
+                if not progressed:
+                    break
+            slices = [(job, job.sent, job.sent + c) for job, c in zip(jobs, counts) if c]
+        for job, lo, hi in slices:
+            if lo == 0:
+                self.requests += 1
+                if hi < len(job.queries):
+                    self.split_requests += 1
+            job.sent = hi
+            if self.batching:
+                self._pending -= hi - lo
+        if self.batching:
+            self._prune()
+        return slices
+
+    async def _next_batch(self) -> list[_Slice]:
+        """Wait for work, then gather more within the size and time limits."""
+        while True:
+            self._admit()
+            self._prune()
+            if self._active:
+                break
+            job = await self._queue.get()
+            if not job.future.done():
+                self._active.append(job)
+                self._pending += len(job.queries)
+        if self.batching and self._pending < self.max_batch_size and self.max_wait_s > 0:
             await asyncio.sleep(self.max_wait_s)
-            self._drain(batch, n)
-        return batch
+            self._admit()
+            self._prune()
+            if not self._active:  # every waiting client left during the wait
+                return []
+        return self._take()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            live = [job for job in batch if not job.future.done()]  # skip requests whose client left
-            if not live:
+            batch = [s for s in await self._next_batch() if not s[0].future.done()]
+            if not batch:
                 continue
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._process, live)
-            except Exception as e:  # a server fault: fail this batch (HTTP 500), keep serving
-                for job in live:
+                results = await loop.run_in_executor(self._executor, self._process, batch)
+            except Exception as e:  # a server fault: fail this batch's requests (HTTP 500), keep serving
+                for job, _, _ in batch:
                     if not job.future.done():
                         job.future.set_exception(e)
             else:
-                for job, result in zip(live, results):
-                    if not job.future.done():
-                        job.future.set_result(result)
+                for (job, lo, hi), hits in zip(batch, results):
+                    if job.future.done():  # client left while its slice computed
+                        continue
+                    if lo == 0 and hi == len(job.queries):
+                        job.future.set_result(hits)
+                        continue
+                    if job.results is None:
+                        job.results = [None] * len(job.queries)
+                    job.results[lo:hi] = hits
+                    job.answered += hi - lo
+                    if job.answered == len(job.queries):
+                        job.future.set_result(job.results)
             self.busy_s += time.perf_counter() - t0
-            n = sum(len(j.queries) for j in live)
+            n = sum(hi - lo for _, lo, hi in batch)
             self.batches += 1
-            self.requests += len(live)
             self.queries += n
             self.max_batch_seen = max(self.max_batch_seen, n)
 
-    def _process(self, batch: list[_Job]) -> list[list[list[dict]]]:
-        texts = [q for job in batch for q in job.queries]
+    def _process(self, batch: list[_Slice]) -> list[list[list[dict]]]:
+        texts = [q for job, lo, hi in batch for q in job.queries[lo:hi]]
         # GRPO's samples of one prompt often issue the same search: encode and search each distinct
         # text once per batch (exact: the same text gives the same embedding and hits).
         row_of: dict[str, int] = {}
@@ -197,15 +308,15 @@ class BatchingWorker:
         t0 = time.perf_counter()
         emb = self.encoder.encode_queries(list(row_of))
         t1 = time.perf_counter()
-        k = max(job.topk for job in batch)
+        k = max(job.topk for job, _, _ in batch)
         scores, ids = self.backend.search(np.asarray(emb, dtype=np.float32), k)
         t2 = time.perf_counter()
         scores, ids = scores.tolist(), ids.tolist()  # Python scalars: cheaper per element than numpy's
         docs: dict[int, dict] = {}
         out, i = [], 0
-        for job in batch:
+        for job, lo, hi in batch:
             per_job = []
-            for _ in job.queries:
+            for _ in range(lo, hi):
                 r = rows[i]
                 hits = []
                 for score, doc_id in zip(scores[r][: job.topk], ids[r][: job.topk]):
@@ -231,6 +342,41 @@ class Limits:
     max_queries: int = 1024
     max_query_chars: int = 4096
     max_body_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Connection-level limits and timeouts; the CLI's ``serve`` flags take their defaults from here."""
+
+    max_header_bytes: int = 16384  # request line + header fields, raw bytes (431 beyond)
+    max_headers: int = 100  # header fields per request (431 beyond)
+    keep_alive_timeout_s: float = 5.0  # a connection with no request in progress is closed after this
+    header_timeout_s: float = 10.0  # from a request's first byte to the end of its headers (408)
+    body_timeout_s: float = 30.0  # from the end of the headers to the end of the body (408)
+    shutdown_grace_s: float = 5.0  # SIGTERM/SIGINT: in-flight requests get this long, then exit
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass
+class ClientCounters:
+    """What hostile or departing clients did; reported under ``clients`` in ``/health``."""
+
+    disconnects: int = 0  # left before their answer (mid-body, or while it was computed)
+    header_too_large: int = 0  # 431: too many or too large header fields
+    header_timeouts: int = 0  # 408: headers not finished in time
+    body_timeouts: int = 0  # 408: body not finished in time
+    idle_closed: int = 0  # connections closed for sending nothing within keep_alive_timeout_s
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer; nothing can be sent."""
 
 
 def _type_name(value: Any) -> str:
@@ -280,7 +426,8 @@ def parse_retrieve_request(body: bytes, limits: Limits) -> tuple[list[str], int,
     return queries, topk, return_scores
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, within ``max_bytes`` (413) and ``timeout_s`` (408); _ClientGone if the client left."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -289,18 +436,58 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
             raise ClientError(400, f"invalid Content-Length header: {declared!r}") from None
         if declared_n > max_bytes:
             raise ClientError(413, f"body of {declared_n} bytes is larger than max_body_bytes={max_bytes}")
+    try:
+        return await _within(_collect_body(request.receive, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise ClientError(408, f"request body not received within body_timeout_s={timeout_s:g} (--body-timeout-s)") from None
+
+
+async def _collect_body(receive: Any, max_bytes: int) -> bytes:
     chunks, size = [], 0
-    async for chunk in request.stream():  # also bounds bodies sent without a Content-Length
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":  # also what a malformed chunked body turns into
+            raise _ClientGone("client disconnected while sending its body")
+        chunk = message.get("body", b"")
         size += len(chunk)
-        if size > max_bytes:
+        if size > max_bytes:  # also bounds bodies sent without a Content-Length
             raise ClientError(413, f"body is larger than max_body_bytes={max_bytes}")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _within(coro: Any, timeout_s: float) -> Any:
+    if sys.version_info >= (3, 11):  # a timer on the current task, no extra task per request
+        async with asyncio.timeout(timeout_s):
+            return await coro
+    return await asyncio.wait_for(coro, timeout_s)
 
 
 def _json_response(payload: Any, status_code: int = 200) -> Response:
     # orjson: several times faster than json.dumps for the passage lists; non-ASCII stays UTF-8.
     return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
+
+
+def _retrieve_openapi(limits: Limits) -> dict:
+    """The /retrieve body as JSON Schema (the handler parses raw bytes, so FastAPI cannot derive it)."""
+    query = {"type": "string", "minLength": 1, "maxLength": limits.max_query_chars, "pattern": r"\S"}
+    body = {
+        "type": "object",
+        "required": ["queries"],
+        "properties": {
+            "queries": {"type": "array", "minItems": 1, "maxItems": limits.max_queries, "items": query},
+            "topk": {"type": "integer", "minimum": 1, "maximum": limits.topk_max, "default": DEFAULT_TOPK},
+            "return_scores": {"type": "boolean", "default": False},
+        },
+    }
+    error = {"description": "the request is wrong; `detail` names the problem",
+             "content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}}  # fmt: skip
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {"200": {"description": "`result`: one list of hits per query"},
+                      **{str(c): error for c in (400, 408, 413, 415, 422)}},  # fmt: skip
+    }
 
 
 def create_app(
@@ -315,14 +502,21 @@ def create_app(
     max_batch_size: int = 256,
     max_wait_ms: float = 1.0,
     batching: bool = True,
+    max_batch_chars: int = DEFAULT_MAX_BATCH_CHARS,
+    http_limits: HttpLimits | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving ``POST /retrieve`` and ``GET /health`` over one corpus/encoder/backend."""
+    """The FastAPI app serving ``POST /retrieve`` and ``GET|HEAD /health`` over one corpus/encoder/backend.
+
+    ``http_limits`` (default ``HttpLimits()``) are stored on ``app.state`` for ``serve_app``, which
+    applies the connection-level ones; the body timeout is applied here.
+    """
     if len(corpus) != backend.ntotal:
         raise ValueError(f"corpus {corpus.path} has {len(corpus)} rows but the index has {backend.ntotal} vectors")
     limits = Limits(topk_max, max_queries, max_query_chars, max_body_bytes)
-    worker = BatchingWorker(
-        corpus, encoder, backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=batching
-    )
+    http_limits = http_limits or HttpLimits()
+    counters = ClientCounters()
+    worker = BatchingWorker(corpus, encoder, backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                            batching=batching, max_batch_chars=max_batch_chars)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -333,28 +527,57 @@ def create_app(
     app = FastAPI(title="searchr1 retriever", lifespan=lifespan)
     app.state.worker = worker
     app.state.limits = limits
+    app.state.http_limits = http_limits
+    app.state.counters = counters
     started = time.time()
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> Response:
-        return _json_response({"detail": exc.message}, status_code=exc.status)
+        response = _json_response({"detail": exc.message}, status_code=exc.status)
+        if exc.status == 408:  # a stalled body: the connection's framing is unknown, so close it
+            counters.body_timeouts += 1
+            response.headers["connection"] = "close"
+        return response
+
+    async def answer(request: Request, queries: list[str], topk: int, return_scores: bool) -> list:
+        job = worker.enqueue(queries, topk, return_scores)
+        # With the body read, the next ASGI message is the disconnect (or the end of our response):
+        # a client that leaves while its queries wait or compute drops them from the worker.
+        watch = asyncio.ensure_future(request.receive())
+
+        def client_left(t: asyncio.Future) -> None:
+            if not t.cancelled() and t.exception() is None and t.result()["type"] == "http.disconnect":
+                if not job.future.done():
+                    job.future.set_exception(_ClientGone("client disconnected while its answer was computed"))
+
+        watch.add_done_callback(client_left)
+        try:
+            return await job.future
+        finally:
+            watch.cancel()
 
     # The handler takes the raw Request and returns bytes: no pydantic model or response
     # validation per request (it validates by hand, with messages that name the problem).
-    @app.post("/retrieve")
+    @app.post("/retrieve", openapi_extra=_retrieve_openapi(limits))
     async def retrieve(request: Request) -> Response:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
             raise ClientError(415, f"Content-Type must be application/json, got {media_type or 'none'!r}")
-        body = await _read_body(request, limits.max_body_bytes)
-        queries, topk, return_scores = parse_retrieve_request(body, limits)
-        result = await worker.submit(queries, topk, return_scores)
+        try:
+            body = await _read_body(request, limits.max_body_bytes, http_limits.body_timeout_s)
+            queries, topk, return_scores = parse_retrieve_request(body, limits)
+            result = await answer(request, queries, topk, return_scores)
+        except _ClientGone as e:  # an ordinary event: count it, nothing to send
+            counters.disconnects += 1
+            log.debug("%s (%s)", e, request.client)
+            return Response(status_code=499)  # never sent; the connection is gone
         return _json_response({"result": result})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         return {
             "status": "ok",
+            "pid": os.getpid(),
             "passages": len(corpus),
             "dim": backend.dim,
             "backend": backend.name,
@@ -365,6 +588,256 @@ def create_app(
             # validation, JSON replies and batching bookkeeping; the rest is encoder/search threads.
             "loop_thread_cpu_s": round(time.thread_time(), 3),
             "batching": worker.stats(),
+            "clients": counters.as_dict(),
+            "http_limits": asdict(http_limits),
         }
 
     return app
+
+
+# --- serving: the listening socket, connection limits, bounded shutdown ---------------------------
+
+
+class PortInUseError(OSError):
+    """The server's port is taken (raised before anything heavy is loaded)."""
+
+
+def bind_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket on host:port, or PortInUseError naming them.
+
+    The CLI binds first and loads the encoder and the index afterwards, so a busy port fails in
+    milliseconds, not after minutes of loading; the socket is then handed to uvicorn.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebinding after a restart (TIME_WAIT)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUseError(e.errno, f"port {port} on {host} is already in use (--port {port})") from None
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
+    """uvicorn's httptools protocol plus the limits it lacks.
+
+    uvicorn bounds neither header size nor count with httptools, arms its keep-alive timer only after
+    a response (and cancels it on any byte), so a silent client or one stalled in its headers would
+    hold a connection forever. This subclass only observes the parser callbacks and the byte stream;
+    on a violation it answers itself (431/408, ``Connection: close``) and drops the connection.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # pinned uvicorn; httptools is a dependency
+
+    def reply(status: int, reason: str, detail: str) -> bytes:
+        body = orjson.dumps({"detail": detail})
+        head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+        return head.encode("ascii") + body
+
+    class GuardedHttpProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._timer: asyncio.TimerHandle | None = None
+            self._timer_kind = ""
+            self._header_raw = 0  # raw bytes of the current request's line and headers so far
+            self._header_fields = 0
+            self._in_body = False  # between a request's headers and the end of its body
+            self._rejected = False
+
+        # -- timers --
+        def _arm(self, kind: str, delay: float, callback: Any) -> None:
+            self._disarm()
+            self._timer_kind = kind
+            self._timer = self.loop.call_later(delay, callback)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_kind = None, ""
+
+        def _idle_expired(self) -> None:
+            self._timer = None
+            counters.idle_closed += 1
+            self.transport.close()
+
+        def _headers_expired(self) -> None:
+            self._timer = None
+            if self._in_body or self._header_raw == 0:  # trailing body bytes after an early answer
+                self.transport.close()
+                return
+            counters.header_timeouts += 1
+            self._reject(408, "Request Timeout",
+                         f"request headers not received within header_timeout_s={limits.header_timeout_s:g} (--header-timeout-s)")  # fmt: skip
+
+        def _reject(self, status: int, reason: str, detail: str) -> None:
+            self._rejected = True
+            self._disarm()
+            if not self.transport.is_closing():
+                if self.cycle is None or self.cycle.response_complete:  # never interleave with an answer
+                    self.transport.write(reply(status, reason, detail))
+                # Lingering close: stop writing, discard what the client still sends, close when it does
+                # (or after a second); closing at once would reset the connection and lose the answer.
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+                    self.loop.call_later(1.0, self.transport.close)
+                else:
+                    self.transport.close()
+
+        # -- asyncio.Protocol --
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm("idle", limits.keep_alive_timeout_s, self._idle_expired)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def eof_received(self) -> bool | None:
+            if self._rejected:
+                self.transport.close()
+            return super().eof_received()
+
+        def data_received(self, data: bytes) -> None:
+            while data and not self._rejected and not self.transport.is_closing():
+                if self._in_body:
+                    if self.cycle is not None and self.cycle.response_complete and self._timer_kind != "headers":
+                        # answered early (e.g. 413): what is left of the body must still arrive in time
+                        self._arm("headers", limits.header_timeout_s, self._headers_expired)
+                    super().data_received(data)
+                    return
+                if self._timer_kind != "headers":  # a request's first bytes: its headers must follow in time
+                    self._arm("headers", limits.header_timeout_s, self._headers_expired)
+                # Feed headers at most one byte past the limit, so the parser never buffers more.
+                room = max(limits.max_header_bytes - self._header_raw, 0) + 1
+                piece, data = data[:room], data[room:]
+                self._header_raw += len(piece)
+                super().data_received(piece)
+                if not self._in_body and self._header_raw > limits.max_header_bytes and not self._rejected:
+                    counters.header_too_large += 1
+                    self._reject(431, "Request Header Fields Too Large",
+                                 f"request line and headers exceed max_header_bytes={limits.max_header_bytes} (--max-header-bytes)")  # fmt: skip
+
+        # -- httptools callbacks --
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._header_fields = 0
+
+        def on_url(self, url: bytes) -> None:
+            if not self._rejected:
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self._rejected:
+                return
+            self._header_fields += 1
+            if self._header_fields > limits.max_headers:
+                counters.header_too_large += 1
+                self._reject(431, "Request Header Fields Too Large",
+                             f"more than max_headers={limits.max_headers} header fields (--max-headers)")  # fmt: skip
+                return
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            if self._rejected:
+                return
+            self._in_body = True
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._rejected:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self._rejected:
+                return
+            self._in_body = False
+            self._header_raw = 0
+            if self._timer_kind == "headers":  # the early-answer drain timer, now moot
+                self._disarm()
+            super().on_message_complete()
+
+    return GuardedHttpProtocol
+
+
+class RetrieverServer:
+    """Runs an app on a bound socket with uvicorn; bounded shutdown whatever the clients do.
+
+    First SIGTERM/SIGINT: uvicorn's graceful shutdown, limited to ``shutdown_grace_s`` for in-flight
+    requests; a watchdog thread hard-exits if the process still lives one second after that (and a
+    SIGALRM backstop kills it even if the interpreter is stuck). Second signal: exit at once.
+    The watchdog matters when the parent is SIGKILLed: its parent-death SIGTERM is all we get.
+    """
+
+    def __init__(self, app: FastAPI, sock: socket.socket, *, log_level: str = "info") -> None:
+        import uvicorn
+
+        limits: HttpLimits = app.state.http_limits
+        self.limits = limits
+        self.sock = sock
+        config = uvicorn.Config(
+            app,
+            log_level=log_level,
+            access_log=False,
+            http=_guarded_protocol(limits, app.state.counters),
+            timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
+            timeout_graceful_shutdown=limits.shutdown_grace_s,  # type: ignore[arg-type]
+        )
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                outer._on_signal(sig)
+                super().handle_exit(sig, frame)
+
+        self.server = _Server(config)
+        self._signals = 0
+
+    @property
+    def started(self) -> bool:
+        return bool(self.server.started)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        name = signal.Signals(sig).name
+        if self._signals > 1:
+            log.warning("second signal (%s): exiting now", name)
+            _hard_exit(128 + sig)
+        grace = self.limits.shutdown_grace_s
+        log.info("%s: shutting down (in-flight requests get %.1f s)", name, grace)
+        threading.Thread(target=self._watchdog, args=(grace + 1.0,), name="shutdown-watchdog", daemon=True).start()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # default action: the kernel ends the process
+            signal.setitimer(signal.ITIMER_REAL, grace + 3.0)
+
+    def _watchdog(self, after_s: float) -> None:
+        time.sleep(after_s)
+        log.error("shutdown did not finish within shutdown_grace_s=%.1f s + 1 s: exiting hard", self.limits.shutdown_grace_s)
+        _hard_exit(1)
+
+    def request_exit(self) -> None:
+        """Graceful stop from another thread (tests); signals do this in a process."""
+        self.server.should_exit = True
+
+    def run(self) -> None:
+        """Serve until stopped. SIGINT ends in KeyboardInterrupt, caught here; SIGTERM in its default action."""
+        try:
+            self.server.run(sockets=[self.sock])
+        except KeyboardInterrupt:
+            pass
+
+
+def _hard_exit(code: int) -> None:
+    for h in logging.getLogger().handlers:  # os._exit skips the flush of buffered log output
+        try:
+            h.flush()
+        except Exception:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
