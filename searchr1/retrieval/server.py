@@ -125,12 +125,18 @@ class BatchingWorker:
         self.lookup_s = 0.0
         self.unique_queries = 0  # after de-duplication within each batch
         self.split_requests = 0  # requests served over more than one batch
+        # Two batches in flight when the backend searches on its own CUDA streams (torch on GPU):
+        # one encodes while the other searches; each stage still runs one batch at a time (locks).
+        self.pipeline = 2 if getattr(backend, "overlaps_encode", False) else 1
+        self._encode_lock = threading.Lock()
+        self._search_lock = threading.Lock()
+        self._inflight: set[asyncio.Task] = set()
 
     def start(self) -> None:
         """Start the batching task on the running event loop (idempotent)."""
         if self._task is None or self._task.done():
             self._queue = asyncio.Queue()
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-worker")
+            self._executor = ThreadPoolExecutor(max_workers=self.pipeline, thread_name_prefix="retrieval-worker")
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -141,6 +147,8 @@ class BatchingWorker:
                 await task
             except asyncio.CancelledError:
                 pass
+        for t in list(self._inflight):  # batches still computing: their requests fail below
+            t.cancel()
         while self._queue is not None and not self._queue.empty():
             self._queue.get_nowait()
         self._active, self._pending = [], 0
@@ -268,14 +276,23 @@ class BatchingWorker:
         return self._take()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.pipeline)  # batches in flight at once
         while True:
+            await slots.acquire()
             batch = [s for s in await self._next_batch() if not s[0].future.done()]
             if not batch:
+                slots.release()
                 continue
+            task = asyncio.get_running_loop().create_task(self._complete(batch, slots))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _complete(self, batch: list[_Slice], slots: asyncio.Semaphore) -> None:
+        """Compute one batch in the executor, answer its slices, free its pipeline slot."""
+        try:
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._process, batch)
+                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._process, batch)
             except Exception as e:  # a server fault: fail this batch's requests (HTTP 500), keep serving
                 for job, _, _ in batch:
                     if not job.future.done():
@@ -298,6 +315,8 @@ class BatchingWorker:
             self.batches += 1
             self.queries += n
             self.max_batch_seen = max(self.max_batch_seen, n)
+        finally:
+            slots.release()
 
     def _process(self, batch: list[_Slice]) -> list[list[list[dict]]]:
         texts = [q for job, lo, hi in batch for q in job.queries[lo:hi]]
@@ -305,12 +324,16 @@ class BatchingWorker:
         # text once per batch (exact: the same text gives the same embedding and hits).
         row_of: dict[str, int] = {}
         rows = [row_of.setdefault(t, len(row_of)) for t in texts]
-        t0 = time.perf_counter()
-        emb = self.encoder.encode_queries(list(row_of))
-        t1 = time.perf_counter()
+        with self._encode_lock:
+            t0 = time.perf_counter()
+            emb = self.encoder.encode_queries(list(row_of))
+            self.encode_s += time.perf_counter() - t0
         k = max(job.topk for job, _, _ in batch)
-        scores, ids = self.backend.search(np.asarray(emb, dtype=np.float32), k)
-        t2 = time.perf_counter()
+        with self._search_lock:
+            t1 = time.perf_counter()  # after any wait for the other batch's search
+            scores, ids = self.backend.search(np.asarray(emb, dtype=np.float32), k)
+            t2 = time.perf_counter()
+            self.search_s += t2 - t1
         scores, ids = scores.tolist(), ids.tolist()  # Python scalars: cheaper per element than numpy's
         docs: dict[int, dict] = {}
         out, i = [], 0
@@ -329,10 +352,9 @@ class BatchingWorker:
                 per_job.append(hits)
                 i += 1
             out.append(per_job)
-        self.encode_s += t1 - t0
-        self.search_s += t2 - t1
-        self.lookup_s += time.perf_counter() - t2
-        self.unique_queries += len(row_of)
+        with self._search_lock:  # counters shared by the pipeline's threads
+            self.lookup_s += time.perf_counter() - t2
+            self.unique_queries += len(row_of)
         return out
 
 
