@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download-index", help="download index parts, concatenate them, write the metadata")
     p.add_argument("--repo-id", default="PeterJinGo/wiki-18-e5-index")
     p.add_argument("--revision", required=True)
+    from searchr1.retrieval import gpubench
+
+    gpubench.add_subcommands(sub)
     p.add_argument("--parts", nargs="+", default=["part_aa", "part_ab"])
     p.add_argument("--dest-dir", required=True)
     p.add_argument("--out", required=True, help="the concatenated index (e5_Flat.index)")

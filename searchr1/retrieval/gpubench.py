@@ -1,0 +1,508 @@
+"""``gpu-bench``: the torch GPU backend against its floors, its fp32 reference and through HTTP, in one run.
+
+For each (GPU count, index size) the same synthetic index is searched by
+
+- the backend (``TorchBackend``, grouped top-k on the GPU) at batches of 256 and 1 queries, and a few
+  chunk/group variants of it;
+- the former search path (``method="plain"``: 1M-row chunks, fp32 copy of every score block, one
+  host copy per chunk), the "before" of issue 19;
+- two floors: one bare fp16 matmul of the whole shape (queries x all vectors, on every GPU at once)
+  and one full read of the vectors (a max over them);
+
+and checked: the backend's top-k for a sample of queries against an exact fp32 search of the fp32
+vectors the fp16 index was made from (on the GPU, TF32 off), and that reference itself against a
+numpy fp32 search on the CPU at the first size. Then the HTTP server (``create_app`` +
+``RetrieverServer``, the production path) is driven by load-generator processes at 256 requests in
+flight, one query per request, with an e5-base-shaped query encoder: a randomly initialised
+BertModel with e5-base-v2's config (768 hidden, 12 layers) and a WordPiece tokenizer over a
+synthetic vocabulary, built in-process because nothing can be downloaded on the GPU machine.
+
+The vectors are random unit vectors (synthetic, generated on the GPUs): no real index exists there.
+All times are medians of wall-clock repetitions that end in a synchronisation, i.e. what a caller
+of ``search`` waits for, host transfer included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "searchr1-gpu-bench/1"
+WIKI18_ROWS = 21_015_324
+# An exact-search hit counts as correct when its fp32 score (q . x over the fp32 vectors) is within
+# TOL of the reference's score at the same rank. The fp16 copy of the vectors moves a score by
+# ~1e-5 (std, unit vectors, d=768); TOL is ~10x that, far below the gap between distinct hits.
+TOL = 2e-4
+
+
+def _sync(devices: list) -> None:
+    import torch
+
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def _median_ms(fn, devices: list, reps: int, warmup: int = 2) -> dict:
+    """Median / min wall time of ``fn()`` over ``reps`` runs, each followed by a sync of ``devices``."""
+    for _ in range(warmup):
+        fn()
+    _sync(devices)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync(devices)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3), "reps": reps}
+
+
+def make_vectors(n: int, dim: int, devices: list, seed: int) -> list:
+    """Random fp32 unit vectors, split into contiguous row shards, one per device (made there)."""
+    import torch
+
+    bounds = np.linspace(0, n, len(devices) + 1).astype(np.int64)
+    shards = []
+    for d, dev in enumerate(devices):
+        rows = int(bounds[d + 1] - bounds[d])
+        g = torch.Generator(device=dev).manual_seed(seed * 1000 + d)
+        x = torch.empty((rows, dim), dtype=torch.float32, device=dev)
+        for s in range(0, rows, 1 << 22):
+            block = torch.randn((min(1 << 22, rows - s), dim), generator=g, device=dev)
+            x[s : s + block.shape[0]] = torch.nn.functional.normalize(block, dim=1)
+        shards.append(x)
+    return shards
+
+
+def fp32_reference(shards32: list, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact fp32 top-k (TF32 off) over the fp32 shards; ids global."""
+    import torch
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        all_s, all_i, lo = [], [], 0
+        with torch.inference_mode():
+            for x in shards32:
+                q = torch.from_numpy(queries).to(x.device)
+                for s in range(0, x.shape[0], 1 << 22):
+                    sc = q @ x[s : s + (1 << 22)].T
+                    v, i = torch.topk(sc, min(k, sc.shape[1]), dim=1)
+                    all_s.append(v.cpu())
+                    all_i.append(i.cpu() + lo + s)
+                lo += x.shape[0]
+        s_, i_ = torch.cat(all_s, 1), torch.cat(all_i, 1)
+        v, w = torch.topk(s_, k, dim=1)
+        return v.numpy(), i_.gather(1, w).numpy()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _exact_scores(shards32: list, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """fp32 q . x[id] for every (query, id) pair, from the fp32 shards."""
+    import torch
+
+    bounds = np.cumsum([0] + [x.shape[0] for x in shards32])
+    out = np.empty(ids.shape, dtype=np.float32)
+    for d, x in enumerate(shards32):
+        mask = (ids >= bounds[d]) & (ids < bounds[d + 1])
+        if not mask.any():
+            continue
+        r, c = np.nonzero(mask)
+        rows = x[torch.from_numpy(ids[r, c] - bounds[d]).to(x.device)].cpu().numpy()
+        out[r, c] = np.einsum("ij,ij->i", rows.astype(np.float64), queries[r].astype(np.float64))
+    return out
+
+
+def check_exact(backend, shards32: list, queries: np.ndarray, k: int) -> dict:
+    """The backend's top-k vs the fp32 reference, up to ties (see TOL)."""
+    want_s, want_i = fp32_reference(shards32, queries, k)
+    got_s, got_i = backend.search(queries, k)
+    exact = _exact_scores(shards32, queries, got_i)  # the returned ids' true fp32 scores
+    deficit = want_s - -np.sort(-exact, axis=1)  # >0: a returned hit worse than the reference's at that rank
+    same_sets = sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(got_i, want_i))
+    return {
+        "queries": len(queries),
+        "k": k,
+        "reference": "exact fp32 search of the fp32 vectors on the GPU (TF32 off)",
+        "rule": "sorted fp32 scores of the returned ids >= the reference's at each rank - tolerance",
+        "tolerance": TOL,
+        "max_rank_score_deficit": float(max(deficit.max(), 0.0)),
+        "max_returned_score_error": float(np.abs(got_s - exact).max()),
+        "id_sets_equal": int(same_sets),
+        "ok": bool(deficit.max() <= TOL and np.abs(got_s - exact).max() <= TOL),
+    }
+
+
+def check_reference_on_cpu(shards32: list, queries: np.ndarray, k: int) -> dict:
+    """The GPU fp32 reference against a numpy fp32 search on the CPU (same vectors copied to the host)."""
+    want_s, want_i = fp32_reference(shards32, queries, k)
+    host = np.concatenate([x.cpu().numpy() for x in shards32])
+    sc = queries @ host.T
+    part = np.argpartition(-sc, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sc, part, 1), axis=1)
+    cpu_i = np.take_along_axis(part, order, 1)
+    cpu_s = np.take_along_axis(sc, cpu_i, 1)
+    return {
+        "queries": len(queries),
+        "ids_equal": int((cpu_i == want_i).all(axis=1).sum()),
+        "max_score_diff": float(np.abs(cpu_s - want_s).max()),
+        "ok": bool(np.abs(cpu_s - want_s).max() <= 1e-5),
+    }
+
+
+def floors(backend, q: np.ndarray, reps: int) -> dict:
+    """One bare fp16 matmul of the whole shape on every GPU at once, and one full read of the vectors."""
+    import torch
+
+    devices = backend.devices
+    shards = [s for _, s in backend.shards]
+    qs = [torch.from_numpy(q).to(s.device, torch.float16) for s in shards]
+    outs = [torch.empty((len(q), s.shape[0]), dtype=torch.float16, device=s.device) for s in shards]
+
+    def matmul() -> None:
+        for qq, s, o in zip(qs, shards, outs):
+            torch.mm(qq, s.T, out=o)
+
+    def read() -> None:
+        for s in shards:
+            s.amax()
+
+    with torch.inference_mode():
+        mm = _median_ms(matmul, devices, reps)
+        rd = _median_ms(read, devices, reps)
+    del outs
+    torch.cuda.empty_cache()
+    n_rows = sum(s.shape[0] for s in shards)
+    flops = 2.0 * len(q) * n_rows * backend.dim
+    nbytes = n_rows * backend.dim * 2
+    return {
+        "matmul": {**mm, "tflops": round(flops / (mm["median_ms"] / 1000) / 1e12, 1), "qps": round(len(q) / mm["median_ms"] * 1000)},
+        "read": {**rd, "tb_per_s": round(nbytes / (rd["median_ms"] / 1000) / 1e12, 2)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The e5-base-shaped encoder and the HTTP run
+# ---------------------------------------------------------------------------------------------
+
+_WORDS = ("query passage who what when where which how is was the of in a an to by for wrote born name "
+          "river king album treaty novel mountain film election bridge species number long directed "
+          "capital country city won first largest song written played team president").split()  # fmt: skip
+
+
+def make_e5_shaped_encoder(workdir: Path, device: str, layers: int = 12):
+    """Our ``Encoder`` over a randomly initialised BertModel with e5-base-v2's config, saved locally.
+
+    The tokenizer is a WordPiece over a synthetic 30,522-entry vocabulary (e5-base-v2's size) with
+    the words of the synthetic queries, so queries tokenize to a realistic ~10-16 tokens.
+    """
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from searchr1.retrieval.encoder import Encoder
+
+    model_dir = workdir / "e5-base-shaped-random"
+    if not (model_dir / "config.json").exists():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(i) for i in range(10)] + list(":?,.'-")
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + _WORDS
+        vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
+        (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt"), do_lower_case=True).save_pretrained(model_dir)
+        config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
+                            intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)  # fmt: skip
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(model_dir)
+    return Encoder(model_dir, query_prefix="query: ", passage_prefix="passage: ", device=device)
+
+
+class _CyclicCorpus:
+    """A real ``CorpusStore`` of m rows presented as n rows (row i is stored row i % m).
+
+    The server needs one passage per index row; writing 21M synthetic lines would cost minutes,
+    while the lookup cost (pread + JSON parse per hit) is the same for any m.
+    """
+
+    def __init__(self, store, n: int) -> None:
+        self.store, self.n, self.path = store, n, store.path
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, i: int) -> dict:
+        return self.store.get(i % len(self.store))
+
+
+_LOADGEN = r"""
+import json, sys, time
+from searchr1.retrieval.bench import run_load_sync, synthetic_queries
+url, conc, warm, start_at, dur, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+qs = synthetic_queries(60000, seed=seed)
+run_load_sync(url, qs[-5000:], conc, duration_s=warm)
+while time.time() < start_at:
+    time.sleep(0.005)
+r = run_load_sync(url, qs, conc, duration_s=dur)
+print(json.dumps({"requests": r.requests, "errors": r.errors, "wall_s": r.wall_s, "lat": r.latencies_s, "cpu_s": r.client_cpu_s}))
+"""
+
+
+def e2e(backend, encoder, corpus, *, concurrency: int, duration_s: float, procs: int, pipeline: int | None = None) -> dict:
+    """QPS and latency of the HTTP server at ``concurrency`` requests in flight (``procs`` load processes)."""
+    from searchr1.process import free_port
+    from searchr1.retrieval.server import RetrieverServer, bind_socket, create_app
+
+    app = create_app(corpus, encoder, backend, max_batch_size=256, max_wait_ms=1.0)
+    worker = app.state.worker
+    if pipeline is not None:
+        worker.pipeline = pipeline  # before start(): how many batches may be in flight
+    port = free_port()
+    server = RetrieverServer(app, bind_socket("127.0.0.1", port), log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("benchmark server did not start")
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}/retrieve"
+    start_at = time.time() + 12.0  # after the load processes have started and warmed up
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    ps = [subprocess.Popen([sys.executable, "-c", _LOADGEN, url, str(c), "3", str(start_at), str(duration_s), str(i + 1)],
+                           stdout=subprocess.PIPE, env=env, text=True) for i, c in enumerate(per)]  # fmt: skip
+    while time.time() < start_at:
+        time.sleep(0.005)
+    before = worker.stats()
+    time.sleep(duration_s)
+    after = worker.stats()
+    runs = []
+    for p in ps:
+        out, _ = p.communicate(timeout=120)
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    server.request_exit()
+    thread.join(30)
+    lat = np.concatenate([r["lat"] for r in runs]) * 1000
+    reqs = sum(r["requests"] for r in runs)
+    qps = sum(r["requests"] / r["wall_s"] for r in runs)
+    d = {key: after[key] - before[key] for key in ("batches", "queries", "encode_s", "search_s", "lookup_s", "busy_s")}
+    return {
+        "concurrency": concurrency,
+        "load_processes": procs,
+        "pipeline_batches_in_flight": worker.pipeline,
+        "duration_s": duration_s,
+        "requests": reqs,
+        "errors": sum(r["errors"] for r in runs),
+        "qps": round(qps, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "mean_batch_queries": round(d["queries"] / max(d["batches"], 1), 1),
+        "worker_encode_ms_per_batch": round(1000 * d["encode_s"] / max(d["batches"], 1), 2),
+        "worker_search_ms_per_batch": round(1000 * d["search_s"] / max(d["batches"], 1), 2),
+        "worker_lookup_ms_per_batch": round(1000 * d["lookup_s"] / max(d["batches"], 1), 2),
+        "load_generator_cpu_ms_per_request": round(1000 * sum(r["cpu_s"] for r in runs) / max(reqs, 1), 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One (GPU count, size) cell
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_store, cpu_check: bool) -> dict:
+    import torch
+
+    from searchr1.retrieval.index import TorchBackend
+
+    devices = [torch.device(a.device_type, i) for i in range(n_gpus)] if a.device_type == "cuda" else [torch.device("cpu")]
+    rng = np.random.default_rng(n + n_gpus)
+    queries = rng.standard_normal((8 * a.batch, a.dim), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    t0 = time.perf_counter()
+    shards32 = make_vectors(n, a.dim, devices, seed=n)
+    backend = TorchBackend.from_shards(shards32, fp16=True)
+    _sync(devices)
+    out: dict = {"passages": n, "dim": a.dim, "gpus": n_gpus, "backend": backend.name,
+                 "chunk_rows": backend.chunk_rows, "group": backend.group, "candidates_per_chunk": backend.candidates + a.topk,
+                 "setup_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    out["check"] = check_exact(backend, shards32, queries[: a.check_queries], a.topk)
+    if cpu_check:
+        out["reference_vs_cpu_fp32"] = check_reference_on_cpu(shards32, queries[: a.cpu_check_queries], a.topk)
+    del shards32
+    torch.cuda.empty_cache()
+    print(f"[gpu-bench] {n_gpus} GPU, {n:,}: check {out['check']}", flush=True)
+
+    sets = [queries[i * a.batch : (i + 1) * a.batch] for i in range(8)]
+    it = iter(range(10**9))
+
+    def run(be, batch_sets):
+        return lambda: be.search(batch_sets[next(it) % len(batch_sets)], a.topk)
+
+    search = _median_ms(run(backend, sets), devices, a.reps)
+    search["qps"] = round(a.batch / search["median_ms"] * 1000)
+    single = _median_ms(run(backend, [q[:1] for q in sets]), devices, a.reps)
+    out["search"] = {"batch": a.batch, **search}
+    out["search_batch1"] = single
+    f = floors(backend, sets[0], a.reps)
+    out["floors"] = f
+    out["ratio_search_over_matmul"] = round(search["median_ms"] / f["matmul"]["median_ms"], 2)
+    out["ratio_search_over_read"] = round(search["median_ms"] / f["read"]["median_ms"], 2)
+    shard_list = [s for _, s in backend.shards]
+    variants = {}
+    for chunk, group in a.variants:
+        be = TorchBackend.from_shards(shard_list, chunk_rows=chunk, group=group)  # same fp16 tensors, no copy
+        v = _median_ms(run(be, sets), devices, max(5, a.reps // 2))
+        variants[f"chunk{chunk}_group{group}"] = {**v, "qps": round(a.batch / v["median_ms"] * 1000)}
+        del be
+    out["variants"] = variants
+    before = TorchBackend.from_shards(shard_list, method="plain")
+    b = _median_ms(run(before, sets), devices, max(3, a.reps // 4), warmup=1)
+    out["before_plain"] = {**b, "qps": round(a.batch / b["median_ms"] * 1000), "what": "former path: 1M-row chunks, fp32 score copy, host copy per chunk"}
+    out["speedup_over_before"] = round(b["median_ms"] / search["median_ms"], 2)
+    del before
+    torch.cuda.empty_cache()
+    print(f"[gpu-bench] {n_gpus} GPU, {n:,}: search {search}, floors {f}, before {b}", flush=True)
+
+    if encoder is not None and n in a.e2e_sizes:
+        from searchr1.retrieval.bench import synthetic_queries
+
+        texts = synthetic_queries(a.batch, seed=1)
+        enc = _median_ms(lambda: encoder.encode_queries(texts), devices[:1], a.reps)
+        tok = encoder.tokenizer(["query: " + t for t in texts], padding=True)["input_ids"]
+        out["encoder"] = {"batch": a.batch, **enc, "qps": round(a.batch / enc["median_ms"] * 1000), "padded_tokens": len(tok[0])}
+        corpus = _CyclicCorpus(corpus_store, n)
+        out["e2e"] = e2e(backend, encoder, corpus, concurrency=a.concurrency, duration_s=a.duration, procs=a.load_procs)
+        print(f"[gpu-bench] {n_gpus} GPU, {n:,}: e2e {out['e2e']}", flush=True)
+        if n == max(a.e2e_sizes) and a.serial_baseline:
+            out["e2e_serial"] = e2e(backend, encoder, corpus, concurrency=a.concurrency, duration_s=a.duration,
+                                    procs=a.load_procs, pipeline=1)  # fmt: skip
+            print(f"[gpu-bench] {n_gpus} GPU, {n:,}: e2e serial {out['e2e_serial']}", flush=True)
+    del backend, shard_list
+    torch.cuda.empty_cache()
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        "| GPUs | passages | search ms / 256 q | search QPS | matmul floor ms | read floor ms | search / matmul "
+        "| before ms | speedup | HTTP e2e QPS (256 in flight) | p50 / p99 ms | top-k check |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for g, sizes in sorted(report["results"].items()):
+        for n, c in sorted(sizes.items(), key=lambda kv: int(kv[0])):
+            e = c.get("e2e")
+            e_qps = f"{e['qps']:,.0f}" if e else "-"
+            e_lat = f"{e['p50_ms']:.0f} / {e['p99_ms']:.0f}" if e else "-"
+            lines.append(
+                f"| {c['gpus']} | {int(n):,} | {c['search']['median_ms']:.1f} | {c['search']['qps']:,} "
+                f"| {c['floors']['matmul']['median_ms']:.1f} | {c['floors']['read']['median_ms']:.1f} "
+                f"| {c['ratio_search_over_matmul']:.2f}x | {c['before_plain']['median_ms']:.1f} | {c['speedup_over_before']:.1f}x "
+                f"| {e_qps} | {e_lat} "
+                f"| {'ok' if c['check']['ok'] else 'FAIL'} ({c['check']['id_sets_equal']}/{c['check']['queries']} id sets equal) |"
+            )
+    return "\n".join(lines)
+
+
+def cmd_gpu_bench(a: argparse.Namespace) -> int:
+    import torch
+
+    from searchr1.retrieval.bench import write_synthetic_corpus
+    from searchr1.retrieval.corpus import CorpusStore, build_offsets
+
+    if a.device_type == "cuda" and not torch.cuda.is_available():
+        print("gpu-bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    n_visible = torch.cuda.device_count() if a.device_type == "cuda" else 1
+    gpu_counts = [g for g in a.gpus if g <= n_visible]
+    out_path = Path(a.out)
+    report: dict = {}
+    if out_path.exists():
+        try:
+            old = json.loads(out_path.read_text())
+            report = old if old.get("format") == FORMAT else {}
+        except json.JSONDecodeError:
+            report = {}
+    report.update({
+        "format": FORMAT,
+        "what": "torch GPU backend (TorchBackend, grouped top-k) vs its matmul/read floors, the former path, an fp32 "
+                "reference, and the HTTP server end to end with an e5-base-shaped encoder",
+        "data": "synthetic: random unit vectors (fp32, generated on the GPUs, stored fp16 by the backend); no real index "
+                "exists on the GPU machine",
+        "encoder": "randomly initialised BertModel with intfloat/e5-base-v2's config (768 hidden, 12 layers, 12 heads, "
+                   "vocab 30522), fp16, WordPiece over a synthetic vocabulary; built in-process (no downloads there)",
+        "timing": "median wall time of repeated search() calls (result on the host), queries rotating over 8 sets",
+        "command": "python -m searchr1.retrieval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else " ".join(sys.argv),
+    })  # fmt: skip
+    report.setdefault("machines", {})
+    gpu_name = torch.cuda.get_device_name(0) if a.device_type == "cuda" else "cpu (smoke test)"
+    report["machines"][f"{n_visible}x {gpu_name}"] = {
+        "gpus": [torch.cuda.get_device_name(i) for i in range(n_visible)] if a.device_type == "cuda" else [],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    report.setdefault("results", {})
+    encoder = store = None
+    work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
+    if a.e2e_sizes:
+        encoder = make_e5_shaped_encoder(work, "cuda:0" if a.device_type == "cuda" else "cpu", layers=a.encoder_layers)
+        write_synthetic_corpus(work / "corpus.jsonl", 100_000)
+        build_offsets(work / "corpus.jsonl")
+        store = CorpusStore(work / "corpus.jsonl")
+    first = True
+    for n in a.sizes:
+        for g in gpu_counts:
+            cell = bench_cell(n, g, a, encoder=encoder, corpus_store=store, cpu_check=first and a.cpu_check_queries > 0)
+            cell["gpu_model"] = gpu_name
+            first = False
+            report["results"].setdefault(f"{g}gpu", {})[str(n)] = cell
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out_path.with_name(out_path.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, out_path)  # after every cell: a run cut short keeps what it measured
+    print(markdown_table(report))
+    print(out_path)
+    ok = all(c["check"]["ok"] for s in report["results"].values() for c in s.values())
+    return 0 if ok else 1
+
+
+def _variant(text: str) -> tuple[int, int]:
+    chunk, _, group = text.partition(":")
+    return int(chunk), int(group)
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gpu-bench", help="GPU backend vs matmul/read floors, fp32 check and HTTP end to end (CUDA)")
+    p.add_argument("--out", default="benchmarks/retriever_gpu.json", help="JSON report (cells are merged into it)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, WIKI18_ROWS])
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts to shard over (those visible)")
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--batch", type=int, default=256, help="queries per search call")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--check-queries", type=int, default=256, help="queries checked against the fp32 reference")
+    p.add_argument("--cpu-check-queries", type=int, default=32, help="first cell: GPU fp32 reference vs numpy")
+    p.add_argument("--variants", type=_variant, nargs="*", default=[(1 << 21, 128), (1 << 23, 128), (1 << 22, 32), (1 << 22, 512)],
+                   help="CHUNK_ROWS:GROUP backend variants also timed")  # fmt: skip
+    p.add_argument("--e2e-sizes", type=int, nargs="*", default=[1_000_000, 10_000_000, WIKI18_ROWS],
+                   help="sizes also measured through HTTP (none: skip the encoder and server)")  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of HTTP load per measurement")
+    p.add_argument("--load-procs", type=int, default=4, help="load-generator processes")
+    p.add_argument("--serial-baseline", action="store_true", help="at the largest e2e size, also one batch in flight")
+    p.add_argument("--encoder-layers", type=int, default=12, help=argparse.SUPPRESS)  # smoke tests only
+    p.add_argument("--device-type", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test of the code paths
+    p.set_defaults(func=cmd_gpu_bench)
