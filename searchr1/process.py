@@ -60,6 +60,8 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM the process group of ``proc`` (started with start_new_session), SIGKILL it after ``grace_s``.
 
     Servers such as SGLang spawn children (scheduler, detokenizer) in the same group, so the whole group goes.
+    The SIGKILL also comes when the wait is interrupted (a second SIGTERM or a Ctrl-C of the parent
+    raising out of it): on every way out of here the group is gone.
     """
     if proc.poll() is not None:
         return
@@ -70,9 +72,12 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     try:
         proc.wait(grace_s)
     except subprocess.TimeoutExpired:
+        pass
+    finally:
+        # Also when the leader is gone: members of its group that ignored the SIGTERM go now.
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
 

@@ -4,7 +4,10 @@
 ``python -m searchr1.retrieval serve`` in its own process group (127.0.0.1, a free port by default),
 waits for ``/health``, yields the ``/retrieve`` URL and stops the process group (SIGTERM, then
 SIGKILL) on every way out: normal exit, exception, and SIGTERM/SIGINT of the parent (turned into an
-exception while the block runs). With ``url=...`` it only checks that server and yields it.
+exception while the block runs). A parent that dies without running any code (SIGKILL, OOM killer)
+cannot escalate: its parent-death signal gives the server a SIGTERM, and the server itself
+guarantees its exit within its ``--shutdown-grace-s`` plus a second, whatever its clients do.
+With ``url=...`` it only checks that server and yields it.
 This works the same on a laptop, in a Snakemake job and inside a SLURM allocation.
 """
 
@@ -84,10 +87,13 @@ def managed_server(
     extra_args: Sequence[str] = (),
     stop_grace_s: float = 10.0,
     env: Mapping[str, str] | None = None,
+    shutdown_grace_s: float | None = None,
 ) -> Iterator[str]:
     """Yield the ``/retrieve`` URL of a healthy retriever, starting and stopping one if ``url`` is None.
 
-    ``env`` adds variables to the server's environment (e.g. ``OMP_WAIT_POLICY``).
+    ``env`` adds variables to the server's environment (e.g. ``OMP_WAIT_POLICY``). ``shutdown_grace_s``
+    sets the server's ``--shutdown-grace-s`` (default: the server's); the SIGKILL of ``stop_grace_s``
+    never comes before the server's own deadline has passed.
     """
     if url:
         check_health(url)
@@ -99,6 +105,9 @@ def managed_server(
     retrieve_url = f"http://{host}:{port}/retrieve"
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if shutdown_grace_s is not None:
+        extra_args = [*extra_args, "--shutdown-grace-s", str(shutdown_grace_s)]
+        stop_grace_s = max(stop_grace_s, shutdown_grace_s + 2.0)
     cmd = serve_command(corpus=corpus, index=index, encoder=encoder, host=host, port=port, extra_args=extra_args)
     with _sigterm_raises(), open(log_path, "ab") as log:
         log.write(f"[managed_server] starting: {cmd}\n".encode())

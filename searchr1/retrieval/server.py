@@ -595,7 +595,7 @@ def create_app(
             return Response(status_code=499)  # never sent; the connection is gone
         return _json_response({"result": result})
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
     async def health() -> dict:
         return {
             "status": "ok",
@@ -614,6 +614,8 @@ def create_app(
             "http_limits": asdict(http_limits),
         }
 
+    # HEAD for load balancers and probes (uvicorn sends the headers of the GET answer, no body).
+    app.add_api_route("/health", health, methods=["HEAD"], operation_id="health_head")
     return app
 
 
@@ -662,6 +664,8 @@ def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
         return head.encode("ascii") + body
 
     class GuardedHttpProtocol(HttpToolsProtocol):
+        open_connections: set[GuardedHttpProtocol] = set()  # for the shutdown: close what is left
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._timer: asyncio.TimerHandle | None = None
@@ -713,9 +717,11 @@ def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
         # -- asyncio.Protocol --
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.open_connections.add(self)
             self._arm("idle", limits.keep_alive_timeout_s, self._idle_expired)
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self.open_connections.discard(self)
             self._disarm()
             super().connection_lost(exc)
 
@@ -790,9 +796,10 @@ def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
 class RetrieverServer:
     """Runs an app on a bound socket with uvicorn; bounded shutdown whatever the clients do.
 
-    First SIGTERM/SIGINT: uvicorn's graceful shutdown, limited to ``shutdown_grace_s`` for in-flight
-    requests; a watchdog thread hard-exits if the process still lives one second after that (and a
-    SIGALRM backstop kills it even if the interpreter is stuck). Second signal: exit at once.
+    First SIGTERM/SIGINT: uvicorn's graceful shutdown; connections still open after ``shutdown_grace_s``
+    are closed (their handlers see an ordinary disconnect, so no task is cancelled mid-request); a
+    watchdog thread hard-exits if the process still lives 1.5 s after that (and a SIGALRM backstop kills
+    it even if the interpreter is stuck). Second signal: exit at once.
     The watchdog matters when the parent is SIGKILLed: its parent-death SIGTERM is all we get.
     """
 
@@ -802,13 +809,16 @@ class RetrieverServer:
         limits: HttpLimits = app.state.http_limits
         self.limits = limits
         self.sock = sock
+        self.protocol = _guarded_protocol(limits, app.state.counters)
         config = uvicorn.Config(
             app,
             log_level=log_level,
             access_log=False,
-            http=_guarded_protocol(limits, app.state.counters),
+            http=self.protocol,
             timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
-            timeout_graceful_shutdown=limits.shutdown_grace_s,  # type: ignore[arg-type]
+            # A backstop only: _close_connections ends the stragglers first (uvicorn's timeout would
+            # cancel their tasks, which it logs as application errors).
+            timeout_graceful_shutdown=limits.shutdown_grace_s + 0.5,  # type: ignore[arg-type]
         )
         outer = self
 
@@ -832,14 +842,27 @@ class RetrieverServer:
             _hard_exit(128 + sig)
         grace = self.limits.shutdown_grace_s
         log.info("%s: shutting down (in-flight requests get %.1f s)", name, grace)
-        threading.Thread(target=self._watchdog, args=(grace + 1.0,), name="shutdown-watchdog", daemon=True).start()
+        threading.Thread(target=self._watchdog, args=(grace + 1.5,), name="shutdown-watchdog", daemon=True).start()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGALRM, signal.SIG_DFL)  # default action: the kernel ends the process
             signal.setitimer(signal.ITIMER_REAL, grace + 3.0)
+        try:
+            loop = asyncio.get_running_loop()  # signal handlers run on the loop's (main) thread
+        except RuntimeError:
+            return
+        loop.call_soon_threadsafe(loop.call_later, grace, self._close_connections)
+
+    def _close_connections(self) -> None:
+        left = [c for c in self.protocol.open_connections if not c.transport.is_closing()]
+        if left:
+            log.info("closing %d connection(s) still open after shutdown_grace_s=%.1f s", len(left), self.limits.shutdown_grace_s)
+        for conn in left:
+            conn.transport.close()
 
     def _watchdog(self, after_s: float) -> None:
         time.sleep(after_s)
-        log.error("shutdown did not finish within shutdown_grace_s=%.1f s + 1 s: exiting hard", self.limits.shutdown_grace_s)
+        log.error("shutdown did not finish within shutdown_grace_s=%.1f s + 1.5 s: exiting hard",
+                  self.limits.shutdown_grace_s)  # fmt: skip
         _hard_exit(1)
 
     def request_exit(self) -> None:
