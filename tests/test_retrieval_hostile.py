@@ -705,3 +705,31 @@ def test_openapi_schema_property_no_5xx_no_traceback(world: World, server: Threa
         client.close()
     assert server.logs.tracebacks() == []
     assert_serves(world, server.url)
+
+
+# --- the job's own stop escalates on every way out ------------------------------------------------------
+
+
+def test_stop_process_group_kills_even_when_its_wait_is_interrupted() -> None:
+    """A second SIGTERM (or Ctrl-C) of the job while it waits for the server must not skip the SIGKILL."""
+    from searchr1.process import ParentTerminated, stop_process_group
+
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        real_wait = proc.wait
+
+        def interrupted_wait(timeout: float | None = None) -> int:
+            if timeout is not None:  # the grace wait: the job's second SIGTERM arrives here
+                raise ParentTerminated("received signal 15")
+            return real_wait()
+
+        proc.wait = interrupted_wait  # type: ignore[method-assign]
+        with pytest.raises(ParentTerminated):
+            stop_process_group(proc, grace_s=30)
+        assert proc.poll() is not None  # SIGKILLed although it ignores SIGTERM and the wait was cut short
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
