@@ -76,6 +76,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         http_limits = HttpLimits(max_header_bytes=a.max_header_bytes, max_headers=a.max_headers,
                                  keep_alive_timeout_s=a.keep_alive_timeout_s, header_timeout_s=a.header_timeout_s,
                                  body_timeout_s=a.body_timeout_s, shutdown_grace_s=a.shutdown_grace_s)  # fmt: skip
+        if a.max_batch_chars <= 0:
+            raise ValueError(f"--max-batch-chars must be > 0, got {a.max_batch_chars}")
     except ValueError as e:
         log.error("refusing to start: %s", e)
         return 2

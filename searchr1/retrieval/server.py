@@ -380,7 +380,7 @@ class HttpLimits:
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+                raise ValueError(f"{name} must be > 0, got {value} (--{name.replace('_', '-')})")
 
 
 @dataclass
