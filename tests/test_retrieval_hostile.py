@@ -80,7 +80,9 @@ class World:
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.corpus_path = root / "corpus.jsonl"
-        rows = [{"id": f"doc{i}", "contents": f'"Title {i}"\nPassage {i} about topic {i % 7}.'} for i in range(N_PASSAGES)]
+        rows = [
+            {"id": f"doc{i}", "contents": f'"Title {i}"\nPassage {i} about topic {i % 7}.'} for i in range(N_PASSAGES)
+        ]
         if not self.corpus_path.exists():
             self.corpus_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.rows = rows
@@ -393,6 +395,7 @@ def test_watchdog_ends_a_shutdown_stuck_in_the_event_loop(tmp_path: Path) -> Non
     srv = ServerProcess(tmp_path, grace_s=1.0)
     try:
         assert_serves(srv.world, srv.url)
+
         def block() -> None:
             try:
                 httpx.get(srv.url.replace("/retrieve", "/block-loop"), timeout=30)
@@ -472,7 +475,9 @@ def _small_vs_huge(world: World, max_batch_size: int) -> float:
         for rep in range(2):
             huge = [f"huge {rep} query {i}" for i in range(256)]
             out: dict = {}
-            t = threading.Thread(target=lambda: out.update(r=httpx.post(srv.url, json={"queries": huge, "topk": 2}, timeout=60)))
+            t = threading.Thread(
+                target=lambda: out.update(r=httpx.post(srv.url, json={"queries": huge, "topk": 2}, timeout=60))
+            )
             t.start()
             time.sleep(0.1)
             with_huge.append(_small_latency(srv.url, f"small {rep}"))
@@ -565,7 +570,9 @@ LIMIT_CASES = [
 
 
 @pytest.mark.parametrize("send,status,needle,counter", LIMIT_CASES, ids=[c[0].__name__[1:] for c in LIMIT_CASES])
-def test_http_limits_answer_with_their_own_status(world: World, server: ThreadServer, send, status, needle, counter) -> None:
+def test_http_limits_answer_with_their_own_status(
+    world: World, server: ThreadServer, send, status, needle, counter
+) -> None:
     before = server.health()["clients"][counter]
     t0 = time.monotonic()
     with connect(server.port, timeout_s=5) as s:
@@ -633,7 +640,11 @@ def _read_head_only(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     while b"\r\n\r\n" not in buf:
         buf += sock.recv(1)
     lines = buf.decode("latin-1").split("\r\n")[:-2]
-    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}, b""
+    return (
+        int(lines[0].split()[1]),
+        {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])},
+        b"",
+    )
 
 
 # --- property test over the OpenAPI schema ------------------------------------------------------------------
@@ -651,7 +662,9 @@ def from_schema(schema: dict):
         return st.fixed_dictionaries({k: v for k, v in props.items() if k in required},
                                      optional={k: v for k, v in props.items() if k not in required})  # fmt: skip
     if t == "array":
-        return st.lists(from_schema(schema["items"]), min_size=schema.get("minItems", 0), max_size=schema.get("maxItems"))
+        return st.lists(
+            from_schema(schema["items"]), min_size=schema.get("minItems", 0), max_size=schema.get("maxItems")
+        )
     if t == "string":
         text = st.text(min_size=schema.get("minLength", 0), max_size=schema.get("maxLength"))
         if schema.get("pattern") not in (None, r"\S"):
@@ -714,7 +727,9 @@ def test_stop_process_group_kills_even_when_its_wait_is_interrupted() -> None:
     """A second SIGTERM (or Ctrl-C) of the job while it waits for the server must not skip the SIGKILL."""
     from searchr1.process import ParentTerminated, stop_process_group
 
-    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"

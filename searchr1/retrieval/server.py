@@ -461,7 +461,9 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
     try:
         return await _within(_collect_body(request.receive, max_bytes), timeout_s)
     except asyncio.TimeoutError:
-        raise ClientError(408, f"request body not received within body_timeout_s={timeout_s:g} (--body-timeout-s)") from None
+        raise ClientError(
+            408, f"request body not received within body_timeout_s={timeout_s:g} (--body-timeout-s)"
+        ) from None
 
 
 async def _collect_body(receive: Any, max_bytes: int) -> bytes:
@@ -855,7 +857,11 @@ class RetrieverServer:
     def _close_connections(self) -> None:
         left = [c for c in self.protocol.open_connections if not c.transport.is_closing()]
         if left:
-            log.info("closing %d connection(s) still open after shutdown_grace_s=%.1f s", len(left), self.limits.shutdown_grace_s)
+            log.info(
+                "closing %d connection(s) still open after shutdown_grace_s=%.1f s",
+                len(left),
+                self.limits.shutdown_grace_s,
+            )
         for conn in left:
             conn.transport.close()
 
