@@ -448,7 +448,7 @@ class TorchBackend:
         chunk_rows: int | None = None,
         fp16: bool | None = None,
         method: str | None = None,
-        group: int = 128,
+        group: int = 1024,
         candidates: int = 16,
     ) -> None:
         import torch
@@ -489,7 +489,7 @@ class TorchBackend:
         fp16: bool = True,
         chunk_rows: int | None = None,
         method: str | None = None,
-        group: int = 128,
+        group: int = 1024,
         candidates: int = 16,
     ) -> TorchBackend:
         """A backend over torch tensors already placed on their devices (row shards in order).
