@@ -95,6 +95,6 @@ def test_plain_and_grouped_agree() -> None:
 def test_cpu_default_stays_plain_and_bad_method_is_refused() -> None:
     x = _unit(np.random.default_rng(3), 10, 4)
     be = TorchBackend(x, device="cpu")
-    assert be.method == "plain" and be.name == "torch-cpux1" and be.overlaps_encode is False
+    assert be.method == "plain" and be.name == "torch-cpux1" and not be.overlaps_encode
     with pytest.raises(ValueError, match="method"):
         TorchBackend(x, device="cpu", method="fast")

@@ -431,8 +431,8 @@ class TorchBackend:
     ``candidates`` best rows of each chunk (more than ``k``, so fp16 rounding of the scores cannot
     lose a true hit) are kept on the GPU, re-scored in fp32 against the stored vectors at the end,
     and only the final (n, k) per shard cross to the host: one sync per search, not one per chunk.
-    Every shard works on its own CUDA stream, so the GPUs run concurrently and the server's encoder
-    (default stream) can overlap a search. On CPU it scores the (possibly memory-mapped) fp32 vectors
+    Every shard works on its own CUDA stream, so the GPUs run concurrently (and an encoder on the
+    default stream could overlap a search). On CPU it scores the (possibly memory-mapped) fp32 vectors
     chunk by chunk (``method="plain"``).
     """
 
@@ -536,8 +536,10 @@ class TorchBackend:
         self.chunk_rows = chunk_rows or default_chunk
         self._streams = [torch.cuda.Stream(device=d) if d.type == "cuda" else None for d in self.devices]
         self._buffers: list[object | None] = [None] * len(shards)
-        # The server may encode the next batch on the default stream while this one searches.
-        self.overlaps_encode = cuda
+        # Whether the server should keep two batches in flight (encode one while this searches on
+        # its own streams). Off: measured through HTTP on H200s it lowered QPS (GIL contention
+        # between the encoder's Python and the event loop; docs/retriever.md, GPU section).
+        self.overlaps_encode = False
         self.name = f"torch-{self.devices[0].type}{'-fp16' if self.fp16 else ''}x{len(self.devices)}"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
