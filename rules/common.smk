@@ -1,4 +1,8 @@
 # Paths, config validation and helpers shared by every rule file.
+#
+# Each step declares the config keys its job reads with `params= **settings(...)` (one param per key, so a
+# changed value reruns exactly the steps that read it; see searchr1/steps/settings.py), and asks for its
+# machine from the config's resources (`job_resources(...)`): the config is the one place for both.
 import sys
 from pathlib import Path
 
@@ -7,6 +11,7 @@ sys.path.insert(
 )  # the searchr1 package beside the Snakefile, installed or not
 
 from searchr1.config import ConfigError, validate_config  # noqa: E402
+from searchr1.steps.settings import StepSettings, declare  # noqa: E402
 
 try:
     config = validate_config(config)
@@ -18,8 +23,8 @@ TOY = config["scale"] == "toy"
 SPLITS = config["eval"]["splits"]
 MODELS = ["base", "rl"]
 RES = config["resources"]
-TRAIN_RES = config["train"].get("resources", {})
-EVAL_RES = config["eval"].get("resources", {})
+TRAIN_RES = config["train"]["resources"]
+EVAL_RES = config["eval"]["resources"]
 
 QA_RAW = {"train": f"{DATA}/qa/train.parquet", "test": f"{DATA}/qa/test.parquet"}
 CORPUS = f"{DATA}/corpus/corpus.jsonl"
@@ -37,12 +42,91 @@ RETRIEVER_INPUTS = dict(
     encoder=ENCODER_DIR,
 )
 
+
+def settings(*keys):
+    """Snakemake params for the config keys a job reads (a key or a whole section)."""
+    return declare(config, *keys)
+
+
+def job_resources(name):
+    """mem_mb and runtime (minutes) of the job family `name` from the config's resources section."""
+    res = RES[name]
+    return {"mem_mb": res["mem_mb"], "runtime": res["runtime_min"]}
+
+
+# What a job that starts its own retriever reads: the encoder's settings (also the index's), the server's
+# and the client's. The server's and client's are operational (schema: x-operational): recorded, no rerun.
+ENCODER_SETTINGS = [
+    f"retriever.encoder.{key}"
+    for key in (
+        "query_prefix",
+        "passage_prefix",
+        "pooling",
+        "normalize",
+        "max_length",
+        "fp16",
+    )
+]
+RETRIEVER_SETTINGS = ENCODER_SETTINGS + [
+    f"retriever.{key}"
+    for key in (
+        "topk",
+        "backend",
+        "topk_max",
+        "max_batch_size",
+        "max_wait_ms",
+        "host",
+        "port",
+        "url",
+        "startup_timeout_s",
+        "timeout_s",
+        "max_retries",
+    )
+]
+CLIENT_SETTINGS = ["agent.search_concurrency"]
+# The agent loop of evaluation (and of the learning curve during training): searchr1.evaluate.eval_agent_config.
+EVAL_AGENT_SETTINGS = [
+    "agent.max_turns",
+    "agent.on_retrieval_error",
+    "retriever.topk",
+    "train.rollout_max_response_len",
+    "eval.temperature",
+]
+
 TRAIN_BACKEND = config["train"]["backend"]
-SLIME = config["train"].get("slime", {})
+SLIME = config["train"]["slime"]
+CURVE = bool(config["eval"]["interval"])
+# The train job reads the recipe (train.*, less the other backend's section) and the learning-curve
+# settings only when eval.interval turns the curve on.
+TRAIN_SETTINGS = settings(
+    "seed",
+    "policy.repo",
+    *(
+        f"train.{key}"
+        for key in config["train"]
+        if key not in ("slime", "torch", "resources")
+    ),
+    f"train.{TRAIN_BACKEND}",
+    "agent.max_turns",
+    "agent.on_retrieval_error",
+    *(["agent.sglang_input"] if TRAIN_BACKEND == "slime" else []),
+    "retriever.topk",
+    *RETRIEVER_SETTINGS,
+    *CLIENT_SETTINGS,
+    "eval.interval",
+    *(
+        ["eval.curve_subset", "eval.splits", "eval.temperature", "eval.batch_size"]
+        if CURVE
+        else []
+    ),
+)
+
 # A job that starts its own retriever holds the retriever's GPUs too.
-RETRIEVER_GPUS = 0 if config["retriever"].get("url") else config["retriever"]["gpus"]
-TRAIN_NODES = SLIME.get("nodes", 1) if TRAIN_BACKEND == "slime" else 1
-TRAIN_GPUS_PER_NODE = SLIME.get("gpus_per_node", 0) if TRAIN_BACKEND == "slime" else 0
+RETRIEVER_GPUS = 0 if config["retriever"]["url"] else config["retriever"]["gpus"]
+TRAIN_NODES = SLIME["nodes"] if TRAIN_BACKEND == "slime" else 1
+TRAIN_GPUS_PER_NODE = (
+    SLIME["gpus_per_node"] if TRAIN_BACKEND == "slime" else TRAIN_RES["gpus"]
+)
 TRAIN_GPUS = TRAIN_NODES * TRAIN_GPUS_PER_NODE + RETRIEVER_GPUS
 if TRAIN_NODES > 1:
     # SLURM's --gpus is a job total it may split unevenly over the nodes; gres is per node (the retriever's
@@ -50,17 +134,21 @@ if TRAIN_NODES > 1:
     TRAIN_GPU_RESOURCES = {"gres": f"gpu:{TRAIN_GPUS_PER_NODE + RETRIEVER_GPUS}"}
 else:
     TRAIN_GPU_RESOURCES = {"gpu": TRAIN_GPUS}
-EVAL_GPUS = EVAL_RES.get("gpus", 0) + RETRIEVER_GPUS
+EVAL_GPUS = EVAL_RES["gpus"] + RETRIEVER_GPUS
 
 
 def slime_command_preview():
-    """The exact commands the train job runs (printed by `snakemake -n`), built by the same code it runs."""
+    """The exact commands the train job runs (printed by `snakemake -n`), built by the same code it runs,
+    from the settings the train rule declares (so the preview cannot read more than the job may).
+    """
     if TRAIN_BACKEND != "slime":
         return "torch GRPO backend (searchr1.grpo), one process"
-    from searchr1.jobs import slime_preview
+    from searchr1.steps.train import slime_preview
 
     return slime_preview(
-        config, base_model=BASE_MODEL_DIR, train_parquet="results/data/train.parquet"
+        StepSettings.from_params(TRAIN_SETTINGS, step="train"),
+        base_model=BASE_MODEL_DIR,
+        train_parquet="results/data/train.parquet",
     )
 
 

@@ -14,9 +14,18 @@ if not TOY:
         localrule: True
         conda:
             "../envs/retriever.yaml"
+        threads: RES["download"]["cpus"]
         resources:
-            mem_mb=RES["download"]["mem_mb"],
-            runtime=RES["download"]["runtime_min"],
+            **job_resources("download"),
+        params:
+            **settings(
+                "data_dir",
+                "data.repo",
+                "data.revision",
+                "data.train_file",
+                "data.test_file",
+                "data.sha256",
+            ),
         script:
             "../scripts/download_qa.py"
 
@@ -31,11 +40,13 @@ if not TOY:
         localrule: True
         conda:
             "../envs/retriever.yaml"
+        threads: RES["download"]["cpus"]
         resources:
-            mem_mb=RES["download"]["mem_mb"],
-            runtime=RES["download"]["runtime_min"],
+            **job_resources("download"),
+        params:
+            **settings("policy.repo", "policy.revision"),
         script:
-            "../scripts/download_model.py"
+            "../scripts/download_policy.py"
 
 else:
 
@@ -51,9 +62,13 @@ else:
             "benchmarks/toy_world.tsv"
         conda:
             "../envs/train.yaml"
+        threads: RES["toy_world"]["cpus"]
         resources:
-            mem_mb=2000,
-            runtime=10,
+            **job_resources("toy_world"),
+        params:
+            **settings(
+                "seed", "toy.n_couples", "toy.test_per_split", "toy.train_questions"
+            ),
         script:
             "../scripts/toy_world.py"
 
@@ -66,11 +81,15 @@ else:
             model=directory(f"{DATA}/models/policy_init"),
         log:
             "logs/toy_policy_init.log",
+        benchmark:
+            "benchmarks/toy_policy_init.tsv"
         conda:
             "../envs/train.yaml"
+        threads: RES["toy_policy_init"]["cpus"]
         resources:
-            mem_mb=2000,
-            runtime=10,
+            **job_resources("toy_policy_init"),
+        params:
+            **settings("seed", "toy.model"),
         script:
             "../scripts/toy_policy_init.py"
 
@@ -87,10 +106,11 @@ else:
             "benchmarks/toy_warm_start.tsv"
         conda:
             "../envs/train.yaml"
-        threads: TRAIN_RES.get("cpus", 2)
+        threads: RES["toy_warm_start"]["cpus"]
         resources:
-            mem_mb=4000,
-            runtime=30,
+            **job_resources("toy_warm_start"),
+        params:
+            **settings("seed", "toy.warm_start", "retriever.topk", *RETRIEVER_SETTINGS),
         script:
             "../scripts/toy_warm_start.py"
 
@@ -104,12 +124,16 @@ rule prepare_data:
         splits=expand("results/data/{split}.parquet", split=SPLITS),
     log:
         "logs/prepare_data.log",
+    benchmark:
+        "benchmarks/prepare_data.tsv"
     # Light: runs where Snakemake runs, not as a cluster job.
     localrule: True
     conda:
         "../envs/retriever.yaml"
+    threads: RES["prepare_data"]["cpus"]
     resources:
-        mem_mb=8000,
-        runtime=30,
+        **job_resources("prepare_data"),
+    params:
+        **settings("eval.splits", *(f"data.splits.{split}" for split in SPLITS)),
     script:
         "../scripts/prepare_data.py"

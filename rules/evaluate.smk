@@ -2,6 +2,8 @@
 # Partial results live in results/eval/{model}/{split}.partial.jsonl (not a declared output, so a killed
 # job keeps them) and the job resumes from them.
 
+EVAL_SGLANG = config["eval"]["engine"] == "sglang"
+
 
 rule evaluate:
     input:
@@ -18,10 +20,32 @@ rule evaluate:
         "benchmarks/evaluate/{model}_{split}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: EVAL_RES.get("cpus", 1)
+    threads: EVAL_RES["cpus"]
     resources:
         gpu=EVAL_GPUS,
-        mem_mb=EVAL_RES.get("mem_mb", 8000),
-        runtime=EVAL_RES.get("runtime_min", 60),
+        mem_mb=EVAL_RES["mem_mb"],
+        runtime=EVAL_RES["runtime_min"],
+    params:
+        **settings(
+            "seed",
+            "eval.engine",
+            "eval.max_questions",
+            "eval.batch_size",
+            *EVAL_AGENT_SETTINGS,
+            *RETRIEVER_SETTINGS,
+            *CLIENT_SETTINGS,
+            # the SGLang server: in the slime image, at training's memory share, tensor parallel over its GPUs
+            *(
+                [
+                    "agent.sglang_input",
+                    "eval.resources.gpus",
+                    "train.slime.sglang_mem_fraction_static",
+                    "train.slime.container_runtime",
+                    "train.slime.image",
+                ]
+                if EVAL_SGLANG
+                else []
+            ),
+        ),
     script:
         "../scripts/evaluate.py"

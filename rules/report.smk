@@ -1,4 +1,4 @@
-# The headline table, plots and base-vs-RL examples.
+# The headline table, plots and base-vs-RL examples, with every input's provenance.
 
 
 rule report:
@@ -6,6 +6,7 @@ rule report:
         evals=expand("results/eval/{model}/{split}.json", model=MODELS, split=SPLITS),
         jsonls=expand("results/eval/{model}/{split}.jsonl", model=MODELS, split=SPLITS),
         metrics="results/train/metrics.jsonl",
+        final="results/train/final.json",
     output:
         headline=report(
             "results/headline.md",
@@ -27,14 +28,19 @@ rule report:
             caption="../docs/report/response_length.rst",
             category="Training",
         ),
+        provenance="results/provenance.json",
     log:
         "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
     # Light: runs where Snakemake runs, not as a cluster job.
     localrule: True
     conda:
         "../envs/report.yaml"
+    threads: RES["report"]["cpus"]
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **job_resources("report"),
+    params:
+        **settings("scale", "published", "eval.splits"),
     script:
         "../scripts/report.py"

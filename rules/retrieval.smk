@@ -15,9 +15,11 @@ if not TOY:
         localrule: True
         conda:
             "../envs/retriever.yaml"
+        threads: RES["download"]["cpus"]
         resources:
-            mem_mb=RES["download"]["mem_mb"],
-            runtime=RES["download"]["runtime_min"],
+            **job_resources("download"),
+        params:
+            **settings("data_dir", "retriever.corpus"),
         script:
             "../scripts/download_corpus.py"
 
@@ -33,9 +35,9 @@ rule corpus_offsets:
         "benchmarks/corpus_offsets.tsv"
     conda:
         "../envs/retriever.yaml"
+    threads: RES["corpus_offsets"]["cpus"]
     resources:
-        mem_mb=4000,
-        runtime=120,
+        **job_resources("corpus_offsets"),
     script:
         "../scripts/corpus_offsets.py"
 
@@ -45,13 +47,17 @@ rule fetch_encoder:
         directory(ENCODER_DIR),
     log:
         "logs/fetch_encoder.log",
+    benchmark:
+        "benchmarks/fetch_encoder.tsv"
     # Light: runs where Snakemake runs (on SLURM, the login node, which has internet access).
     localrule: True
     conda:
         "../envs/retriever.yaml"
+    threads: RES["download"]["cpus"]
     resources:
-        mem_mb=RES["download"]["mem_mb"],
-        runtime=RES["download"]["runtime_min"],
+        **job_resources("download"),
+    params:
+        **settings("retriever.encoder.repo", "retriever.encoder.revision"),
     script:
         "../scripts/fetch_encoder.py"
 
@@ -74,9 +80,19 @@ if config["retriever"]["index"]["source"] == "download":
         localrule: True
         conda:
             "../envs/retriever.yaml"
+        threads: RES["download"]["cpus"]
         resources:
-            mem_mb=RES["download"]["mem_mb"],
-            runtime=RES["download"]["runtime_min"],
+            **job_resources("download"),
+        params:
+            **settings(
+                "data_dir",
+                "retriever.index.repo",
+                "retriever.index.revision",
+                "retriever.index.parts",
+                "retriever.encoder.repo",
+                "retriever.encoder.query_prefix",
+                "retriever.encoder.passage_prefix",
+            ),
         script:
             "../scripts/download_index.py"
 
@@ -96,11 +112,16 @@ else:
             "benchmarks/build_index.tsv"
         conda:
             "../envs/retriever.yaml"
-        threads: RES["index_build"].get("cpus", 1)
+        threads: RES["index_build"]["cpus"]
         resources:
-            gpu=RES["index_build"].get("gpus", 0),
-            mem_mb=RES["index_build"]["mem_mb"],
-            runtime=RES["index_build"]["runtime_min"],
+            **job_resources("index_build"),
+            gpu=RES["index_build"]["gpus"],
+        params:
+            **settings(
+                "retriever.index.build_batch_size",
+                "retriever.index.build_shard_size",
+                *ENCODER_SETTINGS,
+            ),
         script:
             "../scripts/build_index.py"
 
@@ -117,11 +138,12 @@ rule retriever_check:
         "benchmarks/retriever_check.tsv"
     conda:
         "../envs/retriever.yaml"
-    threads: RES["retriever"].get("cpus", 2)
+    threads: RES["retriever_check"]["cpus"]
     resources:
+        **job_resources("retriever_check"),
         gpu=RETRIEVER_GPUS,
-        mem_mb=RES["retriever"]["mem_mb"],
-        runtime=120,
+    params:
+        **settings("seed", "retriever.topk", *RETRIEVER_SETTINGS, *CLIENT_SETTINGS),
     script:
         "../scripts/retriever_check.py"
 
@@ -136,9 +158,8 @@ rule bench_retriever:
         "benchmarks/bench_retriever.tsv"
     conda:
         "../envs/retriever.yaml"
-    threads: RES["retriever"].get("cpus", 2)
+    threads: RES["bench_retriever"]["cpus"]
     resources:
-        mem_mb=16000,
-        runtime=60,
+        **job_resources("bench_retriever"),
     shell:
         "python -m searchr1.retrieval bench --out {output} > {log} 2>&1"

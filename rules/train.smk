@@ -19,12 +19,15 @@ rule train:
         "benchmarks/train.tsv"
     conda:
         "../envs/train.yaml"
-    threads: TRAIN_RES.get("cpus", 1)
+    threads: TRAIN_RES["cpus"]
     resources:
         **TRAIN_GPU_RESOURCES,
         nodes=TRAIN_NODES,
-        mem_mb=TRAIN_RES.get("mem_mb", 8000),
-        runtime=TRAIN_RES.get("runtime_min", 60),
+        mem_mb=TRAIN_RES["mem_mb"],
+        runtime=TRAIN_RES["runtime_min"],
+    params:
+        # the recipe, the agent, the retriever it starts, the learning curve (common.smk: TRAIN_SETTINGS)
+        **TRAIN_SETTINGS,
     message:
         TRAIN_MESSAGE
     script:
@@ -39,10 +42,12 @@ rule export_rl:
         directory(RL_MODEL_DIR),
     log:
         "logs/export_rl.log",
+    benchmark:
+        "benchmarks/export_rl.tsv"
     conda:
         "../envs/train.yaml"
+    threads: RES["export_rl"]["cpus"]
     resources:
-        mem_mb=16000,
-        runtime=60,
+        **job_resources("export_rl"),
     script:
         "../scripts/export_rl.py"

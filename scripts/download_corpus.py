@@ -1,5 +1,6 @@
-"""Snakemake step 'download_corpus': a thin entry point; the logic is searchr1.jobs.download_corpus."""
+"""Snakemake rule 'download_corpus': a thin entry point; the job is searchr1.steps.retrieval.download_corpus, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "download_corpus")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "retrieval.download_corpus")  # noqa: F821 (snakemake is injected by the script: directive)

@@ -1,5 +1,6 @@
-"""Snakemake step 'download_index': a thin entry point; the logic is searchr1.jobs.download_index."""
+"""Snakemake rule 'download_index': a thin entry point; the job is searchr1.steps.retrieval.download_index, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "download_index")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "retrieval.download_index")  # noqa: F821 (snakemake is injected by the script: directive)

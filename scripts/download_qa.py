@@ -1,5 +1,6 @@
-"""Snakemake step 'download_qa': a thin entry point; the logic is searchr1.jobs.download_qa."""
+"""Snakemake rule 'download_qa': a thin entry point; the job is searchr1.steps.data.download_qa, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "download_qa")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "data.download_qa")  # noqa: F821 (snakemake is injected by the script: directive)

@@ -1,5 +1,6 @@
-"""Snakemake step 'evaluate': a thin entry point; the logic is searchr1.jobs.evaluate."""
+"""Snakemake rule 'evaluate': a thin entry point; the job is searchr1.steps.evaluate.evaluate, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "evaluate")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "evaluate.evaluate")  # noqa: F821 (snakemake is injected by the script: directive)

@@ -1,5 +1,6 @@
-"""Snakemake step 'fetch_encoder': a thin entry point; the logic is searchr1.jobs.fetch_encoder."""
+"""Snakemake rule 'fetch_encoder': a thin entry point; the job is searchr1.steps.retrieval.fetch_encoder, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "fetch_encoder")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "retrieval.fetch_encoder")  # noqa: F821 (snakemake is injected by the script: directive)

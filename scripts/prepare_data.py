@@ -1,5 +1,6 @@
-"""Snakemake step 'prepare_data': a thin entry point; the logic is searchr1.jobs.prepare_data."""
+"""Snakemake rule 'prepare_data': a thin entry point; the job is searchr1.steps.data.prepare_data, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "prepare_data")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "data.prepare_data")  # noqa: F821 (snakemake is injected by the script: directive)

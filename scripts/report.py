@@ -1,5 +1,6 @@
-"""Snakemake step 'report': a thin entry point; the logic is searchr1.jobs.report."""
+"""Snakemake rule 'report': a thin entry point; the job is searchr1.steps.report.report, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "report")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "report.report")  # noqa: F821 (snakemake is injected by the script: directive)

@@ -1,5 +1,6 @@
-"""Snakemake step 'toy_world': a thin entry point; the logic is searchr1.jobs.toy_world."""
+"""Snakemake rule 'toy_world': a thin entry point; the job is searchr1.steps.toy.toy_world, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "toy_world")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "toy.toy_world")  # noqa: F821 (snakemake is injected by the script: directive)

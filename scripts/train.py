@@ -1,5 +1,6 @@
-"""Snakemake step 'train': a thin entry point; the logic is searchr1.jobs.train."""
+"""Snakemake rule 'train': a thin entry point; the job is searchr1.steps.train.train, which sees only the
+settings the rule declares in params:."""
 
-from searchr1.jobs import run_step
+from searchr1.steps import run_step
 
-run_step(snakemake, "train")  # noqa: F821 (snakemake is injected by the script: directive)
+run_step(snakemake, "train.train")  # noqa: F821 (snakemake is injected by the script: directive)

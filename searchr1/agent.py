@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from searchr1.engines import Engine, GenerationOutput, GenerationRequest
 from searchr1.retrieval.client import RetrievalClient, RetrievalError
@@ -60,14 +60,29 @@ def parse_action(text: str) -> tuple[str | None, str]:
 
 @dataclass
 class AgentConfig:
-    max_turns: int = 2
-    topk: int = 3
-    max_new_tokens: int = 512  # per generation call, as in slime (not a total budget)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    on_retrieval_error: str = "fail"  # "fail" raises; "degrade" inserts an empty <information> and counts it
+    """One agent loop's settings. Built from the config by ``searchr1.evaluate.eval_agent_config`` (the
+    evaluation: ``CONFIG_KEYS``), by the torch trainer from GRPOSettings (training: train.rollout_*), and by
+    the slime plugin from slime's sampling params; none of the config's values has a default here."""
+
+    max_turns: int
+    topk: int
+    max_new_tokens: int  # per generation call, as in slime (not a total budget)
+    temperature: float
+    top_p: float
+    top_k: int
+    on_retrieval_error: str  # "fail" raises; "degrade" inserts an empty <information> and counts it
+    # Not a config key: longer queries are cut before they reach the server (its 4xx limit is 4,096 too).
     max_query_chars: int = 4096
+
+    # The evaluation's agent: training's loop and limits at the evaluation temperature (top_p / top_k are
+    # greedy decoding's, given by eval_agent_config).
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {
+        "max_turns": "agent.max_turns",
+        "topk": "retriever.topk",
+        "max_new_tokens": "train.rollout_max_response_len",
+        "temperature": "eval.temperature",
+        "on_retrieval_error": "agent.on_retrieval_error",
+    }
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:

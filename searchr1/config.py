@@ -8,8 +8,6 @@ rollout). Every error names the key path and the offending value, and all proble
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,10 +92,8 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
                 f"config key 'eval.splits': split {split!r} is not defined in data.splits "
                 f"({', '.join(cfg['data']['splits'])})"
             )
-    if ev["temperature"] == 0 and ev["n_samples"] != 1:
-        problems.append(f"config key 'eval.n_samples': {ev['n_samples']} greedy samples would all be identical")
-    slime = train.get("slime") or {}
-    if train["backend"] == "slime" and slime:
+    slime = train["slime"]
+    if train["backend"] == "slime":
         gpus = slime["nodes"] * slime["gpus_per_node"]
         tp = slime["tensor_model_parallel_size"] * slime["pipeline_model_parallel_size"] * slime["context_parallel_size"]
         if gpus % tp:
@@ -120,9 +116,56 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return {**root["$defs"][ref.rsplit("/", 1)[1]], **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
+def complete(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Fill the schema's ``default:`` values in; list the keys that are missing and have none.
+
+    config.yaml holds every key of the recipe (one home for each value); the schema's defaults are for keys
+    that config.yaml leaves out on purpose. A key marked ``x-optional: true`` (the toy section at full
+    scale) may be absent. So code reads ``cfg[key]``, never ``cfg.get(key, <a second default>)``.
+    """
+    root = schema or load_schema()
+    out = copy.deepcopy(dict(config))
+    missing: list[str] = []
+
+    def walk(node: dict[str, Any], sch: Mapping[str, Any], path: str) -> None:
+        sch = _resolve(sch, root)
+        for key, sub in (sch.get("properties") or {}).items():
+            sub = _resolve(sub, root)
+            where = f"{path}.{key}" if path else key
+            if key not in node:
+                if "default" in sub:
+                    node[key] = copy.deepcopy(sub["default"])
+                elif not sub.get("x-optional"):
+                    missing.append(where)
+                    continue
+                else:
+                    continue
+            if isinstance(node[key], dict):
+                walk(node[key], sub, where)
+        extra = sch.get("additionalProperties")
+        if isinstance(extra, Mapping):
+            for key, value in node.items():
+                if key not in (sch.get("properties") or {}) and isinstance(value, dict):
+                    walk(value, extra, f"{path}.{key}" if path else key)
+
+    walk(out, root, "")
+    return out, missing
+
+
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate ``config``; return it as a plain dict or raise :class:`ConfigError` listing every problem."""
+    """Validate ``config``; return it, with the schema's defaults filled in, or raise :class:`ConfigError`
+    listing every problem."""
     problems = _schema_problems(config)
+    if not problems:
+        config, missing = complete(config)
+        problems = [f"config key '{key}': missing (config.yaml holds every key; see the schema)" for key in missing]
     if not problems:
         problems = _relation_problems(config)
     if problems:
@@ -149,7 +192,22 @@ def load_config(*paths: str | Path, overrides: Mapping[str, Any] | None = None) 
     return validate_config(merged)
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """A short stable hash of the configuration (recorded in the report's provenance)."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def config_value(cfg: Mapping[str, Any], key: str) -> Any:
+    """The value of the dotted ``key`` (``train.torch.device``) in ``cfg``."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def settings_from_config(cls: type, cfg: Mapping[str, Any], **extra: Any) -> Any:
+    """Build the settings dataclass ``cls`` from its ``CONFIG_KEYS`` (field -> dotted config key) and ``extra``.
+
+    The one way a component reads its settings from the config: the config (through the schema) is the only
+    home of those values, so such fields carry no default of their own (tests/test_settings.py checks it).
+    """
+    values = {name: config_value(cfg, key) for name, key in cls.CONFIG_KEYS.items()}
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+    return cls(**values, **extra)

@@ -218,10 +218,19 @@ def _with_ids(df: pd.DataFrame, prefix: str) -> pd.DataFrame:
     return df
 
 
-def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
+def _write_parquet_atomic(df: pd.DataFrame, path: Path, provenance: Mapping[str, Any] | None = None) -> None:
+    """``df`` to ``path`` atomically; ``provenance`` goes into the schema metadata (searchr1.provenance)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from searchr1.provenance import PARQUET_KEY
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if provenance is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_KEY: json.dumps(provenance)})
     tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
@@ -232,6 +241,7 @@ def prepare_data(
     out_train: Path,
     split_outputs: Mapping[str, Path],
     splits: Mapping[str, Mapping[str, Any]],
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Write the slime-ready training parquet and split the merged test set by ``data_source``.
 
@@ -244,17 +254,17 @@ def prepare_data(
     test = pd.read_parquet(test_raw)
     _check_columns(test, Path(test_raw))
     counts = {"train": len(train)}
-    _write_parquet_atomic(_with_ids(train, "train"), Path(out_train))
+    _write_parquet_atomic(_with_ids(train, "train"), Path(out_train), provenance)
     test = _with_ids(test, "test")
     for name, spec in splits.items():
         part = test[test["data_source"] == spec["data_source"]].reset_index(drop=True)
-        expected = spec.get("expected_rows")
+        expected = spec["expected_rows"]
         if expected is not None and len(part) != expected:
             found = test["data_source"].value_counts().to_dict()
             raise DataError(
                 f"split {name!r}: {len(part)} rows with data_source={spec['data_source']!r} in {test_raw}, "
                 f"expected {expected} (data_source counts there: {found})"
             )
-        _write_parquet_atomic(part, Path(split_outputs[name]))
+        _write_parquet_atomic(part, Path(split_outputs[name]), provenance)
         counts[name] = len(part)
     return counts

@@ -25,7 +25,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,7 +36,7 @@ import httpx
 import pandas as pd
 from tqdm import tqdm
 
-from searchr1.fsutil import write_json_atomic
+from searchr1.fsutil import write_json_atomic, write_text_atomic
 from searchr1.process import die_with_parent, free_port, log_tail, stop_process_group
 from searchr1.reward import em_score, extract_answer
 
@@ -368,16 +367,10 @@ def eval_agent_config(cfg: Mapping[str, Any]) -> AgentConfig:
     """The agent settings of an eval from the workflow config: training's, but at the eval temperature."""
     # imported here (as in the other eval functions) so that summarize/the report need no agent stack
     from searchr1.agent import AgentConfig
+    from searchr1.config import settings_from_config
 
-    return AgentConfig(
-        max_turns=int(cfg["agent"]["max_turns"]),
-        topk=int(cfg["retriever"]["topk"]),
-        max_new_tokens=int(cfg["train"]["rollout_max_response_len"]),
-        temperature=float(cfg["eval"]["temperature"]),
-        top_p=1.0,
-        top_k=-1,
-        on_retrieval_error=str(cfg["agent"]["on_retrieval_error"]),
-    )
+    # top_p 1 and top_k -1: no truncation of the distribution (slime's eval defaults); at temperature 0 greedy.
+    return settings_from_config(AgentConfig, cfg, top_p=1.0, top_k=-1)
 
 
 async def evaluate_batch(
@@ -482,12 +475,7 @@ async def evaluate_with(
             "wall_time_s": round(time.monotonic() - started, 3),
         }
     )
-    fd, tmp = tempfile.mkstemp(dir=out_jsonl.parent, prefix=f".{out_jsonl.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out_jsonl)
+    write_text_atomic(out_jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     write_json_atomic(out_json, summary)
     work.unlink()
     meta_path.unlink(missing_ok=True)
@@ -502,22 +490,23 @@ def evaluate_split(
     out_json: str | Path,
     retriever_url: str,
     agent_cfg: AgentConfig,
-    engine: str = "hf",
-    batch_size: int = 64,
-    max_questions: int | None = None,
+    engine: str,
+    batch_size: int,
+    max_questions: int | None,
+    model_label: str,
+    split_label: str,
+    retriever_timeout_s: float,
+    retriever_max_retries: int,
+    retriever_concurrency: int,
+    seed: int,
     device: str = "cpu",
     sglang_url: str | None = None,
     sglang_input_mode: str = "text",
     sglang_wrap: Callable[[list[str]], list[str]] | None = None,
-    model_label: str,
-    split_label: str,
     sglang_tp: int = 1,
-    sglang_mem_fraction: float = 0.8,
+    sglang_mem_fraction: float | None = None,
     sglang_log_path: str | Path | None = None,
-    retriever_timeout_s: float = 60.0,
-    retriever_max_retries: int = 3,
-    retriever_concurrency: int = 256,
-    seed: int = 0,
+    info: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Greedy-evaluate the checkpoint ``model_dir`` on one split; writes out_jsonl and out_json.
@@ -544,6 +533,7 @@ def evaluate_split(
         "engine": engine,
     }
     info = {
+        **dict(info or {}),
         "model_label": model_label,
         "split": split_label,
         "engine": engine,
@@ -586,6 +576,8 @@ def evaluate_split(
         )
     if sglang_url is not None:
         return asyncio.run(run(SGLangEngine(sglang_url, input_mode=sglang_input_mode)))
+    if sglang_mem_fraction is None:
+        raise ValueError("engine 'sglang' needs sglang_mem_fraction (train.slime.sglang_mem_fraction_static)")
     log_path = sglang_log_path or Path(str(out_json) + ".sglang.log")
     with sglang_server(
         model_dir, port=0, tp=sglang_tp, mem_fraction=sglang_mem_fraction, log_path=log_path, wrap=sglang_wrap
@@ -602,8 +594,8 @@ def sglang_server(
     model_dir: str | Path,
     *,
     port: int = 0,
-    tp: int = 1,
-    mem_fraction: float = 0.8,
+    tp: int,
+    mem_fraction: float,
     log_path: str | Path,
     host: str = "127.0.0.1",
     startup_timeout_s: float = 1800.0,
@@ -628,7 +620,7 @@ def sglang_server(
         "-m",
         "sglang.launch_server",
         "--model-path",
-        str(model_dir),
+        str(Path(model_dir).resolve()),  # absolute: a container binds the model's absolute directory
         "--host",
         host,
         "--port",

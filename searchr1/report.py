@@ -23,7 +23,9 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from searchr1 import provenance  # noqa: E402
 from searchr1.evaluate import FAILURE_CATEGORIES, failure_category, read_jsonl, summarize_rows  # noqa: E402
+from searchr1.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 
 MODELS = ("base", "rl")
 MODEL_NAMES = {"base": "base", "rl": "RL"}
@@ -389,12 +391,18 @@ def render_report(
     examples_md: str | Path,
     plots_dir: str | Path,
     scale: str,
-    config_hash: str,
-    git_commit: str,
+    record: Mapping[str, Any],
+    final_path: str | Path | None = None,
+    provenance_json: str | Path | None = None,
     curve_path: str | Path | None = None,
     n_examples: int = DEFAULT_EXAMPLES,
 ) -> None:
-    """Render results/headline.md, the plots and results/examples.md from the eval and training files."""
+    """Render results/headline.md, the plots and results/examples.md from the eval and training files.
+
+    ``record`` is the report step's own provenance; every input's provenance (the eval summaries,
+    ``final_path``) must agree on every setting they share, else :class:`MixedSettingsError` names the key.
+    All records go to ``provenance_json`` and are listed in the headline.
+    """
     if scale not in ("full", "toy"):
         raise ValueError(f"scale must be 'full' or 'toy', got {scale!r}")
     if not splits:
@@ -418,6 +426,14 @@ def render_report(
                 f"{eval_dir / 'base' / (split + '.jsonl')} vs {eval_dir / 'rl' / (split + '.jsonl')}"
             )
 
+    records: dict[str, Any] = {}
+    if final_path is not None:
+        records[str(final_path)] = provenance.of_json(final_path)
+    for split in splits:
+        for model in MODELS:
+            records[str(eval_dir / model / f"{split}.json")] = metas[(model, split)].get("provenance")
+    provenance.check_consistent({**records, "this report": record})
+
     plots = render_plots(metrics, plots_dir, curve)
     comparable = scale == "full"
     any_meta = metas[("rl", splits[0])]
@@ -427,7 +443,8 @@ def render_report(
         "# Search-R1 on slime: headline results",
         "",
         f"- scale: **{scale}**" + ("" if comparable else " (the offline toy world: tiny model, synthetic questions)"),
-        f"- git commit: `{git_commit}`; config hash: `{config_hash}`; rendered {today}",
+        f"- settings hash `{record['settings_hash']}`, code {_code_text(record)}; rendered {today} "
+        "(every input's provenance: the Provenance section below)",
         f"- evaluation: temperature {any_meta.get('temperature', 0.0)} (greedy when 0), 1 sample per question, "
         f"engine `{any_meta.get('engine', '?')}`; questions per split: {n_text}",
         "",
@@ -469,14 +486,48 @@ def render_report(
     for name, path in plots.items():
         lines += [f"![{titles[name]}]({_rel(path, out_md)})", ""]
     lines += ["## Examples", "", f"Base-vs-RL trajectories: [{examples_md.name}]({_rel(examples_md, out_md)})", ""]
+    lines += provenance_section(records, record, provenance_json, out_md)
 
     out_md.parent.mkdir(parents=True, exist_ok=True)
     examples_md.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(examples_md, examples_markdown(rows, splits, n_examples) + "\n")
-    _write_text(out_md, "\n".join(lines))
+    write_text_atomic(examples_md, examples_markdown(rows, splits, n_examples) + "\n")
+    if provenance_json is not None:
+        write_json_atomic(provenance_json, {"provenance": dict(record), "inputs": records})
+    write_text_atomic(out_md, "\n".join(lines))
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _code_text(record: Mapping[str, Any]) -> str:
+    code = record.get("code") or {}
+    git = code.get("git")
+    return (f"git `{git}`, " if git else "") + f"source `{code.get('source_sha', '?')}`"
+
+
+def provenance_section(
+    records: Mapping[str, Mapping[str, Any] | None],
+    record: Mapping[str, Any],
+    provenance_json: str | Path | None,
+    out_md: Path,
+) -> list[str]:
+    """What made each input: its step, settings hash and code version (the full records in provenance_json)."""
+    lines = [
+        "## Provenance",
+        "",
+        "Every input was made under the same value of every setting they share (checked; the report refuses "
+        "mixed inputs and names the key). Settings hash: sha256 of the step's declared settings.",
+        "",
+        "| file | step | settings hash | code |",
+        "|---|---|---|---|",
+    ]
+    for label, rec in records.items():
+        if rec:
+            lines.append(f"| `{label}` | {rec.get('step', '?')} | `{rec.get('settings_hash', '?')}` | {_code_text(rec)} |")
+        else:
+            lines.append(f"| `{label}` | ? | (no provenance recorded) | ? |")
+    lines.append(f"| this report | {record.get('step')} | `{record['settings_hash']}` | {_code_text(record)} |")
+    codes = {(rec.get("code") or {}).get("source_sha") for rec in records.values() if rec}
+    if len(codes) > 1:
+        lines += ["", f"**Note:** the inputs were made by {len(codes)} different code versions (listed above)."]
+    if provenance_json is not None:
+        lines += ["", f"Full records (settings of every step, operational settings, inputs): "
+                      f"[{Path(provenance_json).name}]({_rel(Path(provenance_json), out_md)})"]  # fmt: skip
+    return lines + [""]

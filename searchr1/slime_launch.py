@@ -178,7 +178,7 @@ def _bind_dirs(paths: LaunchPaths, slime_cfg: Mapping[str, Any]) -> list[str]:
         paths.save_hf_dir, os.path.dirname(paths.metrics_path), os.path.dirname(paths.eval_metrics_path),
         os.path.dirname(paths.custom_config_path), paths.log_dir,
         *(os.path.dirname(p) for p in paths.eval_prompt_data.values()),
-        *(os.path.abspath(p) for p in slime_cfg.get("extra_binds") or []),
+        *(os.path.abspath(p) for p in slime_cfg["extra_binds"]),
     ]  # fmt: skip
     unique: list[str] = []
     for d in sorted(set(dirs)):
@@ -194,8 +194,8 @@ def wrap_in_container(
     command: Sequence[str], slime_cfg: Mapping[str, Any], binds: Sequence[str], *, name: str | None = None
 ) -> list[str]:
     """``command`` inside the configured container runtime (apptainer | docker | none)."""
-    runtime = slime_cfg.get("container_runtime", "none")
-    image = slime_cfg.get("image")
+    runtime = slime_cfg["container_runtime"]
+    image = slime_cfg["image"]
     if runtime == "none":
         return list(command)
     if not image:
@@ -229,7 +229,7 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
         "--prompt-data", paths.train_parquet, "--input-key", "prompt", "--label-key", "reward_model",
         "--apply-chat-template",
     ]  # fmt: skip
-    if train.get("rollout_shuffle", True):
+    if train["rollout_shuffle"]:
         f.append("--rollout-shuffle")
     f += [
         "--rollout-seed", str(cfg["seed"]),
@@ -238,10 +238,10 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
         "--n-samples-per-prompt", str(train["n_samples_per_prompt"]),
         "--rollout-max-response-len", str(train["rollout_max_response_len"]),
         "--rollout-temperature", _flag_value(train["rollout_temperature"]),
-        "--rollout-top-p", _flag_value(train.get("rollout_top_p", 1.0)),
+        "--rollout-top-p", _flag_value(train["rollout_top_p"]),
         "--global-batch-size", str(train["global_batch_size"]),
     ]  # fmt: skip
-    if sl.get("balance_data", True):
+    if sl["balance_data"]:
         f.append("--balance-data")
     # perf
     f += [
@@ -250,44 +250,47 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
         "--context-parallel-size", str(sl["context_parallel_size"]),
         "--expert-model-parallel-size", "1", "--expert-tensor-parallel-size", "1",
     ]  # fmt: skip
-    if sl.get("sequence_parallel", False):
+    if sl["sequence_parallel"]:
         f.append("--sequence-parallel")
-    if sl.get("recompute_granularity"):
+    if sl["recompute_granularity"]:
         f += ["--recompute-granularity", sl["recompute_granularity"]]
         if sl["recompute_granularity"] == "full":
             f += ["--recompute-method", sl["recompute_method"], "--recompute-num-layers", str(sl["recompute_num_layers"])]
-    if sl.get("use_dynamic_batch_size", True):
+    if sl["use_dynamic_batch_size"]:
         f += ["--use-dynamic-batch-size", "--max-tokens-per-gpu", str(sl["max_tokens_per_gpu"])]
     else:
-        f += ["--micro-batch-size", str(sl.get("micro_batch_size", 1))]
+        f += ["--micro-batch-size", str(sl["micro_batch_size"])]
     # GRPO
-    f += ["--advantage-estimator", train.get("advantage_estimator", "grpo")]
-    if train.get("use_kl_loss", True):
+    f += ["--advantage-estimator", train["advantage_estimator"]]
+    if train["use_kl_loss"]:
         f += ["--use-kl-loss", "--kl-loss-coef", _flag_value(train["kl_loss_coef"]),
-              "--kl-loss-type", train.get("kl_loss_type", "low_var_kl")]  # fmt: skip
+              "--kl-loss-type", train["kl_loss_type"]]  # fmt: skip
     f += [
-        "--entropy-coef", _flag_value(train.get("entropy_coef", 0.0)),
+        "--entropy-coef", _flag_value(train["entropy_coef"]),
         "--eps-clip", _flag_value(train["eps_clip"]), "--eps-clip-high", _flag_value(train["eps_clip_high"]),
     ]  # fmt: skip
-    if train.get("use_tis", False):
+    if train["use_tis"]:
         f.append("--use-tis")
     # optimizer
     f += [
-        "--optimizer", train.get("optimizer", "adam"), "--lr", _flag_value(train["lr"]),
-        "--lr-decay-style", train.get("lr_decay_style", "constant"),
-        "--weight-decay", _flag_value(train.get("weight_decay", 0.01)),
-        "--adam-beta1", _flag_value(train.get("adam_beta1", 0.9)),
-        "--adam-beta2", _flag_value(train.get("adam_beta2", 0.98)),
+        "--optimizer", train["optimizer"], "--lr", _flag_value(train["lr"]),
+        "--lr-decay-style", train["lr_decay_style"],
+        "--weight-decay", _flag_value(train["weight_decay"]),
+        "--adam-beta1", _flag_value(train["adam_beta1"]),
+        "--adam-beta2", _flag_value(train["adam_beta2"]),
     ]  # fmt: skip
     # SGLang
     f += [
+        # --rollout-num-gpus first, as slime's example does: after --rollout-num-gpus-per-engine, SGLang's
+        # argument pre-parser would read it as an abbreviation of that flag.
+        "--rollout-num-gpus", str(sl["rollout_num_gpus"]),
         "--rollout-num-gpus-per-engine", str(sl["rollout_num_gpus_per_engine"]),
         "--sglang-mem-fraction-static", _flag_value(sl["sglang_mem_fraction_static"]),
     ]  # fmt: skip
     # misc (as the seed script)
     f += [
         "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--accumulate-allreduce-grads-in-fp32",
-        "--attention-softmax-in-fp32", "--attention-backend", sl.get("attention_backend", "flash"),
+        "--attention-softmax-in-fp32", "--attention-backend", sl["attention_backend"],
     ]  # fmt: skip
     # our plugin
     f += [
@@ -297,26 +300,26 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
         "--custom-config-path", paths.custom_config_path,
     ]  # fmt: skip
     # learning-curve evals inside training (optional)
-    interval = (cfg.get("eval") or {}).get("interval")
+    interval = cfg["eval"]["interval"]
     if interval and paths.eval_prompt_data:
-        subset = (cfg.get("eval") or {}).get("curve_subset")
+        subset = cfg["eval"]["curve_subset"]
         data: list[str] = []
         for name, path in sorted(paths.eval_prompt_data.items()):
-            data += [name, f"{path}@[0:{subset}]" if subset else path]
+            data += [name, f"{path}@[0:{subset}]"]
         f += [
             "--eval-interval", str(interval), "--eval-prompt-data", *data,
             "--eval-input-key", "prompt", "--eval-label-key", "reward_model", "--n-samples-per-eval-prompt", "1",
-            "--eval-temperature", _flag_value(cfg["eval"].get("temperature", 0.0)),
+            "--eval-temperature", _flag_value(cfg["eval"]["temperature"]),
             "--custom-eval-rollout-log-function-path", f"{PLUGIN}.log_eval",
         ]  # fmt: skip
     # resources
     f += [
         "--actor-num-nodes", str(sl["nodes"]), "--actor-num-gpus-per-node", str(sl["gpus_per_node"]),
-        "--rollout-num-gpus", str(sl["rollout_num_gpus"]), "--num-gpus-per-node", str(sl["gpus_per_node"]),
+        "--num-gpus-per-node", str(sl["gpus_per_node"]),
     ]  # fmt: skip
-    if sl.get("colocate", True):
+    if sl["colocate"]:
         f.append("--colocate")
-    f += [str(a) for a in sl.get("extra_args") or []]
+    f += [str(a) for a in sl["extra_args"]]
     return f
 
 
@@ -324,16 +327,16 @@ def custom_config(
     cfg: Mapping[str, Any], retriever_url: str, metrics_path: str | Path, eval_metrics_path: str | Path | None = None
 ) -> dict[str, Any]:
     """The keys slime sets on ``args`` from --custom-config-path, read by searchr1.slime_plugin."""
-    agent, retriever = cfg.get("agent") or {}, cfg.get("retriever") or {}
+    agent, retriever = cfg["agent"], cfg["retriever"]
     out: dict[str, Any] = {
         "search_url": retriever_url,
-        "search_topk": int(retriever.get("topk", 3)),
-        "search_max_turns": int(agent.get("max_turns", 2)),
-        "search_on_error": str(agent.get("on_retrieval_error", "fail")),
-        "search_timeout_s": float(retriever.get("timeout_s", 60.0)),
-        "search_max_retries": int(retriever.get("max_retries", 3)),
-        "search_concurrency": int(agent.get("search_concurrency", 256)),
-        "search_input_mode": str(agent.get("sglang_input", "text")),
+        "search_topk": int(retriever["topk"]),
+        "search_max_turns": int(agent["max_turns"]),
+        "search_on_error": str(agent["on_retrieval_error"]),
+        "search_timeout_s": float(retriever["timeout_s"]),
+        "search_max_retries": int(retriever["max_retries"]),
+        "search_concurrency": int(agent["search_concurrency"]),
+        "search_input_mode": str(agent["sglang_input"]),
         "search_metrics_path": os.path.abspath(os.fspath(metrics_path)),
     }
     if eval_metrics_path:
@@ -350,11 +353,9 @@ def write_custom_config(
 ) -> dict[str, Any]:
     """Write the custom-config YAML atomically; return what was written."""
     data = custom_config(cfg, retriever_url, metrics_path, eval_metrics_path)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=True))
-    os.replace(tmp, path)
+    from searchr1.fsutil import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=True))
     return data
 
 
@@ -368,15 +369,13 @@ def build_plan(
 ) -> LaunchPlan:
     """The full launch as argument lists, from the config, the paths and (multi-node) the SLURM env."""
     paths = LaunchPaths.coerce(paths)
-    sl = (cfg.get("train") or {}).get("slime")
-    if not sl:
-        raise LaunchError("config has no train.slime section")
+    sl = cfg["train"]["slime"]
     cluster = cluster_from_env(int(sl["nodes"]), env, expand_hostnames=expand_hostnames, resolve_ip=resolve_ip)
-    ray_port = int(sl.get("ray_port", 6379))
-    dashboard_port = int(sl.get("dashboard_port", 8265))
+    ray_port = int(sl["ray_port"])
+    dashboard_port = int(sl["dashboard_port"])
     gpus = str(sl["gpus_per_node"])
     binds = _bind_dirs(paths, sl)
-    container_name = f"searchr1-slime-{os.getpid()}" if sl.get("container_runtime") == "docker" else None
+    container_name = f"searchr1-slime-{os.getpid()}" if sl["container_runtime"] == "docker" else None
 
     head = [
         "ray", "start", "--head", "--node-ip-address", cluster.head_ip, "--port", str(ray_port),

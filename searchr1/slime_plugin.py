@@ -32,24 +32,30 @@ from searchr1.reward import em_score, extract_answer_from_response
 
 logger = logging.getLogger(__name__)
 
-# The faithful settings (slime's SEARCH_R1_CONFIGS), overridable through args (--custom-config-path).
-# Retrieval errors raise by default: slime's client turns them into empty results silently.
-ARG_DEFAULTS: dict[str, Any] = {
-    "search_url": "http://127.0.0.1:8000/retrieve",
-    "search_topk": 3,
-    "search_max_turns": 2,
-    "search_on_error": "fail",
-    "search_timeout_s": 60.0,
-    "search_max_retries": 3,
-    "search_concurrency": 256,
-    "search_batch": False,
-    "search_input_mode": "text",  # slime's example sends text; "token_ids" is our opt-in
-}
+# Our settings reach slime's ``args`` through --custom-config-path: searchr1.slime_launch.custom_config
+# writes every key below from the workflow config (their one home), so none has a default here.
+REQUIRED_ARGS = (
+    "search_url", "search_topk", "search_max_turns", "search_on_error", "search_timeout_s", "search_max_retries",
+    "search_concurrency", "search_input_mode",
+)  # fmt: skip
+# Not a config key: one /retrieve call per turn for the whole batch instead of one per trajectory.
+SEARCH_BATCH_DEFAULT = False
+
+
+class PluginConfigError(RuntimeError):
+    """slime's args lack a setting the plugin needs (the custom config was not the one we write)."""
 
 
 def _arg(args: Any, name: str) -> Any:
     value = getattr(args, name, None)
-    return ARG_DEFAULTS[name] if value is None else value
+    if value is None:
+        if name == "search_batch":
+            return SEARCH_BATCH_DEFAULT
+        raise PluginConfigError(
+            f"slime args have no {name!r}: pass --custom-config-path with the file searchr1.slime_launch."
+            f"write_custom_config writes (keys: {', '.join(REQUIRED_ARGS)})"
+        )
+    return value
 
 
 def agent_config_from_args(args: Any, sampling_params: dict[str, Any]) -> AgentConfig:

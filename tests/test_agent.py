@@ -8,6 +8,7 @@ import logging
 import pytest
 from test_engines import build_tokenizer
 
+from helpers import agent_config
 from searchr1.agent import (
     INVALID_ACTION_TEXT,
     STOP_STRINGS,
@@ -78,7 +79,7 @@ class FakeRetriever:
 
 
 def run(engine, retriever, prompts, **cfg):
-    return asyncio.run(run_agent(engine, retriever, TOKENIZER, prompts, AgentConfig(**cfg)))
+    return asyncio.run(run_agent(engine, retriever, TOKENIZER, prompts, agent_config(**{"temperature": 1.0, **cfg})))
 
 
 Q1 = chat("who wrote the hobbit")
@@ -284,9 +285,9 @@ def test_batch_is_turn_synchronous_with_one_retriever_call_per_turn():
 
 def test_config_is_validated():
     with pytest.raises(ValueError, match="on_retrieval_error"):
-        AgentConfig(on_retrieval_error="ignore")
+        agent_config(on_retrieval_error="ignore")
     with pytest.raises(ValueError, match="max_turns"):
-        AgentConfig(max_turns=0)
+        agent_config(max_turns=0)
 
 
 def test_engine_output_mismatch_is_an_error():

@@ -20,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 import searchr1.agent
+from helpers import agent_config, model_size
 from searchr1.agent import AgentConfig
 from searchr1.engines import GenerationOutput, GenerationRequest
 from searchr1.evaluate import (
@@ -242,7 +243,7 @@ class FakeRetriever:
         ]
 
 
-CFG = AgentConfig(max_turns=2, topk=3, max_new_tokens=32, temperature=0.0)
+CFG = agent_config(max_turns=2, topk=3, max_new_tokens=32, temperature=0.0)
 
 
 def run_eval(tmp: Path, split: Path, engine, *, fingerprint=None, max_rows=None) -> dict:
@@ -391,11 +392,11 @@ def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path,
     from searchr1.toy.model import ToyModelSize, make_model
 
     model_dir = tmp_path / "model"
-    model = make_model(TOKENIZER, ToyModelSize(hidden=32, layers=1, heads=2, intermediate=64, max_positions=512))
+    model = make_model(TOKENIZER, model_size(hidden=32, layers=1, heads=2, intermediate=64, max_positions=512))
     model.save_pretrained(str(model_dir))
     TOKENIZER.save_pretrained(str(model_dir))
     split = write_split(tmp_path / "s.parquet", n=5)
-    cfg = AgentConfig(max_turns=2, topk=1, max_new_tokens=6, temperature=0.0)
+    cfg = agent_config(max_turns=2, topk=1, max_new_tokens=6, temperature=0.0)
 
     def run(out: Path) -> dict:
         return evaluate_split(
@@ -409,6 +410,11 @@ def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path,
             batch_size=2,
             model_label="rl",
             split_label="nq_test",
+            max_questions=None,
+            retriever_timeout_s=60.0,
+            retriever_max_retries=3,
+            retriever_concurrency=256,
+            seed=0,
             progress=False,
         )
 
@@ -485,12 +491,17 @@ def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path) ->
             out_jsonl=tmp_path / "out.jsonl",
             out_json=tmp_path / "out.json",
             retriever_url=f"{retriever}/retrieve",
-            agent_cfg=AgentConfig(topk=1, max_new_tokens=32, temperature=0.0),
+            agent_cfg=agent_config(topk=1, max_new_tokens=32, temperature=0.0),
             engine="sglang",
             sglang_url=sglang,
             batch_size=4,
             model_label="base",
             split_label="nq_test",
+            max_questions=None,
+            retriever_timeout_s=60.0,
+            retriever_max_retries=3,
+            retriever_concurrency=256,
+            seed=0,
             progress=False,
         )
     rows = read_jsonl(tmp_path / "out.jsonl")
@@ -560,14 +571,17 @@ def test_sglang_server_starts_waits_and_stops(tmp_path: Path, fake_sglang_env: d
 def test_sglang_server_that_dies_is_reported_with_its_log(tmp_path: Path, fake_sglang_env: dict[str, str]) -> None:
     with pytest.raises(RuntimeError, match="(?s)exited with code 1.*model not found"):
         with sglang_server(
-            "/models/x", log_path=tmp_path / "s.log", env=fake_sglang_env, extra_args=["--fail"], poll_interval_s=0.1
+            "/models/x", tp=1, mem_fraction=0.5, log_path=tmp_path / "s.log", env=fake_sglang_env, extra_args=["--fail"],
+            poll_interval_s=0.1,
         ):
             pass
 
 
 def test_sglang_server_is_stopped_when_the_body_raises(tmp_path: Path, fake_sglang_env: dict[str, str]) -> None:
     with pytest.raises(KeyError):
-        with sglang_server("/m", log_path=tmp_path / "s.log", env=fake_sglang_env, poll_interval_s=0.1) as url:
+        with sglang_server(
+            "/m", tp=1, mem_fraction=0.5, log_path=tmp_path / "s.log", env=fake_sglang_env, poll_interval_s=0.1
+        ) as url:
             pid = int(httpx.get(f"{url}/health", trust_env=False).text)
             raise KeyError("boom")
     deadline = time.monotonic() + 10

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import objective_settings
 from searchr1.grpo.objective import (
     ObjectiveSettings,
     approx_kl,
@@ -14,6 +15,11 @@ from searchr1.grpo.objective import (
     sum_of_sample_means,
     tis_weights,
 )
+
+
+def objective(**fields):
+    """The recipe's objective settings (config.yaml) with TIS off unless a test turns it on."""
+    return objective_settings(**{"use_tis": False, **fields})
 
 
 def test_group_advantages_by_hand_including_zero_variance_group():
@@ -94,7 +100,7 @@ def test_grpo_loss_aggregation_masking_kl_and_tis_by_hand():
     ref = torch.log(torch.tensor([0.4, 0.25, 0.8]))
     rollout = torch.log(torch.tensor([0.25, 0.25, 0.8]))  # TIS ratio 2, 1, 1 -> weights (clip 1.5) 1.5, 1, 1
     adv = torch.tensor([1.0, 1.0, -2.0])
-    s = ObjectiveSettings(kl_loss_coef=0.1, use_tis=True, tis_clip=1.5)
+    s = objective(kl_loss_coef=0.1, use_tis=True, tis_clip=1.5)
     loss, m = grpo_loss(
         log_probs=lp, old_log_probs=old, advantages=adv, sample_lengths=[2, 1], step_num_samples=4,
         settings=s, ref_log_probs=ref, rollout_log_probs=rollout,
@@ -118,7 +124,7 @@ def test_grpo_loss_aggregation_masking_kl_and_tis_by_hand():
 def test_grpo_loss_entropy_term_and_requirements():
     lp = torch.zeros(2, requires_grad=True)
     ent = torch.tensor([1.0, 3.0], requires_grad=True)
-    s = ObjectiveSettings(use_kl_loss=False, entropy_coef=0.5)
+    s = objective(use_kl_loss=False, entropy_coef=0.5)
     loss, m = grpo_loss(
         log_probs=lp, old_log_probs=lp.detach(), advantages=torch.zeros(2), sample_lengths=[2],
         step_num_samples=1, settings=s, entropy=ent,
@@ -127,7 +133,7 @@ def test_grpo_loss_entropy_term_and_requirements():
     assert loss.item() == pytest.approx(-0.5 * 2.0)
     with pytest.raises(ValueError, match="reference"):
         grpo_loss(log_probs=lp, old_log_probs=lp.detach(), advantages=torch.zeros(2), sample_lengths=[2],
-                  step_num_samples=1, settings=ObjectiveSettings())
+                  step_num_samples=1, settings=objective())
     with pytest.raises(ValueError, match="rollout"):
         grpo_loss(log_probs=lp, old_log_probs=lp.detach(), advantages=torch.zeros(2), sample_lengths=[2],
-                  step_num_samples=1, settings=ObjectiveSettings(use_kl_loss=False, use_tis=True))
+                  step_num_samples=1, settings=objective(use_kl_loss=False, use_tis=True))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from helpers import grpo_settings
 from searchr1.grpo import GRPOSettings, train_grpo
 from searchr1.grpo.checkpoint import list_checkpoints
 from searchr1.prompt import SEARCH_R1_INSTRUCTION, make_messages
@@ -96,7 +97,7 @@ def settings(**kw):
                 rollout_max_response_len=8, max_turns=2, topk=2, lr=5e-3, checkpoint_interval=2,
                 micro_batch_size=3, bf16_autocast=False, device=DEVICE, use_tis=True, eval_interval=1)
     base.update(kw)
-    return GRPOSettings(**base)
+    return grpo_settings(**base)
 
 
 def read_metrics(path: Path) -> list[dict]:

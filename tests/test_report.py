@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from searchr1 import provenance
 from searchr1.report import ema, examples_markdown, load_curve, render_report, stable_hash, typical_failure
 from searchr1.evaluate import read_jsonl
 
@@ -18,7 +19,17 @@ SPLITS = ["nq_test", "hotpotqa_test"]
 PUBLISHED = {"base": {"nq_test": 0.1620, "hotpotqa_test": 0.0984}, "rl": {"nq_test": 0.4576, "hotpotqa_test": 0.3381}}
 
 
-def _render(tmp_path: Path, *, scale: str = "full", curve: bool = True, eval_dir: Path | None = None) -> Path:
+REPORT_RECORD = provenance.make("report", {"scale": "full", "eval.splits": SPLITS})
+
+
+def _render(
+    tmp_path: Path,
+    *,
+    scale: str = "full",
+    curve: bool = True,
+    eval_dir: Path | None = None,
+    final_path: Path | None = None,
+) -> Path:
     results = tmp_path / "results"
     render_report(
         eval_dir=eval_dir or FIXTURES / "eval",
@@ -29,8 +40,9 @@ def _render(tmp_path: Path, *, scale: str = "full", curve: bool = True, eval_dir
         examples_md=results / "examples.md",
         plots_dir=results / "plots",
         scale=scale,
-        config_hash="cafe1234",
-        git_commit="0123abcd",
+        record=REPORT_RECORD,
+        final_path=final_path,
+        provenance_json=results / "provenance.json",
         curve_path=FIXTURES / "curve.jsonl" if curve else None,
         n_examples=2,
     )
@@ -47,7 +59,7 @@ def _table_row(md: str, first_cell: str) -> list[str]:
 def test_headline_numbers_full_scale(tmp_path: Path) -> None:
     md = (_render(tmp_path) / "headline.md").read_text()
     assert md.startswith("# Search-R1 on slime")
-    assert "0123abcd" in md and "cafe1234" in md and "**full**" in md
+    assert REPORT_RECORD["settings_hash"] in md and REPORT_RECORD["code"]["source_sha"] in md and "**full**" in md
     # base NQ: 4/10 -> 0.400, Wilson 95% [0.168, 0.687]; HotpotQA: 1/5 -> 0.200 [0.036, 0.624]
     base = _table_row(md, "base")
     assert base == ["base", "0.400 [0.168, 0.687]", "0.162", "+0.238", "0.200 [0.036, 0.624]", "0.098", "+0.102"]
@@ -175,3 +187,64 @@ def test_curve_formats(tmp_path: Path) -> None:
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert load_curve(path, SPLITS) == {"nq_test": [(0, 0.25), (10, 0.5)], "hotpotqa_test": [(20, 0.4)]}
+
+
+# --- provenance: every input's record is listed; mixed settings are refused, naming the key -------------
+
+
+def _train_record(lr: float) -> dict:
+    return provenance.make("train", {"seed": 42, "train.lr": lr, "agent.max_turns": 2})
+
+
+def _eval_dir_with_records(tmp_path: Path, *, final_lr: float, model_lr: float) -> tuple[Path, Path]:
+    """The fixture evals with provenance: RL evals scored a model trained at ``model_lr``; final.json says
+    training ran at ``final_lr``."""
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(FIXTURES / "eval", eval_dir)
+    export = provenance.make("export_rl", {}, inputs={"final": _train_record(model_lr)})
+    for model in ("base", "rl"):
+        for split in SPLITS:
+            path = eval_dir / model / f"{split}.json"
+            meta = json.loads(path.read_text())
+            inputs = {"model": export} if model == "rl" else {}
+            meta["provenance"] = provenance.make(
+                "evaluate", {"seed": 42, "agent.max_turns": 2, "eval.max_questions": None}, inputs=inputs
+            )
+            path.write_text(json.dumps(meta))
+    final = tmp_path / "final.json"
+    final.write_text(json.dumps({"backend": "torch", "provenance": _train_record(final_lr)}))
+    return eval_dir, final
+
+
+def test_report_lists_the_provenance_of_every_input(tmp_path: Path) -> None:
+    eval_dir, final = _eval_dir_with_records(tmp_path, final_lr=1e-6, model_lr=1e-6)
+    results = _render(tmp_path, eval_dir=eval_dir, final_path=final)
+    md = (results / "headline.md").read_text()
+    section = md.split("## Provenance", 1)[1]
+    train_hash = _train_record(1e-6)["settings_hash"]
+    assert f"| `{final}` | train | `{train_hash}` |" in section
+    for model in ("base", "rl"):
+        for split in SPLITS:
+            assert f"`{eval_dir / model / (split + '.json')}` | evaluate |" in section
+    recorded = json.loads((results / "provenance.json").read_text())
+    assert recorded["provenance"]["settings_hash"] == REPORT_RECORD["settings_hash"]
+    rl = recorded["inputs"][str(eval_dir / "rl" / "nq_test.json")]
+    assert rl["inputs"]["model"]["inputs"]["final"]["settings"]["train.lr"] == 1e-6
+
+
+def test_report_refuses_an_rl_eval_of_a_model_trained_under_other_settings(tmp_path: Path) -> None:
+    eval_dir, final = _eval_dir_with_records(tmp_path, final_lr=1e-6, model_lr=5e-6)
+    with pytest.raises(provenance.MixedSettingsError, match=r"'train\.lr'") as err:
+        _render(tmp_path, eval_dir=eval_dir, final_path=final)
+    assert str(final) in str(err.value) and "rl" in str(err.value)
+    assert not (tmp_path / "results" / "headline.md").exists()
+
+
+def test_report_refuses_evals_made_under_different_eval_settings(tmp_path: Path) -> None:
+    eval_dir, final = _eval_dir_with_records(tmp_path, final_lr=1e-6, model_lr=1e-6)
+    path = eval_dir / "base" / "hotpotqa_test.json"
+    meta = json.loads(path.read_text())
+    meta["provenance"] = provenance.make("evaluate", {"seed": 42, "agent.max_turns": 2, "eval.max_questions": 50})
+    path.write_text(json.dumps(meta))
+    with pytest.raises(provenance.MixedSettingsError, match=r"'eval\.max_questions'"):
+        _render(tmp_path, eval_dir=eval_dir, final_path=final)

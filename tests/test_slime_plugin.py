@@ -16,6 +16,8 @@ from fastapi import FastAPI, Request
 from test_agent import chat
 from test_engines import build_tokenizer, free_port, serve_in_thread
 
+from helpers import config
+from searchr1.slime_launch import custom_config
 from searchr1 import slime_plugin
 from searchr1.agent import observation_text
 from searchr1.retrieval.client import RetrievalError
@@ -94,19 +96,18 @@ def make_policy_app(tokenizer, behaviour: dict) -> FastAPI:
 
 def make_args(tokenizer_dir, sglang_base: str, retriever_url: str, tmp_path, **overrides):
     host, port = sglang_base.removeprefix("http://").split(":")
+    # Our keys as slime sets them on args from --custom-config-path: the file slime_launch writes.
+    ours = custom_config(config(), retriever_url, tmp_path / "metrics.jsonl", tmp_path / "eval_metrics.jsonl")
     args = SimpleNamespace(
+        **ours,
         sglang_router_ip=host,
         sglang_router_port=int(port),
         hf_checkpoint=str(tokenizer_dir),
         partial_rollout=False,
-        search_url=retriever_url,
-        search_topk=2,
-        search_max_retries=0,
-        search_metrics_path=str(tmp_path / "metrics.jsonl"),
-        search_eval_metrics_path=str(tmp_path / "eval_metrics.jsonl"),
         n_samples_per_prompt=2,
         reward_key=None,
     )
+    args.search_topk, args.search_max_retries = 2, 0
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
@@ -311,9 +312,12 @@ def test_log_eval_appends_per_dataset_and_per_question(slime, tmp_path):
     assert len((tmp_path / "rows" / "nq_test" / "step_0.jsonl").read_text().splitlines()) == 2
 
 
-def test_agent_config_from_args_defaults_and_overrides():
-    cfg = slime_plugin.agent_config_from_args(SimpleNamespace(), SAMPLING_PARAMS)
+def test_agent_config_from_args_reads_the_custom_config_and_names_a_missing_key():
+    ours = custom_config(config(), "http://127.0.0.1:1/retrieve", "m.jsonl")
+    cfg = slime_plugin.agent_config_from_args(SimpleNamespace(**ours), SAMPLING_PARAMS)
     assert (cfg.max_turns, cfg.topk, cfg.on_retrieval_error, cfg.max_new_tokens) == (2, 3, "fail", 64)
+    with pytest.raises(slime_plugin.PluginConfigError, match="search_topk"):
+        slime_plugin.agent_config_from_args(SimpleNamespace(search_max_turns=2), SAMPLING_PARAMS)
     cfg = slime_plugin.agent_config_from_args(
         SimpleNamespace(search_max_turns=4, search_topk=5, search_on_error="degrade"),
         {**SAMPLING_PARAMS, "temperature": 0.0, "top_k": 1},

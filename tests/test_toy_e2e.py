@@ -17,26 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import copy_workflow, snakemake_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 SPLITS = ("nq_test", "hotpotqa_test")
 VOLATILE = {"wall_time_s", "time_s", "rollout_time_s", "train_time_s", "step_time_s", "timestamp"}
-
-
-def copy_workflow(dst: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "config.yaml", "config.toy.yaml"):
-        shutil.copy(ROOT / name, dst / name)
-    for name in ("rules", "scripts", "envs", "profiles", "docs", "searchr1"):
-        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return dst
-
-
-def snakemake_cmd(*targets: str, extra: tuple[str, ...] = ()) -> list[str]:
-    # Targets first: --configfile takes every following word as a config file.
-    return [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", *targets, *extra]
 
 
 def load_json(path: Path) -> dict:
@@ -49,20 +36,6 @@ def load_metrics(path: Path) -> list[dict]:
 
 def stable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in VOLATILE} for row in rows]
-
-
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory) -> Path:
-    wf = copy_workflow(tmp_path_factory.mktemp("toy") / "wf")
-    start = time.monotonic()
-    res = subprocess.run(
-        snakemake_cmd("results/headline.md"), cwd=wf, capture_output=True, text=True, timeout=1500
-    )
-    elapsed = time.monotonic() - start
-    (wf / "snakemake.out").write_text(res.stdout + res.stderr)
-    assert res.returncode == 0, f"toy DAG failed after {elapsed:.0f} s:\n{res.stderr[-6000:]}"
-    (wf / "elapsed_s").write_text(f"{elapsed:.1f}\n")
-    return wf
 
 
 def test_rl_beats_base_by_searching(toy_run):

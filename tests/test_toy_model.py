@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import model_size
 from searchr1.prompt import make_messages
 from searchr1.toy.model import ToyModelSize, count_parameters, make_model, write_model
 from searchr1.toy.tokenizer import write_tokenizer
@@ -21,7 +22,7 @@ def dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("toy")
     write_world(5, root / "world", TINY)
     write_tokenizer(root / "world", root / "tok")
-    write_model(root / "tok", root / "model", ToyModelSize(hidden=64, layers=1, heads=2, intermediate=128))
+    write_model(root / "tok", root / "model", model_size(hidden=64, layers=1, heads=2, intermediate=128))
     return root / "tok", root / "model"
 
 
@@ -54,7 +55,7 @@ def test_model_generates(dirs):
 
 def test_default_size_is_the_prototype_size(dirs):
     tok = AutoTokenizer.from_pretrained(str(dirs[0]))
-    model = make_model(tok)  # hidden 256, 2 layers, 4 heads, intermediate 1024
+    model = make_model(tok, model_size())  # the toy config's: hidden 256, 2 layers, 4 heads, intermediate 1024
     n = count_parameters(model)
     assert 1.6e6 < n < 2.6e6, n  # ~2.25M at a ~600-word vocabulary
     assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.num_attention_heads,
@@ -63,7 +64,7 @@ def test_default_size_is_the_prototype_size(dirs):
 
 def test_same_seed_same_weights(dirs):
     tok = AutoTokenizer.from_pretrained(str(dirs[0]))
-    size = ToyModelSize(hidden=32, layers=1, heads=2, intermediate=64)
+    size = model_size(hidden=32, layers=1, heads=2, intermediate=64)
     a, b, c = make_model(tok, size, seed=1), make_model(tok, size, seed=1), make_model(tok, size, seed=2)
     assert torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
     assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
@@ -71,4 +72,4 @@ def test_same_seed_same_weights(dirs):
 
 def test_bad_size_is_named():
     with pytest.raises(ValueError, match="multiple of heads"):
-        ToyModelSize(hidden=100, heads=3).validate()
+        model_size(hidden=100, heads=3).validate()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from helpers import model_size, warm_start_config
 from searchr1.agent import observation_text, parse_action
 from searchr1.reward import em_score
 from searchr1.toy.model import ToyModelSize, write_model
@@ -23,7 +24,7 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     write_world(11, root / "world", TINY)
     write_tokenizer(root / "world", root / "tok")
-    write_model(root / "tok", root / "model", ToyModelSize(hidden=64, layers=1, heads=2, intermediate=128))
+    write_model(root / "tok", root / "model", model_size(hidden=64, layers=1, heads=2, intermediate=128))
     world = load_world(root / "world")
     rows = [json.loads(line) for line in (root / "world/corpus.jsonl").read_text().splitlines()]
     return root, world, rows, AutoTokenizer.from_pretrained(str(root / "model"))
@@ -50,7 +51,7 @@ def gold_first_retriever(world, rows, calls: list):
 def test_demos_follow_the_protocol_and_mask(toy):
     root, world, rows, tok = toy
     calls = []
-    cfg = WarmStartConfig(n_demos=300, decision_fraction=0.3, seed=1)
+    cfg = warm_start_config(n_demos=300, decision_fraction=0.3, seed=1)
     demos, dropped = make_demos(world, tok, gold_first_retriever(world, rows, calls), cfg)
     assert dropped == 0 and len(demos) == 300
     assert len(calls) == 1 and calls[0][1] == cfg.topk + cfg.retrieve_extra  # one batched retriever call
@@ -92,7 +93,7 @@ def test_demos_follow_the_protocol_and_mask(toy):
 def test_observation_is_rendered_exactly_as_the_agent(toy):
     root, world, rows, tok = toy
     calls = []
-    demos, _ = make_demos(world, tok, gold_first_retriever(world, rows, calls), WarmStartConfig(n_demos=20))
+    demos, _ = make_demos(world, tok, gold_first_retriever(world, rows, calls), warm_start_config(n_demos=20))
     demo = next(d for d in demos if d.kind == "search")
     query = demo.segments[2][0].replace("</search>", "").strip()
     hits = [r for r in gold_first_retriever(world, rows, [])([query], 8)[0]
@@ -107,14 +108,14 @@ def test_missed_gold_passage_drops_the_demo(toy):
     def useless(queries, topk):
         return [rows[-topk:] for _ in queries]
 
-    cfg = WarmStartConfig(n_demos=50, decision_fraction=0.0)
+    cfg = warm_start_config(n_demos=50, decision_fraction=0.0)
     demos, dropped = make_demos(world, tok, useless, cfg)
     assert dropped + len(demos) == 50 and dropped >= 45
 
 
 def test_warm_start_lowers_the_loss_and_saves_a_loadable_base(toy):
     root, world, rows, tok = toy
-    cfg = WarmStartConfig(steps=30, batch_size=8, lr=3e-3, n_demos=200, log_every=5, warmup_steps=3, seed=2)
+    cfg = warm_start_config(steps=30, batch_size=8, lr=3e-3, n_demos=200, log_every=5, warmup_steps=3, seed=2)
     messages = []
     result = warm_start(root / "model", world, gold_first_retriever(world, rows, []), root / "base", cfg,
                         messages.append)
@@ -132,7 +133,7 @@ def test_warm_start_lowers_the_loss_and_saves_a_loadable_base(toy):
 
 def test_warm_start_is_deterministic(toy):
     root, world, rows, tok = toy
-    cfg = WarmStartConfig(steps=3, batch_size=4, n_demos=30, log_every=1, seed=5)
+    cfg = warm_start_config(steps=3, batch_size=4, n_demos=30, log_every=1, seed=5)
     a = warm_start(root / "model", world, gold_first_retriever(world, rows, []), root / "a", cfg)
     b = warm_start(root / "model", world, gold_first_retriever(world, rows, []), root / "b", cfg)
     assert [e["loss"] for e in a.loss_log] == [e["loss"] for e in b.loss_log]
@@ -141,4 +142,4 @@ def test_warm_start_is_deterministic(toy):
 
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="decision_answer"):
-        WarmStartConfig(decision_answer=0.9, decision_search=0.2).validate()
+        warm_start_config(decision_answer=0.9, decision_search=0.2).validate()

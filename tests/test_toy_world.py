@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from helpers import world_sizes
 from searchr1.prompt import make_messages, normalize_question
 from searchr1.reward import normalize_answer
 from searchr1.toy.world import (FORBIDDEN_ANSWERS, WorldSizes, corpus_rows, first_names, load_world,
@@ -124,10 +125,10 @@ def test_row_schema_and_prompt(tiny):
 
 
 def test_default_size_world_is_large_and_answers_are_allowed():
-    world = make_world(0)
+    world = make_world(0, world_sizes())
     assert len(corpus_rows(world)) >= 5000
     questions = split_questions(world)
-    assert len(questions["test"]) == 400 and len(questions["train"]) == WorldSizes().rl_questions
+    assert len(questions["test"]) == 400 and len(questions["train"]) == world_sizes().rl_questions
     for q in questions["train"] + questions["test"]:
         assert normalize_answer(q.answer) not in FORBIDDEN_ANSWERS, q
     for p in world.people:
@@ -142,6 +143,6 @@ def test_name_lists_are_disjoint():
 
 def test_bad_sizes_are_named():
     with pytest.raises(ValueError, match="n_test_couples"):
-        make_world(0, WorldSizes(n_couples=10, n_test_couples=5, n_rl_couples=5))
+        make_world(0, world_sizes(n_couples=10, n_test_couples=5, n_rl_couples=5))
     with pytest.raises(ValueError, match="two_hop_fraction"):
-        make_world(0, WorldSizes(two_hop_fraction=1.5))
+        make_world(0, world_sizes(two_hop_fraction=1.5))

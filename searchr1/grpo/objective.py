@@ -112,13 +112,16 @@ def sum_of_sample_means(values: torch.Tensor, sample_lengths: list[int]) -> torc
 
 @dataclass
 class ObjectiveSettings:
-    eps_clip: float = 0.2
-    eps_clip_high: float = 0.28
-    use_kl_loss: bool = True
-    kl_loss_type: str = "low_var_kl"
-    kl_loss_coef: float = 1e-3
-    entropy_coef: float = 0.0
-    use_tis: bool = False
+    """The loss's knobs: train.* keys of the config (no defaults here), and slime's TIS clip bounds."""
+
+    eps_clip: float
+    eps_clip_high: float
+    use_kl_loss: bool
+    kl_loss_type: str
+    kl_loss_coef: float
+    entropy_coef: float
+    use_tis: bool
+    # Not config keys: slime's --tis-clip / --tis-clip-low defaults, which the recipe leaves as they are.
     tis_clip: float = 2.0
     tis_clip_low: float = 0.0
 

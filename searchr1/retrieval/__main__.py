@@ -11,14 +11,24 @@ from pathlib import Path
 log = logging.getLogger("searchr1.retrieval")
 
 
+def recipe() -> dict:
+    """The seed recipe's retriever settings (config.yaml beside the package): the defaults of the flags below
+    that the workflow config also holds, so a server started by hand and one a job starts agree."""
+    from searchr1.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[2] / "config.yaml")["retriever"]
+
+
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    enc = recipe()["encoder"]
     p.add_argument("--encoder", required=True, help="HF encoder directory (e.g. intfloat/e5-base-v2 snapshot)")
-    p.add_argument("--query-prefix", default="query: ", help="prepended to every query (e5: 'query: ')")
-    p.add_argument("--passage-prefix", default="passage: ", help="prepended to every passage (e5: 'passage: ')")
-    p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    p.add_argument("--query-prefix", default=enc["query_prefix"], help="prepended to every query (e5: 'query: ')")
+    p.add_argument("--passage-prefix", default=enc["passage_prefix"], help="prepended to every passage (e5: 'passage: ')")
+    p.add_argument("--pooling", choices=["mean", "cls"], default=enc["pooling"])
     p.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation of embeddings")
-    p.add_argument("--max-length", type=int, default=256, help="max tokens per text")
-    p.add_argument("--fp16", choices=["auto", "on", "off"], default="auto", help="auto: fp16 on CUDA only")
+    p.add_argument("--max-length", type=int, default=enc["max_length"], help="max tokens per text")
+    p.add_argument("--fp16", choices=["auto", "on", "off"], default="auto" if enc["fp16"] else "off",
+                   help="auto: fp16 on CUDA only")  # fmt: skip
     p.add_argument("--device", default=None, help="torch device for the encoder (default: cuda if present)")
     p.add_argument("--encoder-batch-size", type=int, default=256)
     p.add_argument("--cpu-bf16", action="store_true",
@@ -108,6 +118,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         encoder,
         backend,
         topk_max=a.topk_max,
+        default_topk=a.topk,
         max_queries=a.max_queries,
         max_query_chars=a.max_query_chars,
         max_body_bytes=a.max_body_bytes,
@@ -171,35 +182,21 @@ def _sha_map(pairs: list[str] | None) -> dict[str, str] | None:
 
 
 def cmd_download_corpus(a: argparse.Namespace) -> int:
-    from searchr1.data import download_files
-    from searchr1.retrieval.corpus import build_offsets, decompress_gz
+    from searchr1.retrieval.download import download_corpus
 
-    paths = download_files(a.repo_id, [a.filename], dest_dir=Path(a.dest_dir), revision=a.revision, sha256=_sha_map(a.sha256))
-    src = paths[a.filename]
-    out = Path(a.out)
-    if src.suffix == ".gz":
-        decompress_gz(src, out)
-        if a.delete_compressed:
-            src.unlink()
-    elif src.resolve() != out.resolve():
-        from searchr1.retrieval.index import concat_parts
-
-        concat_parts([src], out)  # a plain copy, atomic
-    print(build_offsets(out))
+    out = download_corpus(a.repo_id, a.filename, revision=a.revision, dest_dir=Path(a.dest_dir), out=Path(a.out),
+                          sha256=_sha_map(a.sha256), delete_compressed=a.delete_compressed)  # fmt: skip
+    print(out)
     return 0
 
 
 def cmd_download_index(a: argparse.Namespace) -> int:
-    from searchr1.data import download_files
-    from searchr1.retrieval.index import concat_parts, write_index_meta
+    from searchr1.retrieval.download import download_index
 
-    paths = download_files(a.repo_id, a.parts, dest_dir=Path(a.dest_dir), revision=a.revision, sha256=_sha_map(a.sha256))
-    out = concat_parts([paths[p] for p in a.parts], a.out)
     encoder = {"name": a.encoder_name, "query_prefix": a.query_prefix, "passage_prefix": a.passage_prefix}
-    write_index_meta(out, a.corpus, encoder=encoder, source=f"hf:{a.repo_id}@{a.revision}")
-    if a.delete_parts:
-        for p in a.parts:
-            paths[p].unlink()
+    out = download_index(a.repo_id, a.parts, revision=a.revision, dest_dir=Path(a.dest_dir), out=Path(a.out),
+                         corpus=Path(a.corpus), encoder=encoder, sha256=_sha_map(a.sha256),
+                         delete_parts=a.delete_parts)  # fmt: skip
     print(out)
     return 0
 
@@ -208,20 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m searchr1.retrieval", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
+    ret = recipe()
 
     p = sub.add_parser("serve", help="serve POST /retrieve and GET /health")
     p.add_argument("--corpus", required=True)
     p.add_argument("--index", required=True)
     _add_encoder_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=["auto", "faiss", "faiss_gpu", "torch"], default="auto")
+    p.add_argument("--host", default=ret["host"])
+    p.add_argument("--port", type=int, default=ret["port"])
+    p.add_argument("--backend", choices=["auto", "faiss", "faiss_gpu", "torch"], default=ret["backend"])
     p.add_argument("--index-device", default=None, help="torch backend device (default: all GPUs, else cpu)")
     p.add_argument("--mmap", action="store_true", help="memory-map the faiss index (fast start, cold first queries)")
-    p.add_argument("--max-batch-size", type=int, default=256, help="most queries per encode+search call")
-    p.add_argument("--max-wait-ms", type=float, default=1.0, help="how long a batch waits for more queries")
+    p.add_argument("--max-batch-size", type=int, default=ret["max_batch_size"], help="most queries per encode+search call")
+    p.add_argument("--max-wait-ms", type=float, default=ret["max_wait_ms"], help="how long a batch waits for more queries")
     p.add_argument("--no-batching", action="store_true", help="one request per encode+search call (baseline)")
-    p.add_argument("--topk-max", type=int, default=100)
+    p.add_argument("--topk", type=int, default=ret["topk"], help="passages for a request that names no topk (Search-R1's --topk)")
+    p.add_argument("--topk-max", type=int, default=ret["topk_max"])
     p.add_argument("--max-queries", type=int, default=1024, help="most queries per request")
     p.add_argument("--max-query-chars", type=int, default=4096)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
@@ -232,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
     _add_encoder_args(p)
-    p.add_argument("--batch-size", type=int, default=512, help="passages per encoder call")
-    p.add_argument("--shard-size", type=int, default=100_000, help="passages per resumable shard")
+    p.add_argument("--batch-size", type=int, default=ret["index"]["build_batch_size"], help="passages per encoder call")
+    p.add_argument("--shard-size", type=int, default=ret["index"]["build_shard_size"], help="passages per resumable shard")
     p.add_argument("--metric", choices=["ip", "l2"], default="ip")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--keep-work", action="store_true")
@@ -248,14 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--encoder-name", default=None)
-    p.add_argument("--query-prefix", default="query: ")
-    p.add_argument("--passage-prefix", default="passage: ")
+    p.add_argument("--query-prefix", default=ret["encoder"]["query_prefix"])
+    p.add_argument("--passage-prefix", default=ret["encoder"]["passage_prefix"])
     p.set_defaults(func=cmd_write_meta)
 
     p = sub.add_parser("download-corpus", help="download + decompress a Search-R1 corpus and build its offsets")
-    p.add_argument("--repo-id", default="PeterJinGo/wiki-18-corpus")
+    p.add_argument("--repo-id", default=ret["corpus"]["repo"])
     p.add_argument("--revision", required=True, help="pinned commit of the dataset repo")
-    p.add_argument("--filename", default="wiki-18.jsonl.gz")
+    p.add_argument("--filename", default=ret["corpus"]["file"])
     p.add_argument("--dest-dir", required=True, help="where the downloaded file goes")
     p.add_argument("--out", required=True, help="the decompressed corpus.jsonl")
     p.add_argument("--sha256", nargs="*", help="NAME=HEX expected digests")
@@ -263,18 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download_corpus)
 
     p = sub.add_parser("download-index", help="download index parts, concatenate them, write the metadata")
-    p.add_argument("--repo-id", default="PeterJinGo/wiki-18-e5-index")
+    p.add_argument("--repo-id", default=ret["index"]["repo"])
     p.add_argument("--revision", required=True)
-    from searchr1.retrieval import gpubench
-
-    gpubench.add_subcommands(sub)
-    p.add_argument("--parts", nargs="+", default=["part_aa", "part_ab"])
+    p.add_argument("--parts", nargs="+", default=ret["index"]["parts"])
     p.add_argument("--dest-dir", required=True)
     p.add_argument("--out", required=True, help="the concatenated index (e5_Flat.index)")
     p.add_argument("--corpus", required=True, help="the corpus this index belongs to (for the fingerprint)")
-    p.add_argument("--encoder-name", default="intfloat/e5-base-v2")
-    p.add_argument("--query-prefix", default="query: ")
-    p.add_argument("--passage-prefix", default="passage: ")
+    p.add_argument("--encoder-name", default=ret["encoder"]["repo"])
+    p.add_argument("--query-prefix", default=ret["encoder"]["query_prefix"])
+    p.add_argument("--passage-prefix", default=ret["encoder"]["passage_prefix"])
     p.add_argument("--sha256", nargs="*", help="NAME=HEX expected digests")
     p.add_argument("--delete-parts", action="store_true")
     p.set_defaults(func=cmd_download_index)
@@ -282,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     from searchr1.retrieval import bench
 
     bench.add_subcommands(sub)
+    from searchr1.retrieval import gpubench
+
+    gpubench.add_subcommands(sub)
     return parser
 
 

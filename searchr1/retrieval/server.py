@@ -42,7 +42,9 @@ if TYPE_CHECKING:  # kept out of the import path: the encoder module pulls in to
 
 log = logging.getLogger("searchr1.retrieval.server")
 
-DEFAULT_TOPK = 3  # Search-R1's default when a request has no topk
+# Search-R1's server answers a request without topk with its --topk (default 3); ours with default_topk,
+# which `serve --topk` and the workflow's managed server set from the config's retriever.topk.
+DEFAULT_TOPK = 3
 # A batch's character budget: 256 typical queries (< 256 characters) fit, so slime's one-query
 # requests batch as before; 256 queries at the 4,096-character limit are served in 16 slices.
 DEFAULT_MAX_BATCH_CHARS = 65536
@@ -364,6 +366,7 @@ class Limits:
     max_queries: int = 1024
     max_query_chars: int = 4096
     max_body_bytes: int = 1 << 20
+    default_topk: int = DEFAULT_TOPK
 
 
 @dataclass(frozen=True)
@@ -431,9 +434,9 @@ def parse_retrieve_request(body: bytes, limits: Limits) -> tuple[list[str], int,
             raise ClientError(
                 422, f"queries[{i}] has {len(q)} characters, more than max_query_chars={limits.max_query_chars}"
             )
-    topk = payload.get("topk", DEFAULT_TOPK)
+    topk = payload.get("topk", limits.default_topk)
     if topk is None:
-        topk = DEFAULT_TOPK
+        topk = limits.default_topk
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise ClientError(422, f"'topk' must be an integer, got {_type_name(topk)}")
     if topk <= 0:
@@ -501,7 +504,7 @@ def _retrieve_openapi(limits: Limits) -> dict:
         "required": ["queries"],
         "properties": {
             "queries": {"type": "array", "minItems": 1, "maxItems": limits.max_queries, "items": query},
-            "topk": {"type": "integer", "minimum": 1, "maximum": limits.topk_max, "default": DEFAULT_TOPK},
+            "topk": {"type": "integer", "minimum": 1, "maximum": limits.topk_max, "default": limits.default_topk},
             "return_scores": {"type": "boolean", "default": False},
         },
     }
@@ -528,6 +531,7 @@ def create_app(
     batching: bool = True,
     max_batch_chars: int = DEFAULT_MAX_BATCH_CHARS,
     http_limits: HttpLimits | None = None,
+    default_topk: int = DEFAULT_TOPK,
 ) -> FastAPI:
     """The FastAPI app serving ``POST /retrieve`` and ``GET|HEAD /health`` over one corpus/encoder/backend.
 
@@ -536,7 +540,7 @@ def create_app(
     """
     if len(corpus) != backend.ntotal:
         raise ValueError(f"corpus {corpus.path} has {len(corpus)} rows but the index has {backend.ntotal} vectors")
-    limits = Limits(topk_max, max_queries, max_query_chars, max_body_bytes)
+    limits = Limits(topk_max, max_queries, max_query_chars, max_body_bytes, default_topk)
     http_limits = http_limits or HttpLimits()
     counters = ClientCounters()
     worker = BatchingWorker(corpus, encoder, backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,

@@ -1,4 +1,8 @@
-"""`python -m searchr1.toy {world,tokenizer,model,warmstart}`: the toy world's DAG steps."""
+"""`python -m searchr1.toy {world,tokenizer,model,warmstart}`: the toy world's DAG steps, by hand.
+
+Defaults of the sizes are the toy config's (config.yaml + config.toy.yaml beside the package), read through
+the same ``from_config`` as the DAG, so this command and the workflow cannot disagree.
+"""
 
 from __future__ import annotations
 
@@ -55,13 +59,21 @@ def cmd_warmstart(args: argparse.Namespace) -> None:
     stderr_progress("warmstart done: " + json.dumps(summary))
 
 
+def toy_config() -> dict:
+    from searchr1.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    return load_config(root / "config.yaml", root / "config.toy.yaml")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m searchr1.toy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = WorldSizes()
+    cfg = toy_config()
+    d = WorldSizes.from_config(cfg)
     p = sub.add_parser("world", help="write corpus.jsonl, train/test parquet and world.json")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=cfg["seed"])
     p.add_argument("--out-dir", required=True)
     p.add_argument("--couples", type=int, default=d.n_couples)
     p.add_argument("--test-couples", type=int, default=d.n_test_couples)
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_tokenizer)
 
-    m = ToyModelSize()
+    m = ToyModelSize.from_config(cfg)
     p = sub.add_parser("model", help="a freshly initialised tiny policy")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out-dir", required=True)
@@ -84,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=m.layers)
     p.add_argument("--heads", type=int, default=m.heads)
     p.add_argument("--intermediate", type=int, default=m.intermediate)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=cfg["seed"])
     p.set_defaults(func=cmd_model)
 
-    w = WarmStartConfig()
+    w = WarmStartConfig.from_config(cfg)
     p = sub.add_parser("warmstart", help="supervised warm start on format demos -> the base policy")
     p.add_argument("--model", required=True)
     p.add_argument("--world", required=True)

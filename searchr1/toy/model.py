@@ -11,20 +11,37 @@ leaves the tokenizer class to tokenizer_config.json (TokenizersBackend).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from searchr1.config import settings_from_config
+
 
 @dataclass
 class ToyModelSize:
-    hidden: int = 256
-    layers: int = 2
-    heads: int = 4
-    intermediate: int = 1024
+    # From the config (toy.model.*): no defaults here.
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    # Not a config key: longer than any toy trajectory.
     max_positions: int = 2048
+
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {
+        "hidden": "toy.model.hidden",
+        "layers": "toy.model.layers",
+        "heads": "toy.model.heads",
+        "intermediate": "toy.model.intermediate",
+    }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ToyModelSize:
+        return settings_from_config(cls, cfg)
 
     def validate(self) -> None:
         for name in ("hidden", "layers", "heads", "intermediate", "max_positions"):
@@ -34,9 +51,8 @@ class ToyModelSize:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
 
 
-def make_model(tokenizer, size: ToyModelSize | None = None, seed: int = 0) -> LlamaForCausalLM:
+def make_model(tokenizer, size: ToyModelSize, seed: int = 0) -> LlamaForCausalLM:
     """A freshly initialised model whose vocabulary and special ids match ``tokenizer``."""
-    size = size or ToyModelSize()
     size.validate()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -65,7 +81,7 @@ def eos_token_ids(tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
 
 
-def write_model(tokenizer_dir: str | Path, out_dir: str | Path, size: ToyModelSize | None = None,
+def write_model(tokenizer_dir: str | Path, out_dir: str | Path, size: ToyModelSize,
                 seed: int = 0) -> LlamaForCausalLM:
     """Create the model and save it with its tokenizer and generation config (safetensors)."""
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))

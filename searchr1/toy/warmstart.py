@@ -22,12 +22,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable, ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from searchr1.agent import observation_text
+from searchr1.config import settings_from_config
 from searchr1.prompt import make_messages
 from searchr1.toy.world import (SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, Question, World, article,
                                 load_world, make_question)
@@ -38,9 +40,13 @@ Retrieve = Callable[[list[str], int], list[list[dict]]]
 
 @dataclass
 class WarmStartConfig:
-    steps: int = 800
-    batch_size: int = 32
-    lr: float = 2e-3
+    # From the config (toy.warm_start.*, retriever.topk, seed): no defaults here.
+    steps: int
+    batch_size: int
+    lr: float
+    topk: int
+    seed: int
+    # Not config keys: the demo mix and optimiser details, chosen by measurement on the toy world.
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -49,11 +55,21 @@ class WarmStartConfig:
     decision_fraction: float = 0.15  # demos that teach the search-or-answer decision
     decision_answer: float = 0.80  # of those: answer at once with a guess
     decision_search: float = 0.15  # of those: search (the rest: an invalid turn)
-    topk: int = 3
     retrieve_extra: int = 5  # hits asked beyond topk, to fill topk after dropping other couples' passages
     bf16: bool = True
-    seed: int = 0
     log_every: int = 50
+
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {
+        "steps": "toy.warm_start.steps",
+        "batch_size": "toy.warm_start.batch_size",
+        "lr": "toy.warm_start.lr",
+        "topk": "retriever.topk",
+        "seed": "seed",
+    }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], **extra: Any) -> WarmStartConfig:
+        return settings_from_config(cls, cfg, **extra)
 
     def validate(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.n_demos <= 0 or self.topk <= 0:
@@ -290,10 +306,9 @@ def train(model, tokenizer, demos: list[TokenizedDemo], cfg: WarmStartConfig,
 
 
 def warm_start(model_dir: str | Path, world: World, retrieve: Retrieve, out_dir: str | Path,
-               cfg: WarmStartConfig | None = None, progress: Callable[[str], None] | None = None
+               cfg: WarmStartConfig, progress: Callable[[str], None] | None = None
                ) -> WarmStartResult:
     """Warm-start the model in ``model_dir`` and save the base policy (HF dir) to ``out_dir``."""
-    cfg = cfg or WarmStartConfig()
     cfg.validate()
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -15,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pandas as pd
 
+from searchr1.config import settings_from_config
 from searchr1.prompt import make_messages, normalize_question
 
 FIRST_NAMES = """
@@ -123,12 +126,24 @@ class Question:
 
 @dataclass
 class WorldSizes:
-    n_couples: int = 3000
+    # From the config (toy.*): no defaults here.
+    n_couples: int
+    test_per_split: int
+    rl_questions: int
+    # Not config keys: how the couples are split (test / RL / warm start) and the RL question mix.
     n_test_couples: int = 400
     n_rl_couples: int = 1300
-    test_per_split: int = 200
-    rl_questions: int = 4000
     two_hop_fraction: float = 0.5  # of the RL training questions
+
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {
+        "n_couples": "toy.n_couples",
+        "test_per_split": "toy.test_per_split",
+        "rl_questions": "toy.train_questions",
+    }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> WorldSizes:
+        return settings_from_config(cls, cfg)
 
     def validate(self) -> None:
         if self.n_couples <= 0:
@@ -188,9 +203,8 @@ def surnames() -> list[str]:
     return sorted(set(SURNAMES) - firsts)
 
 
-def make_world(seed: int, sizes: WorldSizes | None = None) -> World:
+def make_world(seed: int, sizes: WorldSizes) -> World:
     """The people, couples and the couple splits for ``seed`` (pure; no files)."""
-    sizes = sizes or WorldSizes()
     sizes.validate()
     rng = random.Random(seed)
     all_names = [f"{f} {s}" for f in first_names() for s in surnames()]
@@ -306,7 +320,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_world(seed: int, out_dir: str | Path, sizes: WorldSizes | None = None) -> World:
+def write_world(seed: int, out_dir: str | Path, sizes: WorldSizes) -> World:
     """Write corpus.jsonl, train.parquet, test.parquet and world.json under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

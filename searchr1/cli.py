@@ -1,0 +1,71 @@
+"""The `searchr1` command: the project's command-line tools under one name.
+
+    searchr1 retrieval serve|build-index|download-corpus|...   the retriever (python -m searchr1.retrieval)
+    searchr1 toy world|tokenizer|model|warmstart               the toy world by hand (python -m searchr1.toy)
+    searchr1 config [FILE ...]                                 validate config.yaml (+ FILEs on top), print it
+    searchr1 provenance PATH                                   what made a result (settings, code, inputs)
+
+The workflow itself runs with `snakemake` (see the README); these are for running or inspecting its parts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _config(argv: list[str]) -> int:
+    import yaml
+
+    from searchr1.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        cfg = load_config(root / "config.yaml", *argv)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    return 0
+
+
+def _provenance(argv: list[str]) -> int:
+    from searchr1 import provenance
+
+    if len(argv) != 1:
+        print("usage: searchr1 provenance PATH (a result file or model directory)", file=sys.stderr)
+        return 2
+    record = provenance.of_path(argv[0])
+    if record is None:
+        print(f"{argv[0]}: no provenance recorded", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "retrieval":
+        from searchr1.retrieval.__main__ import main as retrieval_main
+
+        return retrieval_main(rest)
+    if command == "toy":
+        from searchr1.toy.__main__ import main as toy_main
+
+        toy_main(rest)
+        return 0
+    if command == "config":
+        return _config(rest)
+    if command == "provenance":
+        return _provenance(rest)
+    print(f"searchr1: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Data stage: QA data and the base policy (downloaded at full scale), and the slime-ready splits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from searchr1 import provenance
+from searchr1.steps.settings import StepSettings
+
+log = logging.getLogger("searchr1.steps.data")
+
+
+def lock_path(cfg: StepSettings) -> Path:
+    """Every download records its resolved commit and sha256 in one lock file under data_dir."""
+    return Path(cfg["data_dir"]) / "download-lock.json"
+
+
+def download_qa(cfg: StepSettings, *, outputs, **_: Any) -> None:
+    from searchr1.data import download_files
+
+    data = cfg["data"]
+    dest = Path(outputs["train"]).parent
+    files = download_files(
+        data["repo"],
+        [data["train_file"], data["test_file"]],
+        dest_dir=dest,
+        revision=data["revision"],
+        sha256=dict(data["sha256"]) or None,
+        lock_path=lock_path(cfg),
+    )
+    for key, name in (("train", data["train_file"]), ("test", data["test_file"])):
+        if Path(files[name]).resolve() != Path(outputs[key]).resolve():
+            os.replace(files[name], outputs[key])
+
+
+def download_policy(cfg: StepSettings, *, outputs, **_: Any) -> None:
+    from searchr1.data import download_snapshot
+
+    policy = cfg["policy"]
+    out = Path(outputs["_list"][0])
+    download_snapshot(policy["repo"], dest_dir=out, revision=policy["revision"])
+    provenance.write_model_record(out, cfg.record())
+
+
+def prepare_data(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
+    from searchr1.data import prepare_data as prepare
+
+    splits = {name: cfg["data"]["splits"][name] for name in cfg["eval"]["splits"]}
+    split_outputs = {name: Path(f"{Path(outputs['train']).parent}/{name}.parquet") for name in splits}
+    record = cfg.record(inputs={"test": provenance.of_parquet(inputs["test"])})
+    counts = prepare(
+        inputs["train"],
+        inputs["test"],
+        out_train=outputs["train"],
+        split_outputs=split_outputs,
+        splits=splits,
+        provenance=record,
+    )
+    log.info("rows: %s", counts)

@@ -1,0 +1,70 @@
+"""Evaluate stage: one model on one split, greedy, with the training agent loop and reward."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from searchr1 import provenance
+from searchr1.steps import set_threads
+from searchr1.steps.retrieval import retriever, retriever_inputs_record
+from searchr1.steps.settings import StepSettings
+
+log = logging.getLogger("searchr1.steps.evaluate")
+
+
+def evaluate(cfg: StepSettings, *, inputs, outputs, wildcards, threads: int = 1, log_path=None, **_: Any) -> None:
+    from searchr1.evaluate import eval_agent_config, evaluate_split
+
+    set_threads(threads)
+    ev = cfg["eval"]
+    engine = ev["engine"]
+    sglang = engine == "sglang"
+    record = cfg.record(
+        inputs={
+            "model": provenance.of_model_dir(inputs["model"]),
+            "split": provenance.of_parquet(inputs["split"]),
+            "index": retriever_inputs_record(inputs),
+        }
+    )
+    with retriever(cfg, inputs, log_path) as url:
+        summary = evaluate_split(
+            model_dir=inputs["model"],
+            split_parquet=inputs["split"],
+            out_jsonl=outputs["jsonl"],
+            out_json=outputs["summary"],
+            retriever_url=url,
+            agent_cfg=eval_agent_config(cfg),
+            engine=engine,
+            batch_size=ev["batch_size"],
+            max_questions=ev["max_questions"],
+            model_label=wildcards["model"],
+            split_label=wildcards["split"],
+            retriever_timeout_s=cfg["retriever"]["timeout_s"],
+            retriever_max_retries=cfg["retriever"]["max_retries"],
+            retriever_concurrency=cfg["agent"]["search_concurrency"],
+            seed=cfg["seed"],
+            sglang_tp=max(1, ev["resources"]["gpus"]) if sglang else 1,
+            sglang_mem_fraction=cfg["train"]["slime"]["sglang_mem_fraction_static"] if sglang else None,
+            sglang_log_path=log_path.with_suffix(".sglang.log") if log_path else None,
+            sglang_input_mode=cfg["agent"]["sglang_input"] if sglang else "text",
+            sglang_wrap=sglang_in_container(cfg, inputs["model"]) if sglang else None,
+            info={"provenance": record},
+        )
+    log.info("EM %s = %.4f (n=%d)", wildcards, summary["em"], summary["n"])
+
+
+def sglang_in_container(cfg: StepSettings, model_dir: str):
+    """Run the eval's SGLang server where SGLang is installed: the slime image (train.slime.container_runtime)."""
+    from searchr1.slime_launch import wrap_in_container
+
+    slime = cfg["train"]["slime"]
+    binds = [str(Path(model_dir).resolve())]
+
+    def wrap(command: list[str]) -> list[str]:
+        if slime["container_runtime"] != "none":
+            command = ["python3", *command[1:]]  # the image's interpreter, not this job's
+        return wrap_in_container(command, slime, binds)
+
+    return wrap

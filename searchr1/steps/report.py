@@ -1,0 +1,29 @@
+"""Report stage: the headline table, plots and base-vs-RL examples, with every input's provenance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from searchr1.steps.settings import StepSettings
+
+
+def report(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
+    from searchr1.report import render_report
+
+    curve = Path(inputs["metrics"]).with_name("eval_curve.jsonl")
+    evals = inputs["evals"] if isinstance(inputs["evals"], list) else [inputs["evals"]]
+    render_report(
+        eval_dir=Path(evals[0]).parents[1],
+        metrics_path=inputs["metrics"],
+        final_path=inputs["final"],
+        published=cfg["published"],
+        splits=cfg["eval"]["splits"],
+        out_md=outputs["headline"],
+        examples_md=outputs["examples"],
+        plots_dir=Path(outputs["reward"]).parent,
+        provenance_json=outputs["provenance"],
+        scale=cfg["scale"],
+        record=cfg.record(),
+        curve_path=curve if curve.exists() else None,
+    )

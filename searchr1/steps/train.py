@@ -1,0 +1,173 @@
+"""Train stage: GRPO with slime (Megatron + SGLang, the full run) or the one-process torch backend (toy),
+with the job's own retriever; then the final policy as an HF checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from searchr1 import provenance
+from searchr1.fsutil import copy_file_atomic, write_json_atomic
+from searchr1.steps import set_threads
+from searchr1.steps.retrieval import retrieval_client, retriever, retriever_inputs_record
+from searchr1.steps.settings import StepSettings
+
+log = logging.getLogger("searchr1.steps.train")
+
+TRAIN_WORK = Path("results/train/work")  # checkpoints and in-progress metrics: never a declared output
+
+
+def slime_paths(cfg: StepSettings, *, base_model: str, train_parquet: str, retriever_url: str) -> dict[str, Any]:
+    work = TRAIN_WORK
+    return {
+        "hf_checkpoint": base_model,
+        "train_parquet": train_parquet,
+        "save_dir": work / "slime_ckpt",
+        "save_hf_dir": work / "hf",
+        "metrics_path": work / "metrics.jsonl",
+        "eval_metrics_path": work / "eval_curve.jsonl",
+        "custom_config_path": work / "search_config.yaml",
+        "retriever_url": retriever_url,
+        "log_dir": "logs",
+        "plugin_pythonpath": Path(__file__).resolve().parents[2],
+    }
+
+
+def _planned_retriever_url(cfg: StepSettings) -> str:
+    ret = cfg["retriever"]
+    if ret["url"]:
+        return ret["url"]
+    port = ret["port"] or "<free port>"
+    return f"http://{ret['host']}:{port}/retrieve"
+
+
+def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str) -> str:
+    """The commands the slime train job will run, for `snakemake -n` (same builder as the job itself)."""
+    from searchr1.slime_launch import build_plan
+
+    paths = slime_paths(cfg, base_model=base_model, train_parquet=train_parquet, retriever_url=_planned_retriever_url(cfg))
+    nodes = int(cfg["train"]["slime"]["nodes"])
+    # The allocation's nodes are known only inside the SLURM job: the preview names them <node1>, <node2>, ...
+    placeholders = [f"<node{i + 1}>" for i in range(nodes)]
+    plan = build_plan(
+        cfg,
+        paths=paths,
+        env={"SLURM_JOB_NODELIST": ",".join(placeholders)} if nodes > 1 else {},
+        expand_hostnames=lambda _: placeholders,
+        resolve_ip=lambda host: f"<ip of {host}>",
+    )
+    return plan.to_shell()
+
+
+def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None, **_: Any) -> None:
+    set_threads(threads)
+    TRAIN_WORK.mkdir(parents=True, exist_ok=True)
+    backend = cfg["train"]["backend"]
+    curve = bool(cfg["eval"]["interval"])
+    with retriever(cfg, inputs, log_path) as url:
+        if backend == "torch":
+            from searchr1.grpo.settings import GRPOSettings
+            from searchr1.grpo.trainer import train_grpo
+
+            summary = train_grpo(
+                policy_dir=inputs["base"],
+                train_parquet=inputs["train"],
+                work_dir=TRAIN_WORK,
+                metrics_path=TRAIN_WORK / "metrics.jsonl",
+                export_dir=TRAIN_WORK / "export",
+                retriever_url=url,
+                settings=GRPOSettings.from_config(cfg),
+                eval_hook=learning_curve_hook(cfg, inputs, url) if curve else None,
+            )
+            final = {"backend": "torch", "hf_dir": str(summary["export_dir"]), "steps": summary["steps"]}
+        else:
+            from searchr1.slime_launch import build_plan, final_hf_checkpoint, run_plan, write_custom_config
+
+            paths = slime_paths(cfg, base_model=inputs["base"], train_parquet=inputs["train"], retriever_url=url)
+            if curve:
+                paths["eval_prompt_data"] = dict(zip(cfg["eval"]["splits"], inputs["splits"]))
+            write_custom_config(paths["custom_config_path"], cfg, url, paths["metrics_path"], paths["eval_metrics_path"])
+            plan = build_plan(cfg, paths=paths, env=os.environ)
+            rc = run_plan(plan, log_path.with_suffix(".slime.log") if log_path else "logs/train.slime.log")
+            if rc != 0:
+                raise RuntimeError(f"slime training exited with status {rc}; see the slime log beside {log_path}")
+            final = {
+                "backend": "slime",
+                "hf_dir": str(final_hf_checkpoint(paths["save_hf_dir"])),
+                "steps": cfg["train"]["num_rollout"],
+            }
+    copy_file_atomic(TRAIN_WORK / "metrics.jsonl", Path(outputs["metrics"]))
+    curve_path = TRAIN_WORK / "eval_curve.jsonl"
+    if curve_path.exists():
+        copy_file_atomic(curve_path, Path(outputs["metrics"]).with_name("eval_curve.jsonl"))
+    final["provenance"] = cfg.record(
+        inputs={
+            "base": provenance.of_model_dir(inputs["base"]),
+            "train": provenance.of_parquet(inputs["train"]),
+            "index": retriever_inputs_record(inputs),
+        }
+    )
+    write_json_atomic(outputs["final"], final)
+
+
+def _drop_curve_point(curve_path: Path, step: int, split: str) -> None:
+    from searchr1.fsutil import write_text_atomic
+
+    if not curve_path.exists():
+        return
+    kept = [
+        line
+        for line in curve_path.read_text().splitlines()
+        if line.strip() and (json.loads(line).get("step"), json.loads(line).get("split")) != (step, split)
+    ]
+    write_text_atomic(curve_path, "".join(f"{line}\n" for line in kept))
+
+
+def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str):
+    """Greedy EM on a fixed held-out subset (the first ``eval.curve_subset`` rows of each split)."""
+    import asyncio
+
+    from searchr1.engines import HFEngine
+    from searchr1.evaluate import append_curve_point, eval_agent_config, evaluate_rows, load_split, summarize_rows
+
+    subset = cfg["eval"]["curve_subset"]
+    rows = {split: load_split(path, subset) for split, path in zip(cfg["eval"]["splits"], inputs["splits"])}
+    agent_cfg = eval_agent_config(cfg)
+    curve_path = TRAIN_WORK / "eval_curve.jsonl"
+    batch_size = cfg["eval"]["batch_size"]
+
+    def hook(step: int, model: Any, tokenizer: Any) -> None:
+        async def run(split_rows):
+            client = retrieval_client(cfg, url)
+            try:
+                engine = HFEngine(model, tokenizer, device=str(next(model.parameters()).device))
+                return await evaluate_rows(engine, client, tokenizer, split_rows, agent_cfg, batch_size)
+            finally:
+                await client.aclose()
+
+        was_training = model.training
+        model.eval()
+        try:
+            for split, split_rows in rows.items():
+                summary = summarize_rows(asyncio.run(run(split_rows)))
+                _drop_curve_point(curve_path, step, split)  # a resumed run re-evaluates a step once, not twice
+                append_curve_point(curve_path, step=step, split=split, summary=summary)
+                log.info("learning curve: step %d %s EM %.3f", step, split, summary["em"])
+        finally:
+            model.train(was_training)
+
+    return hook
+
+
+def export_rl(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
+    """The final policy as an HF checkpoint, with the training's provenance inside it."""
+    from searchr1.slime_launch import export_hf
+
+    final = json.loads(Path(inputs["final"]).read_text())
+    out = Path(outputs["_list"][0])
+    export_hf(final["hf_dir"], out)
+    provenance.write_model_record(out, cfg.record(inputs={"final": final.get("provenance")}))

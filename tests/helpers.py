@@ -1,0 +1,108 @@
+"""Settings objects for tests, built the one way the workflow builds them: from config.yaml (+ the toy
+config), through each component's from_config, with a test's own values on top."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from searchr1.config import deep_merge, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@lru_cache(maxsize=2)
+def _config(toy: bool) -> dict:
+    files = [ROOT / "config.yaml"] + ([ROOT / "config.toy.yaml"] if toy else [])
+    return load_config(*files)
+
+
+def config(toy: bool = False, **overrides: Any) -> dict:
+    """The validated config (a fresh copy), with nested ``overrides`` merged on top."""
+    return load_config(ROOT / "config.yaml", *([ROOT / "config.toy.yaml"] if toy else []), overrides=overrides) \
+        if overrides else deep_merge(_config(toy), {})
+
+
+def agent_config(**fields: Any):
+    """The evaluation's AgentConfig of config.yaml (greedy), with ``fields`` replaced."""
+    from searchr1.evaluate import eval_agent_config
+
+    return dataclasses.replace(eval_agent_config(_config(False)), **fields)
+
+
+def objective_settings(**fields: Any):
+    from searchr1.grpo.settings import GRPOSettings
+
+    return dataclasses.replace(GRPOSettings.from_config(_config(True)).objective(), **fields)
+
+
+def grpo_settings(**fields: Any):
+    from searchr1.grpo.settings import GRPOSettings
+
+    return dataclasses.replace(GRPOSettings.from_config(_config(True)), **fields)
+
+
+def world_sizes(**fields: Any):
+    from searchr1.toy.world import WorldSizes
+
+    return dataclasses.replace(WorldSizes.from_config(_config(True)), **fields)
+
+
+def model_size(**fields: Any):
+    from searchr1.toy.model import ToyModelSize
+
+    return dataclasses.replace(ToyModelSize.from_config(_config(True)), **fields)
+
+
+def warm_start_config(**fields: Any):
+    from searchr1.toy.warmstart import WarmStartConfig
+
+    return dataclasses.replace(WarmStartConfig.from_config(_config(True)), **fields)
+
+
+@lru_cache(maxsize=8)
+def _workflow_rules(configfiles: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``{rule: {param name: value}}`` of the workflow parsed by Snakemake's own API with ``configfiles``."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
+
+    paths = [Path(c) if Path(c).is_absolute() else ROOT / c for c in configfiles]
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow_api = api.workflow(
+            resource_settings=ResourceSettings(),
+            config_settings=ConfigSettings(configfiles=paths),
+            storage_settings=StorageSettings(),
+            snakefile=ROOT / "Snakefile",
+            workdir=ROOT,
+        )
+        workflow = workflow_api._workflow  # Snakemake's parsed Workflow (rules with their raw params)
+        return {rule.name: dict(rule.params.items()) for rule in workflow.rules}
+
+
+def rule_params(rule: str, *configfiles: str) -> dict[str, Any]:
+    """The params a rule declares under ``configfiles`` (relative to the checkout, or absolute)."""
+    rules = _workflow_rules(tuple(configfiles))
+    if rule not in rules:
+        raise KeyError(f"no rule {rule!r} under {configfiles}: {sorted(rules)}")
+    return dict(rules[rule])
+
+
+def copy_workflow(dst: Path) -> Path:
+    """A copy of the workflow without results: what a fresh clone holds."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "config.yaml", "config.toy.yaml"):
+        shutil.copy(ROOT / name, dst / name)
+    for name in ("rules", "scripts", "envs", "profiles", "docs", "searchr1"):
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def snakemake_cmd(*targets: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The toy profile's command line; targets first (--configfile takes every following word as a file)."""
+    import sys
+
+    return [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", *targets, *extra]

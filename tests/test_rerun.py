@@ -1,0 +1,112 @@
+"""Results follow the config: on a finished toy run, changing one setting reruns exactly the steps whose
+outputs depend on it (Snakemake's params trigger over the settings each rule declares), and nothing else.
+
+Operational settings (schema: x-operational: ports, timeouts, batch sizes for throughput, resources) are
+recorded but rerun nothing. Each case is a dry-run (`snakemake -n`) on the finished workdir.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+TOY_CONFIGS = ("config.yaml", "config.toy.yaml")
+RL_DOWNSTREAM = {"train": 1, "export_rl": 1, "evaluate": 2, "report": 1}  # training and what it feeds
+ALL_EVALS = {"evaluate": 4, "report": 1}
+FROM_WARM_START = {"toy_warm_start": 1, "train": 1, "export_rl": 1, "evaluate": 4, "report": 1}
+EVERYTHING_BUT_ENCODER = {
+    "toy_world": 1, "prepare_data": 1, "corpus_offsets": 1, "build_index": 1, "toy_policy_init": 1,
+    "toy_warm_start": 1, "retriever_check": 1, "train": 1, "export_rl": 1, "evaluate": 4, "report": 1,
+}  # fmt: skip
+
+CASES = {
+    # train
+    "train.lr": ({"train": {"lr": 5.0e-4}}, RL_DOWNSTREAM),
+    "train.num_rollout": ({"train": {"num_rollout": 30}}, RL_DOWNSTREAM),
+    "train.torch.checkpoint_interval (operational)": ({"train": {"torch": {"checkpoint_interval": 5}}}, {}),
+    "train.slime.* (not read by the torch backend)": ({"train": {"slime": {"tensor_model_parallel_size": 1}}}, {}),
+    # eval
+    "eval.max_questions": ({"eval": {"max_questions": 50}}, ALL_EVALS),
+    "eval.temperature": ({"eval": {"temperature": 0.5}}, ALL_EVALS),
+    "eval.interval (turns the learning curve on)": ({"eval": {"interval": 20}}, RL_DOWNSTREAM),
+    "eval.batch_size (operational)": ({"eval": {"batch_size": 10}}, {}),
+    # agent
+    "agent.max_turns": ({"agent": {"max_turns": 3}}, {"train": 1, "export_rl": 1, "evaluate": 4, "report": 1}),
+    "agent.search_concurrency (operational)": ({"agent": {"search_concurrency": 8}}, {}),
+    # retriever
+    "retriever.topk": ({"retriever": {"topk": 4}}, {**FROM_WARM_START, "retriever_check": 1}),
+    "retriever.encoder.max_length": (
+        {"retriever": {"encoder": {"max_length": 64}}},
+        {**FROM_WARM_START, "build_index": 1, "retriever_check": 1},
+    ),
+    "retriever.port (operational)": ({"retriever": {"port": 9999}}, {}),
+    "retriever.index.build_shard_size (operational)": ({"retriever": {"index": {"build_shard_size": 500}}}, {}),
+    # data
+    "data.splits.nq_test.expected_rows": (
+        {"data": {"splits": {"nq_test": {"data_source": "nq", "expected_rows": 201}}}},
+        {"prepare_data": 1, "train": 1, "export_rl": 1, "evaluate": 4, "report": 1},
+    ),
+    "toy.n_couples": ({"toy": {"n_couples": 2000}}, EVERYTHING_BUT_ENCODER),
+    "seed": ({"seed": 7}, EVERYTHING_BUT_ENCODER),
+    "toy.warm_start.steps": ({"toy": {"warm_start": {"steps": 10}}}, FROM_WARM_START),
+    # report
+    "published.rl.nq_test": ({"published": {"rl": {"nq_test": 0.5}}}, {"report": 1}),
+    "resources.report.mem_mb (operational)": ({"resources": {"report": {"mem_mb": 3000}}}, {}),
+}
+
+
+def dry_run(wf: Path, change: dict | None, *extra: str) -> subprocess.CompletedProcess:
+    args = ["results/headline.md"]
+    if change is not None:
+        (wf / "change.yaml").write_text(yaml.safe_dump(change))
+        args += ["--configfile", *TOY_CONFIGS, "change.yaml"]
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", "-n", *extra, *args]
+    return subprocess.run(cmd, cwd=wf, capture_output=True, text=True, timeout=300)
+
+
+def scheduled(output: str) -> dict[str, int]:
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def test_a_finished_run_has_nothing_to_do(toy_run):
+    res = dry_run(toy_run, None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert scheduled(res.stdout + res.stderr) == {}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_changed_setting_reruns_exactly_what_depends_on_it(toy_run, name):
+    change, expected = CASES[name]
+    res = dry_run(toy_run, change)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert scheduled(out) == expected, f"{name}: {scheduled(out)} != {expected}"
+    if expected:
+        # -n says why: the first step that reads the key has changed params, naming the key and both values.
+        key = name.split(" ")[0]
+        assert "Params have changed since last execution" in out and f"'{key}'" in out, out[-3000:]
+
+
+def test_list_changes_params_names_the_outputs(toy_run):
+    (toy_run / "change.yaml").write_text(yaml.safe_dump({"train": {"lr": 5.0e-4}}))
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", "--list-changes", "params",
+           "--configfile", *TOY_CONFIGS, "change.yaml"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=toy_run, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {"results/train/metrics.jsonl", "results/train/final.json"} <= set(res.stdout.split())
+    assert "results/eval/base/nq_test.json" not in res.stdout
