@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -47,11 +47,7 @@ def job_counts(output: str) -> dict[str, int]:
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
     """A copy of the workflow without results, so dry-runs see a fresh clone."""
-    for name in ("Snakefile", "config.yaml", "config.toy.yaml"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    for name in ("rules", "scripts", "envs", "profiles", "docs", "searchr1"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return tmp_path
+    return copy_workflow(tmp_path)
 
 
 def test_full_dry_run_lists_every_step_quickly(workdir):
@@ -141,3 +137,27 @@ def test_snakefmt_clean():
         [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "rules/"], cwd=ROOT, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_every_rule_asks_for_the_resources_the_config_gives(workdir):
+    """One place for a cluster user: resources.<step> (and train/eval.resources) reach every job's request."""
+    (workdir / "res.yaml").write_text(yaml.safe_dump({
+        "resources": {name: {"mem_mb": 1000 + i, "runtime_min": 100 + i}
+                      for i, name in enumerate(["download", "prepare_data", "corpus_offsets", "retriever_check",
+                                                "export_rl", "report"])},
+        "train": {"resources": {"mem_mb": 2001, "runtime_min": 201}},
+        "eval": {"resources": {"mem_mb": 2002, "runtime_min": 202}},
+    }))  # fmt: skip
+    res = snakemake("-n", "results/headline.md", "--configfile", "config.yaml", "res.yaml", cwd=workdir)
+    assert res.returncode == 0, res.stderr + res.stdout
+    expected = {
+        "download_qa": (1000, 100), "download_policy": (1000, 100), "download_corpus": (1000, 100),
+        "fetch_encoder": (1000, 100), "download_index": (1000, 100), "prepare_data": (1001, 101),
+        "corpus_offsets": (1002, 102), "retriever_check": (1003, 103), "export_rl": (1004, 104),
+        "report": (1005, 105), "evaluate": (2002, 202),
+    }  # fmt: skip
+    assert "2001 MB, 201 min" in res.stdout  # the train job prints its request in its message
+    blocks = {b.split(":", 1)[0]: b for b in res.stdout.split("rule ")[1:]}
+    for rule, (mem, runtime) in expected.items():
+        assert re.search(rf"\bmem_mb={mem}\b", blocks[rule]) and re.search(rf"\bruntime={runtime}\b", blocks[rule]), (
+            rule, blocks[rule][-300:])
