@@ -23,8 +23,8 @@ class TokenBatch:
 
 
 def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    # Autocast around forward passes only; weights and optimizer stay fp32 (toy-world.md: whole-program
-    # bf16 stalled learning).
+    # Autocast around forward passes only; weights and optimizer stay fp32 (measured on the toy world:
+    # whole-program bf16 stalled learning).
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
