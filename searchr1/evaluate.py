@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -32,12 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pandas as pd
 from tqdm import tqdm
 
 from searchr1.fsutil import write_json_atomic, write_text_atomic
-from searchr1.process import die_with_parent, free_port, log_tail, stop_process_group
+from searchr1.process import free_port, http_ok, managed_process
 from searchr1.reward import em_score, extract_answer
 
 if TYPE_CHECKING:
@@ -608,13 +606,13 @@ def sglang_server(
 ) -> Iterator[str]:
     """Run ``python -m sglang.launch_server`` on ``model_dir``; yield its base URL once /health answers.
 
-    The server (and its children) is stopped on every exit path. ``port`` 0 picks a free port. ``wrap`` turns
-    the command into the one that runs it (e.g. inside the slime container, where SGLang is installed).
+    Started and stopped by ``searchr1.process.managed_process``: the server and its children are stopped on
+    every exit path (SIGTERM of the job included); ``env`` adds variables. ``port`` 0 picks a free port.
+    ``wrap`` turns the command into the one that runs it (e.g. inside the slime container, where SGLang is
+    installed).
     """
     if port == 0:
         port = free_port(host)
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [
         python,
         "-m",
@@ -635,39 +633,18 @@ def sglang_server(
         command = wrap(command)
     base_url = f"http://{host}:{port}"
     logger.info("starting SGLang: %s (log %s)", " ".join(command), log_path)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-            env=None if env is None else dict(env),
-        )
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"SGLang server exited with code {proc.returncode} before it was healthy; "
-                        f"log {log_path}:\n{log_tail(log_path)}"
-                    )
-                try:
-                    if client.get(f"{base_url}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"SGLang server at {base_url} not healthy after {startup_timeout_s:.0f} s; "
-                        f"log {log_path}:\n{log_tail(log_path)}"
-                    )
-                time.sleep(poll_interval_s)
+    with managed_process(
+        command,
+        name=f"SGLang server at {base_url}",
+        log_path=log_path,
+        healthy=lambda: http_ok(f"{base_url}/health", timeout_s=5.0),
+        startup_timeout_s=startup_timeout_s,
+        poll_interval_s=poll_interval_s,
+        stop_grace_s=stop_grace_s,
+        env=env,
+    ):
         logger.info("SGLang healthy at %s", base_url)
         yield base_url
-    finally:
-        stop_process_group(proc, stop_grace_s)
 
 
 # --------------------------------------------------------------------------------------------------

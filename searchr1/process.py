@@ -1,4 +1,12 @@
-"""Child processes that jobs start and must stop on every exit path (retriever, SGLang): shared helpers."""
+"""Child processes that a job starts and must stop on every exit path: the one way to run a server.
+
+``managed_process`` is what the retriever (``searchr1.retrieval.managed``), the SGLang evaluation server
+(``searchr1.evaluate.sglang_server``) and the Ray/slime launch (``searchr1.slime_launch.run_plan``) use:
+the child runs in its own process group and session, gets SIGTERM when the job dies (even by SIGKILL),
+is waited for until healthy (an error with the log's tail when it exits first or the wait times out), and
+its whole group is stopped (SIGTERM, then SIGKILL) on every way out of the block: normal exit, exception,
+and SIGTERM of the job (SLURM's ``scancel``, Snakemake's cancel), which is turned into ``ParentTerminated``.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,31 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import IO
 
 
-class ParentTerminated(BaseException):
-    """Raised in the parent when it gets SIGTERM while a child it manages runs (so cleanup runs)."""
+class ParentTerminated(SystemExit):
+    """Raised in the parent when it gets SIGTERM while a child it manages runs (so cleanup runs).
+
+    A ``SystemExit`` with status 128 + signal number: no ``except Exception`` swallows it, and a job that
+    lets it through exits as a job killed by that signal would (143 for SIGTERM), without a traceback.
+    """
+
+    def __init__(self, message: str = "received signal 15", signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + int(signum))
+        self.message = message
+        self.signum = int(signum)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StartError(RuntimeError):
+    """A managed child did not become healthy: it exited first, or the wait for it timed out."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -90,10 +117,97 @@ def sigterm_raises() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise ParentTerminated(f"received signal {signum}")
+        raise ParentTerminated(f"received signal {signum}", signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a GET of ``url`` answers 200 now (no proxy from the environment; errors mean no)."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout_s, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def managed_process(
+    command: Sequence[str],
+    *,
+    name: str,
+    log_path: str | os.PathLike,
+    healthy: Callable[[], bool] | None = None,
+    startup_timeout_s: float = 600.0,
+    poll_interval_s: float = 0.2,
+    stop_grace_s: float = 10.0,
+    env: Mapping[str, str] | None = None,
+    stdout: int | IO | None = None,
+    error: type[Exception] = StartError,
+    popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+) -> Iterator[subprocess.Popen]:
+    """Start ``command`` as a managed child, wait until ``healthy()`` is true, yield it, stop its group.
+
+    The child runs in its own session and process group (so its whole tree can be stopped, and a kill of the
+    job's group does not skip our cleanup), with a parent-death signal (it gets SIGTERM when the job dies
+    without running any code: SIGKILL, the OOM killer); its output is appended to ``log_path`` (``stdout``
+    replaces that, e.g. ``subprocess.PIPE``). ``env`` adds variables to the environment. Without
+    ``healthy`` it is yielded at once. ``error`` (a ``StartError`` by default) names ``name``, the exit
+    status or the timeout, and the last lines of the log. On every way out of the block the group gets
+    SIGTERM, then SIGKILL after ``stop_grace_s``; while the block runs (in the main thread) SIGTERM raises
+    ``ParentTerminated``. A server that spawns children must take them along when it gets SIGTERM: after a
+    SIGKILL of the job only the child itself is signalled.
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with sigterm_raises(), ExitStack() as stack:
+        log = stack.enter_context(open(log_path, "ab"))
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} [{name}] starting: {list(command)}\n".encode())
+        log.flush()
+        proc = popen(
+            list(command),
+            stdout=log if stdout is None else stdout,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so the whole tree can be stopped
+            preexec_fn=die_with_parent(),  # and it goes when this job dies, even by SIGKILL
+            env={**os.environ, **env} if env else None,
+        )
+        stack.callback(stop_process_group, proc, stop_grace_s)
+        if healthy is not None:
+            wait_healthy(proc, healthy, name=name, log_path=log_path, timeout_s=startup_timeout_s,
+                         poll_interval_s=poll_interval_s, error=error)  # fmt: skip
+        yield proc
+
+
+def wait_healthy(
+    proc: subprocess.Popen,
+    healthy: Callable[[], bool],
+    *,
+    name: str,
+    log_path: str | os.PathLike,
+    timeout_s: float,
+    poll_interval_s: float = 0.2,
+    error: type[Exception] = StartError,
+) -> None:
+    """Poll ``healthy()`` until it is true; raise ``error`` (with the log's tail) when ``proc`` exits first or
+    ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise error(
+                f"{name} exited with code {proc.returncode} before it was healthy; "
+                f"last lines of {log_path}:\n{log_tail(log_path)}"
+            )
+        if healthy():
+            return
+        if time.monotonic() > deadline:
+            raise error(
+                f"{name} not healthy after {timeout_s:.0f} s; last lines of {log_path}:\n{log_tail(log_path)}"
+            )
+        time.sleep(poll_interval_s)

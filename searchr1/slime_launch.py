@@ -18,17 +18,19 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from searchr1.process import http_ok, managed_process, sigterm_raises
 
 PLUGIN = "searchr1.slime_plugin"
 DASHBOARD_HOST = "127.0.0.1"
@@ -430,45 +432,21 @@ def resume_rollout_id(save_dir: str | Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise LaunchError(f"the Ray head exited with status {head.returncode} before its dashboard came up")
-        try:
-            if httpx.get(f"{url}/api/version", timeout=2.0, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2.0)
-    raise LaunchError(f"the Ray dashboard at {url} did not come up within {timeout_s:.0f}s")
-
-
-def _terminate(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout_s)
-
-
 def run_plan(
     plan: LaunchPlan,
     log_path: str | Path,
     *,
     head_timeout_s: float = 600.0,
+    stop_grace_s: float = 30.0,
     popen: Callable[..., subprocess.Popen] = subprocess.Popen,
 ) -> int:
     """Start the head and workers, submit the job (its output streamed to ``log_path``), stop what we started.
 
     Before submitting: the directories exist, and metrics lines past slime's latest checkpoint are
     dropped (slime resumes at that rollout + 1 and will log them again). Returns the submit's exit status.
-    Cleanup runs on every exit path, SIGTERM included (Snakemake/SLURM cancel a job with SIGTERM).
+    Each process is a ``searchr1.process.managed_process`` (own process group, dies with this job, the
+    head waited for until its dashboard answers): on every exit path, SIGTERM from Snakemake/SLURM
+    included, what was started is stopped, newest first, and then ``ray stop`` runs if a head was started.
     """
     from searchr1.grpo.checkpoint import truncate_metrics
 
@@ -479,40 +457,43 @@ def run_plan(
 
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    started: list[subprocess.Popen] = []
-
-    def on_sigterm(signum, frame):  # turn SIGTERM into an exception so the finally block runs
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    head_started = False
     with open(log_path, "ab") as log:
-        try:
-            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} launch\n{plan.to_shell()}\n".encode())
-            log.flush()
-            head = popen(plan.head_start, stdout=log, stderr=subprocess.STDOUT)
-            started.append(head)
-            head_started = True
-            _wait_for_dashboard(plan.dashboard_url, head, head_timeout_s)
-            for worker in plan.worker_starts:
-                started.append(popen(worker, stdout=log, stderr=subprocess.STDOUT))
-            submit = popen(plan.submit, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            started.append(submit)
-            assert submit.stdout is not None
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} launch\n{plan.to_shell()}\n".encode())
+    common = {"log_path": log_path, "stop_grace_s": stop_grace_s, "popen": popen}
+    with sigterm_raises(), ExitStack() as started:
+
+        def start_head(*args: Any, **kwargs: Any) -> subprocess.Popen:
+            head = popen(*args, **kwargs)
+            # The head runs with --block and gets SIGTERM on the way out; `ray stop` then catches what it left
+            # behind on this node. It runs after every process here is stopped (callbacks run newest first),
+            # also when the head never became healthy, and never when no head was started.
+            started.callback(_ray_stop, plan.stop, log_path)
+            return head
+
+        started.enter_context(
+            managed_process(plan.head_start, name="the Ray head", error=LaunchError, startup_timeout_s=head_timeout_s,
+                            healthy=lambda: http_ok(f"{plan.dashboard_url}/api/version"), poll_interval_s=0.5,
+                            **{**common, "popen": start_head})  # fmt: skip
+        )
+        for i, worker in enumerate(plan.worker_starts):
+            started.enter_context(managed_process(worker, name=f"Ray worker {i + 1}", **common))
+        submit = started.enter_context(
+            managed_process(plan.submit, name="ray job submit", stdout=subprocess.PIPE, **common)
+        )
+        assert submit.stdout is not None
+        with open(log_path, "ab") as log:
             for line in submit.stdout:  # stream to the log and to our stdout
                 log.write(line)
                 log.flush()
                 sys.stdout.buffer.write(line)
                 sys.stdout.flush()
-            return submit.wait()
-        finally:
-            for proc in reversed(started):
-                _terminate(proc)
-            if head_started:
-                # The head ran with --block and got SIGTERM above; `ray stop` catches what it left
-                # behind on this node. It is never run when this function did not start a head.
-                subprocess.run(plan.stop, stdout=log, stderr=subprocess.STDOUT, check=False, timeout=120)
-            signal.signal(signal.SIGTERM, previous)
+        return submit.wait()
+
+
+def _ray_stop(command: Sequence[str], log_path: Path) -> None:
+    with open(log_path, "ab") as log:
+        subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False,
+                       timeout=120)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

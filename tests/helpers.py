@@ -106,3 +106,33 @@ def snakemake_cmd(*targets: str, extra: tuple[str, ...] = ()) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", *targets, *extra]
+
+
+# --- processes and ports ---------------------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, waiting to be reaped, counts as dead)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:  # gone meanwhile, or no /proc (then os.kill above is all we know)
+        return not Path("/proc").is_dir()
+
+
+def wait_dead(pid: int, timeout_s: float = 10.0) -> bool:
+    """Whether ``pid`` is gone within ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

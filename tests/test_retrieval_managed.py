@@ -1,9 +1,10 @@
-"""managed_server: the CLI subprocess starts, serves, refuses bad pairs, and is gone after any exit."""
+"""managed_server with the real CLI: it starts, serves, refuses bad pairs, and is gone after an exception.
+
+Every exit path of it (and of the other managed_process users) is tested in test_process.py."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -32,14 +33,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return corpus, index
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_managed_server_serves_and_is_stopped_on_exception(pair: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, index = pair
     log = tmp_path / "retriever.log"
@@ -59,28 +52,6 @@ def test_managed_server_serves_and_is_stopped_on_exception(pair: tuple[Path, Pat
     with pytest.raises(RetrieverStartError):
         check_health(seen_url, timeout_s=2)
     assert "starting" in log.read_text()
-
-
-def test_managed_server_process_gone_after_exit(pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess
-
-    import searchr1.retrieval.managed as managed_mod
-
-    procs: list[subprocess.Popen] = []
-    real_popen = subprocess.Popen
-
-    def recording_popen(*args, **kwargs):
-        p = real_popen(*args, **kwargs)
-        procs.append(p)
-        return p
-
-    monkeypatch.setattr(managed_mod.subprocess, "Popen", recording_popen)
-    corpus, index = pair
-    with managed_server(corpus=corpus, index=index, encoder=MINILM, log_path=tmp_path / "r.log", extra_args=PREFIXES,
-                        startup_timeout_s=120) as url:  # fmt: skip
-        assert check_health(url)["status"] == "ok"
-        assert _alive(procs[0].pid)
-    assert procs[0].poll() is not None and not _alive(procs[0].pid)
 
 
 def test_mismatched_pair_fails_fast_with_both_names(pair: tuple[Path, Path], tmp_path: Path) -> None:

@@ -285,20 +285,14 @@ def test_resume_rollout_id(tmp_path):
     assert resume_rollout_id(tmp_path) == 59
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_run_plan_streams_submit_and_stops_what_it_started(tmp_path):
     import sys
 
     from searchr1.slime_launch import LaunchPlan, run_plan
 
-    port = _free_port()
+    from searchr1.process import free_port
+
+    port = free_port()
     head_code = (
         "import http.server, pathlib, sys\n"
         "class H(http.server.BaseHTTPRequestHandler):\n"

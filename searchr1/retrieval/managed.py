@@ -1,10 +1,10 @@
 """A retriever that the consuming job starts, health-checks and stops itself.
 
 ``with managed_server(corpus=..., index=..., encoder=..., log_path=...) as url:`` starts
-``python -m searchr1.retrieval serve`` in its own process group (127.0.0.1, a free port by default),
-waits for ``/health``, yields the ``/retrieve`` URL and stops the process group (SIGTERM, then
-SIGKILL) on every way out: normal exit, exception, and SIGTERM/SIGINT of the parent (turned into an
-exception while the block runs). A parent that dies without running any code (SIGKILL, OOM killer)
+``python -m searchr1.retrieval serve`` through ``searchr1.process.managed_process`` (127.0.0.1, a free
+port by default), waits for ``/health``, yields the ``/retrieve`` URL and stops the process group
+(SIGTERM, then SIGKILL) on every way out: normal exit, exception, and SIGTERM of the parent (turned into
+an exception while the block runs). A parent that dies without running any code (SIGKILL, OOM killer)
 cannot escalate: its parent-death signal gives the server a SIGTERM, and the server itself
 guarantees its exit within its ``--shutdown-grace-s`` plus a second, whatever its clients do.
 With ``url=...`` it only checks that server and yields it.
@@ -14,24 +14,19 @@ This works the same on a laptop, in a Snakemake job and inside a SLURM allocatio
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 
-from searchr1.process import ParentTerminated, die_with_parent, free_port, stop_process_group
-from searchr1.process import log_tail as _log_tail
-from searchr1.process import sigterm_raises as _sigterm_raises
+from searchr1.process import ParentTerminated, StartError, free_port, managed_process, stop_process_group
 
 __all__ = ["ParentTerminated", "RetrieverStartError", "check_health", "free_port", "managed_server",
            "serve_command", "stop_process_group"]  # fmt: skip
 
 
-class RetrieverStartError(RuntimeError):
+class RetrieverStartError(StartError):
     """The retriever did not come up (process died, timed out, or the given URL is down)."""
 
 
@@ -103,43 +98,19 @@ def managed_server(
         raise ValueError("managed_server needs corpus, index and encoder when no url is given")
     port = port or free_port(host)
     retrieve_url = f"http://{host}:{port}/retrieve"
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     if shutdown_grace_s is not None:
         extra_args = [*extra_args, "--shutdown-grace-s", str(shutdown_grace_s)]
         stop_grace_s = max(stop_grace_s, shutdown_grace_s + 2.0)
     cmd = serve_command(corpus=corpus, index=index, encoder=encoder, host=host, port=port, extra_args=extra_args)
-    with _sigterm_raises(), open(log_path, "ab") as log:
-        log.write(f"[managed_server] starting: {cmd}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group, so the whole tree can be stopped
-            preexec_fn=die_with_parent(),  # and it goes when this job dies, even by SIGKILL
-            env={**os.environ, **env} if env else None,
-        )
+
+    def healthy() -> bool:
         try:
-            deadline = time.monotonic() + startup_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RetrieverStartError(
-                        f"retriever exited with code {proc.returncode} before it was ready; "
-                        f"last lines of {log_path}:\n{_log_tail(log_path)}"
-                    )
-                try:
-                    check_health(retrieve_url, timeout_s=2.0)
-                    break
-                except RetrieverStartError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RetrieverStartError(
-                        f"retriever at {retrieve_url} not healthy after {startup_timeout_s:.0f} s; "
-                        f"last lines of {log_path}:\n{_log_tail(log_path)}"
-                    )
-                time.sleep(0.2)
-            yield retrieve_url
-        finally:
-            stop_process_group(proc, stop_grace_s)
+            check_health(retrieve_url, timeout_s=2.0)
+        except RetrieverStartError:
+            return False
+        return True
+
+    with managed_process(cmd, name=f"retriever at {retrieve_url}", log_path=log_path, healthy=healthy,
+                         startup_timeout_s=startup_timeout_s, stop_grace_s=stop_grace_s, env=env,
+                         error=RetrieverStartError):  # fmt: skip
+        yield retrieve_url
