@@ -19,6 +19,7 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 DATA = config["data_dir"]
+WORK = config["work_dir"]  # null in the config = <data_dir>/work (resolved by validate_config)
 TOY = config["scale"] == "toy"
 SPLITS = config["eval"]["splits"]
 MODELS = ["base", "rl"]
@@ -119,6 +120,9 @@ TRAIN_SETTINGS = settings(
         if CURVE
         else []
     ),
+    "work_dir",  # checkpoints and exports under <work_dir>/train (operational)
+    "budget",  # the free-disk check before training starts (operational)
+    *(["agent.skip_special_tokens"] if TRAIN_BACKEND == "slime" else []),
 )
 
 # A job that starts its own retriever holds the retriever's GPUs too.
@@ -136,6 +140,19 @@ else:
     TRAIN_GPU_RESOURCES = {"gpu": TRAIN_GPUS}
 EVAL_GPUS = EVAL_RES["gpus"] + RETRIEVER_GPUS
 
+# The slime image, pulled once by rule container_image (rules/train.smk) to a file under the work dir, when
+# a step runs in it: slime training, or the SGLang evaluation server.
+from searchr1.budget import format_plan, uses_container  # noqa: E402
+from searchr1.container import image_file  # noqa: E402
+
+IMAGE = image_file(SLIME, WORK) if uses_container(config) else None
+IMAGE_INPUT = {"image": IMAGE} if IMAGE else {}
+
+# The run's budget (disk per artifact, GPUs and time per job), printed before anything starts, `-n` included;
+# not again by the jobs themselves (they parse this file too).
+if workflow.is_main_process:
+    print(format_plan(config), file=sys.stderr)
+
 
 def slime_command_preview():
     """The exact commands the train job runs (printed by `snakemake -n`), built by the same code it runs,
@@ -149,14 +166,18 @@ def slime_command_preview():
         StepSettings.from_params(TRAIN_SETTINGS, step="train"),
         base_model=BASE_MODEL_DIR,
         train_parquet="results/data/train.parquet",
+        image_file=IMAGE,
     )
 
 
 # Braces doubled: Snakemake formats message strings with the job's wildcards.
 _preview = slime_command_preview().replace("{", "{{").replace("}", "}}")
+from searchr1.budget import need_bytes  # noqa: E402
+
 TRAIN_MESSAGE = (
     f"GRPO training ({TRAIN_BACKEND}) on {TRAIN_GPUS} GPUs, {TRAIN_NODES} node(s), "
-    f"{{resources.mem_mb}} MB, {{resources.runtime}} min; runs:\n{_preview}"
+    f"{{resources.mem_mb}} MB, {{resources.runtime}} min, up to {need_bytes(config, 'train') / 1e9:,.1f} GB "
+    f"of disk under {WORK}/train (with margin); runs:\n{_preview}"
 )
 
 

@@ -1,5 +1,5 @@
 # Greedy evaluation (1 sample per question) of {base, rl} x {splits}, with the training agent loop and reward.
-# Partial results live in results/eval/{model}/{split}.partial.jsonl (not a declared output, so a killed
+# Partial results live in <work_dir>/eval/{model}/{split}.partial.jsonl (not a declared output, so a killed
 # job keeps them) and the job resumes from them.
 
 EVAL_SGLANG = config["eval"]["engine"] == "sglang"
@@ -11,6 +11,7 @@ rule evaluate:
         model=model_dir,
         split="results/data/{split}.parquet",
         retriever_check="results/retriever/check.json",
+        **(IMAGE_INPUT if EVAL_SGLANG else {}),
     output:
         jsonl="results/eval/{model}/{split}.jsonl",
         summary="results/eval/{model}/{split}.json",
@@ -31,6 +32,7 @@ rule evaluate:
             "eval.engine",
             "eval.max_questions",
             "eval.batch_size",
+            "work_dir",  # partial results under <work_dir>/eval (operational)
             *EVAL_AGENT_SETTINGS,
             *RETRIEVER_SETTINGS,
             *CLIENT_SETTINGS,
@@ -38,6 +40,7 @@ rule evaluate:
             *(
                 [
                     "agent.sglang_input",
+                    "agent.skip_special_tokens",
                     "eval.resources.gpus",
                     "train.slime.sglang_mem_fraction_static",
                     "train.slime.container_runtime",

@@ -92,6 +92,7 @@ if config["retriever"]["index"]["source"] == "download":
                 "retriever.encoder.repo",
                 "retriever.encoder.query_prefix",
                 "retriever.encoder.passage_prefix",
+                "budget",  # the free-disk check (operational)
             ),
         script:
             "../scripts/download_index.py"
@@ -121,6 +122,7 @@ else:
                 "retriever.index.build_batch_size",
                 "retriever.index.build_shard_size",
                 *ENCODER_SETTINGS,
+                "budget",  # the free-disk check (operational)
             ),
         script:
             "../scripts/build_index.py"

@@ -1,6 +1,36 @@
 # GRPO training: slime (Megatron + SGLang, GPUs, in the slime container) at full scale, or the one-process
-# torch backend (same objective) in the toy world. Checkpoints live under results/train/work/, which is not
+# torch backend (same objective) in the toy world. Checkpoints live under <work_dir>/train/, which is not
 # a declared output: Snakemake never deletes it when a job fails, so rerunning resumes from the last one.
+# Only the newest train.keep_checkpoints and the HF exports every train.save_hf_interval are kept.
+
+if IMAGE:
+
+    rule container_image:
+        """The slime image, pulled (apptainer: converted to a .sif) once, resumably, with progress in the log:
+        no later step pays the conversion inside a start-up timeout (searchr1.container)."""
+        output:
+            IMAGE,
+        log:
+            "logs/container_image.log",
+        benchmark:
+            "benchmarks/container_image.tsv"
+        # Light on CPU but needs the registry: runs where Snakemake runs (on SLURM, the login node).
+        localrule: True
+        threads: RES["download"]["cpus"]
+        resources:
+            **job_resources("download"),
+        params:
+            **settings(
+                "train.slime.image",
+                "train.slime.container_runtime",
+                "budget",  # the free-disk check (operational)
+            ),
+        message:
+            f"pull the slime image {SLIME['image']} ({SLIME['container_runtime']}) to {IMAGE}, "
+            f"about {config['budget']['image_gb']} GB"
+        script:
+            "../scripts/container_image.py"
+
 
 
 rule train:
@@ -10,6 +40,7 @@ rule train:
         splits=expand("results/data/{split}.parquet", split=SPLITS),
         base=BASE_MODEL_DIR,
         retriever_check="results/retriever/check.json",
+        **(IMAGE_INPUT if TRAIN_BACKEND == "slime" else {}),
     output:
         metrics="results/train/metrics.jsonl",
         final="results/train/final.json",

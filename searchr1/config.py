@@ -113,7 +113,22 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
             )
     if cfg["scale"] == "toy" and "toy" not in cfg:
         problems.append("config key 'toy': required when scale is 'toy'")
+    if train["save_hf_interval"] is not None and train["save_hf_interval"] % train["save_interval"]:
+        problems.append(
+            f"config key 'train.save_hf_interval': {train['save_hf_interval']} is not a multiple of "
+            f"train.save_interval {train['save_interval']} (an HF export is written only at a checkpoint)"
+        )
     return problems
+
+
+def resolve_derived(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fill the keys whose null means "derived from another key": ``work_dir`` null = ``<data_dir>/work``.
+
+    Done once here, so every rule declares (and every step reads) the directory actually used.
+    """
+    if cfg.get("work_dir") is None and "data_dir" in cfg:
+        cfg["work_dir"] = f"{cfg['data_dir'].rstrip('/')}/work"
+    return cfg
 
 
 def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -170,7 +185,7 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         problems = _relation_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return dict(config)
+    return resolve_derived(dict(config))
 
 
 def load_config(*paths: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -5,8 +5,10 @@
 * ``SGLangEngine``: an SGLang server's native ``/generate`` endpoint (what slime's rollout talks to).
 
 Both follow SGLang's conventions as slime configures them: stop strings are kept in the output
-(``no_stop_trim``), text is decoded with special tokens skipped, and finish reasons are
-``"stop"`` | ``"length"`` | ``"abort"``.
+(``no_stop_trim``) and finish reasons are ``"stop"`` | ``"length"`` | ``"abort"``. ``SGLangEngine`` sends
+exactly the sampling parameters of slime's rollouts and eval rollouts (:func:`sglang_sampling_params`),
+``skip_special_tokens`` false included (slime's default); ``HFEngine`` decodes text without special tokens,
+the same in the torch backend's training and in evaluation.
 """
 
 from __future__ import annotations
@@ -305,16 +307,25 @@ class HFEngine:
 # --------------------------------------------------------------------------------------------------
 
 
-def sglang_sampling_params(request: GenerationRequest, *, skip_special_tokens: bool = True) -> dict[str, Any]:
-    """The ``sampling_params`` slime's GenerateState sends, for one request."""
+def sglang_sampling_params(request: GenerationRequest, *, skip_special_tokens: bool) -> dict[str, Any]:
+    """The ``sampling_params`` slime sends for one request of our agent, field for field.
+
+    slime 624b824a builds them in ``GenerateState.__init__`` (rollouts) and ``eval_rollout_single_dataset``
+    (eval rollouts; ``slime/rollout/sglang_rollout.py:543-558``): temperature, top_p, top_k, max_new_tokens,
+    stop (``--rollout-stop``, unset: None), stop_token_ids (``--rollout-stop-token-ids``, unset: None),
+    skip_special_tokens (``--rollout-skip-special-tokens``, unset: False), no_stop_trim True and
+    spaces_between_special_tokens False. Our plugin (searchr1.slime_plugin.SlimePostEngine) then sets the
+    request's own temperature/top_p/top_k/max_new_tokens and the agent's stop strings.
+    """
     return {
         "temperature": request.temperature,
         "top_p": request.top_p,
         "top_k": request.top_k,
         "max_new_tokens": request.max_new_tokens,
         "stop": list(request.stop),
-        "no_stop_trim": True,
+        "stop_token_ids": None,
         "skip_special_tokens": skip_special_tokens,
+        "no_stop_trim": True,
         "spaces_between_special_tokens": False,
     }
 
@@ -361,7 +372,7 @@ class SGLangEngine:
         timeout_s: float = 600,
         max_retries: int = 2,
         backoff_s: float = 1.0,
-        skip_special_tokens: bool = True,
+        skip_special_tokens: bool = False,  # slime's default (--rollout-skip-special-tokens unset)
         input_mode: str = "text",
     ) -> None:
         input_fields(GenerationRequest(input_ids=[0], max_new_tokens=1), input_mode)  # validates the mode

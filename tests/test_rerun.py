@@ -30,7 +30,15 @@ CASES = {
     # train
     "train.lr": ({"train": {"lr": 5.0e-4}}, RL_DOWNSTREAM),
     "train.num_rollout": ({"train": {"num_rollout": 30}}, RL_DOWNSTREAM),
-    "train.torch.checkpoint_interval (operational)": ({"train": {"torch": {"checkpoint_interval": 5}}}, {}),
+    "train.save_interval (operational)": ({"train": {"save_interval": 5}}, {}),
+    "train.keep_checkpoints (operational)": ({"train": {"keep_checkpoints": 1}}, {}),
+    "train.save_hf_interval (operational)": ({"train": {"save_hf_interval": 20}}, {}),
+    "work_dir (operational)": ({"work_dir": "elsewhere/work"}, {}),
+    "budget.margin (operational)": ({"budget": {"margin": 1.5}}, {}),
+    "agent.skip_special_tokens (SGLang only: not read by the toy's HF engine)": (
+        {"agent": {"skip_special_tokens": True}},
+        {},
+    ),
     "train.slime.* (not read by the torch backend)": ({"train": {"slime": {"tensor_model_parallel_size": 1}}}, {}),
     # eval
     "eval.max_questions": ({"eval": {"max_questions": 50}}, ALL_EVALS),

@@ -64,6 +64,29 @@ def test_report_files(toy_run):
     assert (toy_run / "results/examples.md").stat().st_size > 0
 
 
+def test_every_result_records_what_made_it(toy_run):
+    """Provenance: each result names its step's settings hash and code; the RL evaluation knows the training
+    settings of the model it scored, and they are those of results/train/final.json."""
+    from searchr1 import provenance
+
+    results = toy_run / "results"
+    final = provenance.of_path(results / "train/final.json")
+    assert final["step"] == "train" and final["settings"]["train.lr"] == 1e-4 and final["code"]["source_sha"]
+    assert "retriever.port" in final["operational"] and "retriever.port" not in final["settings"]
+    for path in [results / "data/nq_test.parquet", results / "retriever/check.json", toy_run / "data/toy/index/index.faiss",
+                 results / "models/rl", toy_run / "data/toy/models/policy_base"]:  # fmt: skip
+        assert provenance.of_path(path), path
+    rl = provenance.of_path(results / "eval/rl/nq_test.json")
+    assert rl["inputs"]["model"]["inputs"]["final"]["settings_hash"] == final["settings_hash"]
+    assert rl["settings"]["eval.max_questions"] is None
+    recorded = json.loads((results / "provenance.json").read_text())
+    assert set(recorded["inputs"]) == {"results/train/final.json"} | {
+        f"results/eval/{m}/{s}.json" for m in ("base", "rl") for s in SPLITS
+    }
+    headline = (results / "headline.md").read_text()
+    assert "## Provenance" in headline and final["settings_hash"] in headline
+
+
 def test_snakemake_report_bundles_results(toy_run):
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", "--report", "report.html"],
@@ -80,14 +103,14 @@ def test_killed_training_resumes_to_the_same_steps(toy_run, tmp_path):
     # Everything upstream of training is reused from the full run, so only training reruns.
     for rel in ("data", "results/data", "results/retriever", ".snakemake/metadata"):
         src = toy_run / rel
-        if src.exists():
-            shutil.copytree(src, wf / rel)
+        if src.exists():  # not the finished run's work dir (its checkpoints would be resumed from)
+            shutil.copytree(src, wf / rel, ignore=lambda d, names: ["work"] if Path(d) == toy_run / "data/toy" else [])
     steps = 12
-    (wf / "short.yaml").write_text(f"train: {{num_rollout: {steps}, torch: {{checkpoint_interval: 4}}}}\n")
+    (wf / "short.yaml").write_text(f"train: {{num_rollout: {steps}, save_interval: 4}}\n")
     cmd = snakemake_cmd(
         "results/train/metrics.jsonl", extra=("--configfile", "config.yaml", "config.toy.yaml", "short.yaml")
     )
-    work_metrics = wf / "results/train/work/metrics.jsonl"
+    work_metrics = wf / "data/toy/work/train/metrics.jsonl"  # work_dir: null = <data_dir>/work
     proc = subprocess.Popen(cmd, cwd=wf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600

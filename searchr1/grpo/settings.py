@@ -53,8 +53,9 @@ class GRPOSettings:
     device: str
     micro_batch_size: int
     bf16_autocast: bool
-    checkpoint_interval: int
-    keep_checkpoints: int
+    checkpoint_interval: int  # train.save_interval (both backends)
+    keep_checkpoints: int  # train.keep_checkpoints
+    save_hf_interval: int | None  # train.save_hf_interval: HF exports kept under <work>/hf/iter_<done>
     generation_batch_size: int
     eval_interval: int | None
     # Not config keys: slime's defaults, which the recipe never changes (--rollout-top-k, GRPO reward
@@ -69,11 +70,11 @@ class GRPOSettings:
             "num_rollout", "rollout_batch_size", "n_samples_per_prompt", "global_batch_size",
             "rollout_max_response_len", "rollout_temperature", "rollout_top_p", "rollout_shuffle", "eps_clip",
             "eps_clip_high", "use_kl_loss", "kl_loss_type", "kl_loss_coef", "entropy_coef", "use_tis", "lr",
-            "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2",
+            "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "keep_checkpoints", "save_hf_interval",
         )},  # fmt: skip
+        "checkpoint_interval": "train.save_interval",
         **{k: f"train.torch.{k}" for k in (
-            "adam_eps", "grad_clip", "device", "micro_batch_size", "bf16_autocast", "checkpoint_interval",
-            "keep_checkpoints", "generation_batch_size",
+            "adam_eps", "grad_clip", "device", "micro_batch_size", "bf16_autocast", "generation_batch_size",
         )},  # fmt: skip
         "max_turns": "agent.max_turns",
         "on_retrieval_error": "agent.on_retrieval_error",

@@ -339,6 +339,9 @@ def train_grpo(
                     state={"data_position": order.position(done), "seed": s.seed, "settings": s.to_dict()},
                     keep=s.keep_checkpoints,
                 )
+            if s.save_hf_interval and done % s.save_hf_interval == 0 and done != s.num_rollout:
+                # an HF export kept at the configured interval (the final one is export_dir, below)
+                _atomic_export(policy, tokenizer, work_dir / "hf" / f"iter_{done}")
             if eval_hook is not None and s.eval_interval and done % s.eval_interval == 0:
                 eval_hook(step, policy, tokenizer)
     finally:

@@ -49,22 +49,27 @@ def evaluate(cfg: StepSettings, *, inputs, outputs, wildcards, threads: int = 1,
             sglang_mem_fraction=cfg["train"]["slime"]["sglang_mem_fraction_static"] if sglang else None,
             sglang_log_path=log_path.with_suffix(".sglang.log") if log_path else None,
             sglang_input_mode=cfg["agent"]["sglang_input"] if sglang else "text",
-            sglang_wrap=sglang_in_container(cfg, inputs["model"]) if sglang else None,
+            sglang_skip_special_tokens=cfg["agent"]["skip_special_tokens"] if sglang else False,
+            sglang_wrap=sglang_in_container(cfg, inputs["model"], inputs.get("image")) if sglang else None,
+            partial_dir=Path(cfg["work_dir"]) / "eval" / wildcards["model"],
             info={"provenance": record},
         )
     log.info("EM %s = %.4f (n=%d)", wildcards, summary["em"], summary["n"])
 
 
-def sglang_in_container(cfg: StepSettings, model_dir: str):
-    """Run the eval's SGLang server where SGLang is installed: the slime image (train.slime.container_runtime)."""
+def sglang_in_container(cfg: StepSettings, model_dir: str, image_file: str | None = None):
+    """Run the eval's SGLang server where SGLang is installed: the slime image (train.slime.container_runtime),
+    from the file the container_image step pulled, with the model's absolute directory bound (the server's
+    --model-path is absolute too: searchr1.evaluate.sglang_server)."""
     from searchr1.slime_launch import wrap_in_container
 
     slime = cfg["train"]["slime"]
     binds = [str(Path(model_dir).resolve())]
+    image = str(Path(image_file).resolve()) if image_file else None
 
     def wrap(command: list[str]) -> list[str]:
         if slime["container_runtime"] != "none":
             command = ["python3", *command[1:]]  # the image's interpreter, not this job's
-        return wrap_in_container(command, slime, binds)
+        return wrap_in_container(command, slime, binds, image_file=image)
 
     return wrap

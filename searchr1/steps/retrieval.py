@@ -119,8 +119,11 @@ def fetch_encoder(cfg: StepSettings, *, outputs, **_: Any) -> None:
 def download_index(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
     from searchr1.retrieval.download import download_index as fetch
 
+    from searchr1.budget import require_free_disk
+
     idx = cfg["retriever"]["index"]
     out = Path(outputs["index"])
+    require_free_disk(cfg, "download_index", out.parent)  # the parts and the concatenated index, at the peak
     fetch(idx["repo"], idx["parts"], revision=idx["revision"], dest_dir=out.parent / "download", out=out,
           corpus=Path(inputs["corpus"]), encoder=encoder_record(cfg), lock_path=lock_path(cfg))  # fmt: skip
     add_index_record(out, cfg.record())
@@ -129,8 +132,11 @@ def download_index(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
 def build_index(cfg: StepSettings, *, inputs, outputs, threads: int = 1, **_: Any) -> None:
     from searchr1.retrieval.index import build_index as build
 
+    from searchr1.budget import require_free_disk
+
     set_threads(threads)
     idx = cfg["retriever"]["index"]
+    require_free_disk(cfg, "build_index", Path(outputs["index"]).parent)
     build(
         inputs["corpus"],
         make_encoder(cfg, inputs["encoder"]),

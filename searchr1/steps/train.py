@@ -18,11 +18,16 @@ from searchr1.steps.settings import StepSettings
 
 log = logging.getLogger("searchr1.steps.train")
 
-TRAIN_WORK = Path("results/train/work")  # checkpoints and in-progress metrics: never a declared output
+def train_work(cfg: StepSettings) -> Path:
+    """Checkpoints, HF exports and in-progress metrics: ``<work_dir>/train``, never a declared output (a failed
+    job keeps them, and a rerun resumes from them)."""
+    return Path(cfg["work_dir"]) / "train"
 
 
-def slime_paths(cfg: StepSettings, *, base_model: str, train_parquet: str, retriever_url: str) -> dict[str, Any]:
-    work = TRAIN_WORK
+def slime_paths(
+    cfg: StepSettings, *, base_model: str, train_parquet: str, retriever_url: str, image_file: str | None = None
+) -> dict[str, Any]:
+    work = train_work(cfg)
     return {
         "hf_checkpoint": base_model,
         "train_parquet": train_parquet,
@@ -34,6 +39,8 @@ def slime_paths(cfg: StepSettings, *, base_model: str, train_parquet: str, retri
         "retriever_url": retriever_url,
         "log_dir": "logs",
         "plugin_pythonpath": Path(__file__).resolve().parents[2],
+        "work_dir": cfg["work_dir"],
+        "image_file": image_file,
     }
 
 
@@ -45,11 +52,12 @@ def _planned_retriever_url(cfg: StepSettings) -> str:
     return f"http://{ret['host']}:{port}/retrieve"
 
 
-def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str) -> str:
+def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str, image_file: str | None = None) -> str:
     """The commands the slime train job will run, for `snakemake -n` (same builder as the job itself)."""
     from searchr1.slime_launch import build_plan
 
-    paths = slime_paths(cfg, base_model=base_model, train_parquet=train_parquet, retriever_url=_planned_retriever_url(cfg))
+    paths = slime_paths(cfg, base_model=base_model, train_parquet=train_parquet,
+                        retriever_url=_planned_retriever_url(cfg), image_file=image_file)  # fmt: skip
     nodes = int(cfg["train"]["slime"]["nodes"])
     # The allocation's nodes are known only inside the SLURM job: the preview names them <node1>, <node2>, ...
     placeholders = [f"<node{i + 1}>" for i in range(nodes)]
@@ -64,8 +72,12 @@ def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str) -> 
 
 
 def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None, **_: Any) -> None:
+    from searchr1.budget import require_free_disk
+
     set_threads(threads)
-    TRAIN_WORK.mkdir(parents=True, exist_ok=True)
+    work = train_work(cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    require_free_disk(cfg, "train", work)  # before anything starts: checkpoints at the configured retention
     backend = cfg["train"]["backend"]
     curve = bool(cfg["eval"]["interval"])
     with retriever(cfg, inputs, log_path) as url:
@@ -76,23 +88,31 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
             summary = train_grpo(
                 policy_dir=inputs["base"],
                 train_parquet=inputs["train"],
-                work_dir=TRAIN_WORK,
-                metrics_path=TRAIN_WORK / "metrics.jsonl",
-                export_dir=TRAIN_WORK / "export",
+                work_dir=work,
+                metrics_path=work / "metrics.jsonl",
+                export_dir=work / "export",
                 retriever_url=url,
                 settings=GRPOSettings.from_config(cfg),
-                eval_hook=learning_curve_hook(cfg, inputs, url) if curve else None,
+                eval_hook=learning_curve_hook(cfg, inputs, url, work) if curve else None,
             )
             final = {"backend": "torch", "hf_dir": str(summary["export_dir"]), "steps": summary["steps"]}
         else:
+            from searchr1.retention import RetentionWatcher
             from searchr1.slime_launch import build_plan, final_hf_checkpoint, run_plan, write_custom_config
 
-            paths = slime_paths(cfg, base_model=inputs["base"], train_parquet=inputs["train"], retriever_url=url)
+            paths = slime_paths(cfg, base_model=inputs["base"], train_parquet=inputs["train"], retriever_url=url,
+                                image_file=inputs.get("image"))  # fmt: skip
             if curve:
                 paths["eval_prompt_data"] = dict(zip(cfg["eval"]["splits"], inputs["splits"]))
             write_custom_config(paths["custom_config_path"], cfg, url, paths["metrics_path"], paths["eval_metrics_path"])
             plan = build_plan(cfg, paths=paths, env=os.environ)
-            rc = run_plan(plan, log_path.with_suffix(".slime.log") if log_path else "logs/train.slime.log")
+            # Retention: prune before slime starts (a kill between a save and its prune leaves one too many)
+            # and after every save while it trains (searchr1.retention).
+            with RetentionWatcher(
+                paths["save_dir"], paths["save_hf_dir"],
+                keep=cfg["train"]["keep_checkpoints"], hf_interval=cfg["train"]["save_hf_interval"],
+            ):  # fmt: skip
+                rc = run_plan(plan, log_path.with_suffix(".slime.log") if log_path else "logs/train.slime.log")
             if rc != 0:
                 raise RuntimeError(f"slime training exited with status {rc}; see the slime log beside {log_path}")
             final = {
@@ -100,8 +120,8 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
                 "hf_dir": str(final_hf_checkpoint(paths["save_hf_dir"])),
                 "steps": cfg["train"]["num_rollout"],
             }
-    copy_file_atomic(TRAIN_WORK / "metrics.jsonl", Path(outputs["metrics"]))
-    curve_path = TRAIN_WORK / "eval_curve.jsonl"
+    copy_file_atomic(work / "metrics.jsonl", Path(outputs["metrics"]))
+    curve_path = work / "eval_curve.jsonl"
     if curve_path.exists():
         copy_file_atomic(curve_path, Path(outputs["metrics"]).with_name("eval_curve.jsonl"))
     final["provenance"] = cfg.record(
@@ -127,7 +147,7 @@ def _drop_curve_point(curve_path: Path, step: int, split: str) -> None:
     write_text_atomic(curve_path, "".join(f"{line}\n" for line in kept))
 
 
-def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str):
+def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, work: Path):
     """Greedy EM on a fixed held-out subset (the first ``eval.curve_subset`` rows of each split)."""
     import asyncio
 
@@ -137,7 +157,7 @@ def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str):
     subset = cfg["eval"]["curve_subset"]
     rows = {split: load_split(path, subset) for split, path in zip(cfg["eval"]["splits"], inputs["splits"])}
     agent_cfg = eval_agent_config(cfg)
-    curve_path = TRAIN_WORK / "eval_curve.jsonl"
+    curve_path = work / "eval_curve.jsonl"
     batch_size = cfg["eval"]["batch_size"]
 
     def hook(step: int, model: Any, tokenizer: Any) -> None:
@@ -171,3 +191,15 @@ def export_rl(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
     out = Path(outputs["_list"][0])
     export_hf(final["hf_dir"], out)
     provenance.write_model_record(out, cfg.record(inputs={"final": final.get("provenance")}))
+
+
+def container_image(cfg: StepSettings, *, outputs, **_: Any) -> None:
+    """Pull (apptainer: and convert) the slime image once, to a file under <work_dir>/images, resumably; the
+    train job and the SGLang evaluation run from it, so none of them pays the conversion inside a timeout."""
+    from searchr1.budget import require_free_disk
+    from searchr1.container import fetch_image
+
+    out = Path(outputs["_list"][0])
+    require_free_disk(cfg, "container_image", out.parent)
+    fetch_image(cfg["train"]["slime"], out, log=log.info)
+    log.info("image ready: %s", out)
