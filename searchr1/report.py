@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from searchr1 import provenance  # noqa: E402
-from searchr1.evaluate import FAILURE_CATEGORIES, failure_category, read_jsonl, summarize_rows  # noqa: E402
+from searchr1.stats import FAILURE_CATEGORIES, failure_category, read_jsonl, summarize_rows  # noqa: E402
 from searchr1.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 
 MODELS = ("base", "rl")

@@ -31,17 +31,13 @@ from searchr1.evaluate import (
     evaluate_rows,
     evaluate_split,
     evaluate_with,
-    failure_category,
     load_split,
     partial_path,
     read_done,
-    read_jsonl,
     sglang_server,
-    summarize,
-    summarize_rows,
-    wilson_ci,
 )
 from searchr1.prompt import make_messages
+from searchr1.stats import failure_category, read_jsonl, summarize, summarize_rows, wilson_ci
 from searchr1.toy.tokenizer import build_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from searchr1 import provenance
 from searchr1.report import ema, examples_markdown, load_curve, render_report, stable_hash, typical_failure
-from searchr1.evaluate import read_jsonl
+from searchr1.stats import read_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SPLITS = ["nq_test", "hotpotqa_test"]
@@ -248,3 +248,14 @@ def test_report_refuses_evals_made_under_different_eval_settings(tmp_path: Path)
     path.write_text(json.dumps(meta))
     with pytest.raises(provenance.MixedSettingsError, match=r"'eval\.max_questions'"):
         _render(tmp_path, eval_dir=eval_dir, final_path=final)
+
+
+def test_the_report_needs_neither_the_evaluation_nor_the_agent_stack() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, searchr1.report; print(sorted(m for m in sys.modules if m.startswith('searchr1')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "searchr1.stats" in loaded
+    for module in ("searchr1.evaluate", "searchr1.agent", "searchr1.engines"):
+        assert f"'{module}'" not in loaded
