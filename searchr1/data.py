@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from searchr1.fsutil import write_json_atomic
+from searchr1.fsutil import atomic_path, write_json_atomic
 from searchr1.prompt import make_messages
 
 log = logging.getLogger(__name__)
@@ -229,9 +228,8 @@ def _write_parquet_atomic(df: pd.DataFrame, path: Path, provenance: Mapping[str,
     table = pa.Table.from_pandas(df, preserve_index=False)
     if provenance is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_KEY: json.dumps(provenance)})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def prepare_data(

@@ -1,5 +1,13 @@
 """Atomic file and directory writes: a reader (or a rerun after a kill) sees the old version or the new
-one, never a torn one. Every stage writes its outputs through these."""
+one, never a torn one. Every stage writes its outputs through these; nothing else in the package writes a
+temp file and renames it by hand.
+
+- ``atomic_path(path)``: a temp path beside ``path`` for a writer that wants a file name (faiss, parquet),
+  renamed into place when the block ends without error, removed when it raises.
+- ``open_atomic(path, mode)``: the same with an open file, fsync'd before the rename.
+- ``write_text_atomic`` / ``write_json_atomic`` / ``copy_file_atomic``: whole files.
+- ``publish_dir`` / ``copy_tree_atomic``: whole directories.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +16,47 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp path in ``path``'s directory; rename it to ``path`` when the block ends without
+    error, remove it when the block raises (also on KeyboardInterrupt and SystemExit)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """``open`` a temp file beside ``path`` for writing (``mode`` "w" or "wb"); when the block ends without
+    error it is flushed, fsync'd and renamed to ``path``; when it raises it is removed."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"open_atomic writes a new file: mode 'w' or 'wb', not {mode!r}")
+    if mode == "w":
+        kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` through a synced temp file in the same directory, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with open_atomic(path, "w") as fh:
+        fh.write(text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -36,15 +65,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def publish_dir(dst: str | os.PathLike, fill: Callable[[Path], None]) -> Path:

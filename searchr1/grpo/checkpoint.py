@@ -10,17 +10,17 @@ plain containers, so it loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from searchr1.fsutil import publish_dir, write_text_atomic
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{7})$")
 
@@ -98,21 +98,17 @@ def save_checkpoint(
     root = checkpoints_dir(work_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{completed_steps:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{completed_steps:07d}-", dir=root))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp / "model", safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(capture_rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "completed_steps": completed_steps}, indent=1))
-        if final.exists():  # a rerun re-saving the same step: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    publish_dir(final, fill)  # a rerun re-saving the same step replaces it
     for _, old in list_checkpoints(work_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):  # leftovers of a kill mid-write
+    for stale in [*root.glob(".step_*"), *root.glob(".tmp-step_*")]:  # leftovers of a kill mid-write
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -146,7 +142,5 @@ def truncate_metrics(metrics_path: str | Path, completed_steps: int) -> int:
             break  # a torn last line from a kill: drop it and everything after
         if int(record["step"]) < completed_steps:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
     return len(kept)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from searchr1.fsutil import open_atomic
 from searchr1.retrieval.corpus import build_offsets
 
 
@@ -39,23 +40,19 @@ from searchr1.retrieval.corpus import build_offsets
 def write_synthetic_flat_index(path: Path, n: int, dim: int, *, seed: int = 0, chunk: int = 100_000) -> None:
     """Write a faiss IndexFlatIP file of ``n`` random unit vectors, streaming (no full copy in RAM)."""
     rng = np.random.default_rng(seed)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open_atomic(path, "wb") as f:
         # faiss header: fourcc, d, ntotal, 2 dummies, is_trained, metric (0 = inner product), n floats.
         f.write(b"IxFI" + struct.pack("<iqqqBiQ", dim, n, 1 << 20, 1 << 20, 1, 0, n * dim))
         for start in range(0, n, chunk):
             x = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             f.write(x.tobytes())
-    os.replace(tmp, path)
 
 
 def write_synthetic_corpus(path: Path, n: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomic(path, "w") as f:
         for i in range(n):
             f.write(json.dumps({"id": str(i), "contents": f'"Synthetic {i}"\nSynthetic passage number {i}.'}) + "\n")
-    os.replace(tmp, path)
 
 
 def synthetic_queries(n: int, seed: int = 0) -> list[str]:

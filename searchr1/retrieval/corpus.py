@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from searchr1.fsutil import open_atomic
+
 # Bytes read per chunk while scanning for newlines (offsets, row counts, decompression).
 _SCAN_CHUNK = 16 * 1024 * 1024
 # Bytes hashed at each end of the file for the fingerprint.
@@ -31,10 +33,6 @@ class CorpusError(RuntimeError):
 def offsets_path_for(corpus_path: str | os.PathLike) -> Path:
     """Where the offsets of ``corpus_path`` live: ``<corpus>.offsets.npy``."""
     return Path(str(corpus_path) + ".offsets.npy")
-
-
-def _atomic_tmp(dst: Path) -> Path:
-    return dst.with_name(dst.name + f".tmp{os.getpid()}")
 
 
 def offsets_are_fresh(corpus_path: str | os.PathLike) -> bool:
@@ -80,10 +78,8 @@ def build_offsets(corpus_path: str | os.PathLike, *, force: bool = False) -> Pat
         offsets = offsets[:-1]
     offsets = np.append(offsets, np.int64(size))
 
-    tmp = _atomic_tmp(out)
-    with open(tmp, "wb") as f:
+    with open_atomic(out, "wb") as f:
         np.save(f, offsets)
-    os.replace(tmp, out)
     return out
 
 
@@ -137,15 +133,8 @@ def decompress_gz(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         return dst
     if not src.is_file():
         raise CorpusError(f"compressed corpus not found: {src}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_tmp(dst)
-    try:
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=_SCAN_CHUNK)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with gzip.open(src, "rb") as fin, open_atomic(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, length=_SCAN_CHUNK)
     return dst
 
 

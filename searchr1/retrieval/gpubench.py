@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from searchr1.fsutil import write_json_atomic
+
 FORMAT = "searchr1-gpu-bench/1"
 WIKI18_ROWS = 21_015_324
 # An exact-search hit counts as correct when its fp32 score (q . x over the fp32 vectors) is within
@@ -541,10 +543,7 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
             cell["gpu_model"] = gpu_name
             first = False
             report["results"].setdefault(f"{g}gpu", {})[str(n)] = cell
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out_path.with_name(out_path.name + ".tmp")
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(tmp, out_path)  # after every cell: a run cut short keeps what it measured
+            write_json_atomic(out_path, report)  # after every cell: a run cut short keeps what it measured
     print(markdown_table(report))
     print(out_path)
     ok = all(c["check"]["ok"] for s in report["results"].values() for c in s.values())

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from searchr1.fsutil import atomic_path, open_atomic, write_json_atomic
 from searchr1.retrieval.corpus import CorpusStore, corpus_fingerprint, count_rows
 from searchr1.retrieval.encoder import TextEncoder
 
@@ -38,10 +39,6 @@ class IndexPairError(RuntimeError):
 
 def meta_path_for(index_path: str | os.PathLike) -> Path:
     return Path(str(index_path) + ".meta.json")
-
-
-def _tmp(dst: Path) -> Path:
-    return dst.with_name(dst.name + f".tmp{os.getpid()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +150,7 @@ def write_index_meta(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     out = meta_path_for(index_path)
-    tmp = _tmp(out)
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(out, meta)
     return out
 
 
@@ -209,10 +204,8 @@ def check_pair(index_path: str | os.PathLike, corpus_path: str | os.PathLike) ->
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
+    with open_atomic(path, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def build_index(
@@ -282,10 +275,9 @@ def build_index(
     index = faiss.IndexFlatIP(encoder.dim) if metric == "ip" else faiss.IndexFlatL2(encoder.dim)
     for shard_file in shard_files:
         index.add(np.ascontiguousarray(np.load(shard_file, mmap_mode="r"), dtype=np.float32))
-    tmp = _tmp(out_path)
-    faiss.write_index(index, str(tmp))
+    with atomic_path(out_path) as tmp:
+        faiss.write_index(index, str(tmp))
     del index
-    os.replace(tmp, out_path)
     write_index_meta(out_path, corpus_path, encoder=_encoder_info(encoder), source="built")
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
@@ -307,17 +299,10 @@ def concat_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     total = sum(p.stat().st_size for p in parts)
     if out.exists() and out.stat().st_size == total:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(out)
-    try:
-        with open(tmp, "wb") as fout:
-            for p in parts:
-                with open(p, "rb") as fin:
-                    shutil.copyfileobj(fin, fout, length=64 * 1024 * 1024)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with open_atomic(out, "wb") as fout:
+        for p in parts:
+            with open(p, "rb") as fin:
+                shutil.copyfileobj(fin, fout, length=64 * 1024 * 1024)
     return out
 
 
