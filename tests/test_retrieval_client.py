@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from test_engines import free_port, serve_in_thread
+from helpers import free_port, serve_app
 
 from searchr1.retrieval.client import RetrievalClient, RetrievalError
 
@@ -65,7 +65,7 @@ def run_search(url: str, queries, topk: int = 2, **kwargs):
 
 def test_one_query_per_request_by_default():
     behaviour: dict = {}
-    with serve_in_thread(make_retriever_app(behaviour)) as base:
+    with serve_app(make_retriever_app(behaviour)) as base:
         hits = run_search(base + "/retrieve", ["alpha", "beta", "gamma"], topk=3)
     assert [[h["id"] for h in hs] for hs in hits] == [[f"{q}-{r}" for r in range(3)] for q in ["alpha", "beta", "gamma"]]
     assert hits[0][0] == corpus_row("alpha", 0)
@@ -77,7 +77,7 @@ def test_one_query_per_request_by_default():
 
 def test_batch_mode_sends_one_request():
     behaviour: dict = {}
-    with serve_in_thread(make_retriever_app(behaviour)) as base:
+    with serve_app(make_retriever_app(behaviour)) as base:
         hits = run_search(base + "/retrieve", ["alpha", "beta"], batch=True)
     assert [hs[1]["id"] for hs in hits] == ["alpha-1", "beta-1"]
     assert behaviour["payloads"] == [{"queries": ["alpha", "beta"], "topk": 2, "return_scores": False}]
@@ -85,7 +85,7 @@ def test_batch_mode_sends_one_request():
 
 def test_scored_hits_are_unwrapped_to_rows():
     behaviour = {"reply": {"result": [[{"document": corpus_row("q", 0), "score": 0.5}]]}}
-    with serve_in_thread(make_retriever_app(behaviour)) as base:
+    with serve_app(make_retriever_app(behaviour)) as base:
         assert run_search(base + "/retrieve", ["q"]) == [[corpus_row("q", 0)]]
 
 
@@ -98,7 +98,7 @@ def test_no_queries_no_request():
 
 def test_5xx_is_retried_with_backoff():
     behaviour = {"fail_first": [500, 503]}
-    with serve_in_thread(make_retriever_app(behaviour)) as base:
+    with serve_app(make_retriever_app(behaviour)) as base:
         hits = run_search(base + "/retrieve", ["alpha"], backoff_s=0.01)
     assert hits[0][0]["id"] == "alpha-0"
     assert run_search.stats == {"requests": 3, "retries": 2, "failures": 0}
@@ -106,7 +106,7 @@ def test_5xx_is_retried_with_backoff():
 
 def test_persistent_5xx_raises_after_retries():
     behaviour = {"fail_first": [500] * 10}
-    with serve_in_thread(make_retriever_app(behaviour)) as base:
+    with serve_app(make_retriever_app(behaviour)) as base:
         with pytest.raises(RetrievalError, match=r"HTTP 500.*scripted failure 500.*after 3 attempts") as info:
             run_search(base + "/retrieve", ["alpha"], max_retries=2, backoff_s=0.01)
     assert info.value.status_code == 500
@@ -115,7 +115,7 @@ def test_persistent_5xx_raises_after_retries():
 
 def test_4xx_raises_at_once_with_server_message():
     behaviour = {"fail_first": [422]}
-    with serve_in_thread(make_retriever_app(behaviour)) as base:
+    with serve_app(make_retriever_app(behaviour)) as base:
         with pytest.raises(RetrievalError, match="HTTP 422.*scripted failure 422") as info:
             run_search(base + "/retrieve", ["alpha"], backoff_s=0.01)
     assert info.value.status_code == 422
@@ -131,7 +131,7 @@ def test_unreachable_server_raises_after_retries():
 
 def test_timeouts_are_retried_then_raised():
     behaviour = {"delay_s": 0.5}
-    with serve_in_thread(make_retriever_app(behaviour)) as base:
+    with serve_app(make_retriever_app(behaviour)) as base:
         with pytest.raises(RetrievalError, match="ReadTimeout"):
             run_search(base + "/retrieve", ["alpha"], timeout_s=0.05, max_retries=1, backoff_s=0.01)
     assert run_search.stats["retries"] == 1
@@ -147,7 +147,7 @@ def test_timeouts_are_retried_then_raised():
     ],
 )
 def test_malformed_replies_raise(reply, message):
-    with serve_in_thread(make_retriever_app({"reply": reply})) as base:
+    with serve_app(make_retriever_app({"reply": reply})) as base:
         with pytest.raises(RetrievalError, match=message):
             run_search(base + "/retrieve", ["alpha"])
     assert run_search.stats["failures"] == 1
@@ -155,14 +155,14 @@ def test_malformed_replies_raise(reply, message):
 
 def test_concurrency_is_bounded():
     behaviour = {"delay_s": 0.05}
-    with serve_in_thread(make_retriever_app(behaviour)) as base:
+    with serve_app(make_retriever_app(behaviour)) as base:
         hits = run_search(base + "/retrieve", [f"q{i}" for i in range(12)], concurrency=4)
     assert [hs[0]["id"] for hs in hits] == [f"q{i}-0" for i in range(12)]
     assert 1 <= behaviour["state"]["max_in_flight"] <= 4
 
 
 def test_health():
-    with serve_in_thread(make_retriever_app({})) as base:
+    with serve_app(make_retriever_app({})) as base:
 
         async def main():
             async with RetrievalClient(base + "/retrieve") as client:

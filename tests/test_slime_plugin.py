@@ -14,9 +14,9 @@ import pytest
 import slime_standin
 from fastapi import FastAPI, Request
 from test_agent import chat
-from test_engines import build_tokenizer, free_port, serve_in_thread
+from test_engines import build_tokenizer
 
-from helpers import config
+from helpers import config, free_port, serve_app
 from searchr1.slime_launch import custom_config
 from searchr1 import slime_plugin
 from searchr1.agent import observation_text
@@ -65,7 +65,7 @@ def retriever_url(tmp_path_factory):
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     app = create_app(CorpusStore(corpus_path), encoder, FaissCPUBackend(index))
-    with serve_in_thread(app) as base:
+    with serve_app(app) as base:
         yield base + "/retrieve"
 
 
@@ -151,7 +151,7 @@ def slime(monkeypatch):
 
 def test_generate_fills_the_sample_like_slime(slime, tokenizer, tokenizer_dir, retriever_url, tmp_path):
     Sample = slime.Sample
-    with serve_in_thread(make_policy_app(tokenizer, {})) as sglang:
+    with serve_app(make_policy_app(tokenizer, {})) as sglang:
         args = make_args(tokenizer_dir, sglang, retriever_url, tmp_path)
         sample = Sample(prompt=chat("who wrote the hobbit"), label=GOLDEN, index=0)
         (out,) = run_plugin(args, [sample])
@@ -193,7 +193,7 @@ def test_generate_fills_the_sample_like_slime(slime, tokenizer, tokenizer_dir, r
 def test_token_ids_input_mode(slime, tokenizer, tokenizer_dir, retriever_url, tmp_path):
     """search_input_mode token_ids: the context goes as the exact ids trained on, never re-tokenised."""
     Sample = slime.Sample
-    with serve_in_thread(make_policy_app(tokenizer, {})) as sglang:
+    with serve_app(make_policy_app(tokenizer, {})) as sglang:
         args = make_args(tokenizer_dir, sglang, retriever_url, tmp_path, search_input_mode="token_ids")
         slime.POSTED.clear()
         (out,) = run_plugin(args, [Sample(prompt=chat("who wrote the hobbit"), label=GOLDEN)])
@@ -206,7 +206,7 @@ def test_token_ids_input_mode(slime, tokenizer, tokenizer_dir, retriever_url, tm
 def test_truncated_and_aborted_status(slime, tokenizer, tokenizer_dir, retriever_url, tmp_path):
     Sample = slime.Sample
     behaviour = {"finish_reason": "length"}
-    with serve_in_thread(make_policy_app(tokenizer, behaviour)) as sglang:
+    with serve_app(make_policy_app(tokenizer, behaviour)) as sglang:
         args = make_args(tokenizer_dir, sglang, retriever_url, tmp_path)
         (out,) = run_plugin(args, [Sample(prompt=chat("who wrote the hobbit"), label=GOLDEN)])
         assert out.status == Sample.Status.TRUNCATED
@@ -220,7 +220,7 @@ def test_truncated_and_aborted_status(slime, tokenizer, tokenizer_dir, retriever
 
 def test_retrieval_errors_fail_or_degrade(slime, tokenizer, tokenizer_dir, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/retrieve"
-    with serve_in_thread(make_policy_app(tokenizer, {})) as sglang:
+    with serve_app(make_policy_app(tokenizer, {})) as sglang:
         args = make_args(tokenizer_dir, sglang, dead, tmp_path, search_timeout_s=2.0)
         with pytest.raises(RetrievalError, match="unreachable"):
             run_plugin(args, [slime.Sample(prompt=chat("who wrote the hobbit"), label=GOLDEN)])
