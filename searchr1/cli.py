@@ -3,6 +3,7 @@
     searchr1 retrieval serve|build-index|download-corpus|...   the retriever (python -m searchr1.retrieval)
     searchr1 toy world|tokenizer|model|warmstart               the toy world by hand (python -m searchr1.toy)
     searchr1 config [FILE ...]                                 validate config.yaml (+ FILEs on top), print it
+    searchr1 plan [FILE ...]                                   the run's budget: disk per artifact, GPUs/time per job
     searchr1 provenance PATH                                   what made a result (settings, code, inputs)
 
 The workflow itself runs with `snakemake` (see the README); these are for running or inspecting its parts.
@@ -27,6 +28,20 @@ def _config(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 2
     print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    return 0
+
+
+def _plan(argv: list[str]) -> int:
+    from searchr1.budget import format_plan
+    from searchr1.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        cfg = load_config(root / "config.yaml", *argv)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(format_plan(cfg))
     return 0
 
 
@@ -63,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return _config(rest)
     if command == "provenance":
         return _provenance(rest)
+    if command == "plan":
+        return _plan(rest)
     print(f"searchr1: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
     return 2
 

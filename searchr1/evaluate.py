@@ -190,15 +190,16 @@ def eval_row(row: EvalRow, traj: Trajectory) -> dict[str, Any]:
 # resumable files
 
 
-def partial_path(out_jsonl: str | Path) -> Path:
-    """Where progress accumulates: ``results/eval/base/nq_test.jsonl`` -> ``.../nq_test.partial.jsonl``."""
+def partial_path(out_jsonl: str | Path, partial_dir: str | Path | None = None) -> Path:
+    """Where progress accumulates: ``results/eval/base/nq_test.jsonl`` -> ``.../nq_test.partial.jsonl``, or
+    ``<partial_dir>/nq_test.partial.jsonl`` (the workflow: ``<work_dir>/eval/<model>/``)."""
     out_jsonl = Path(out_jsonl)
-    return out_jsonl.with_name(f"{out_jsonl.stem}.partial.jsonl")
+    return Path(partial_dir or out_jsonl.parent) / f"{out_jsonl.stem}.partial.jsonl"
 
 
-def _fingerprint_path(out_jsonl: str | Path) -> Path:
+def _fingerprint_path(out_jsonl: str | Path, partial_dir: str | Path | None = None) -> Path:
     out_jsonl = Path(out_jsonl)
-    return out_jsonl.with_name(f"{out_jsonl.stem}.partial.meta.json")
+    return Path(partial_dir or out_jsonl.parent) / f"{out_jsonl.stem}.partial.meta.json"
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -308,8 +309,11 @@ async def evaluate_with(
     fingerprint: Mapping[str, Any],
     info: Mapping[str, Any] | None = None,
     progress: bool = True,
+    partial_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``rows`` with a ready engine and retriever; resumable; returns the summary written to out_json.
+
+    Progress accumulates in ``partial_dir`` (default: beside ``out_jsonl``; see :func:`partial_path`).
 
     ``fingerprint`` identifies what is evaluated (model, split, settings): partial progress made under a
     different fingerprint is discarded. ``info`` is copied into the summary (labels, paths).
@@ -320,8 +324,9 @@ async def evaluate_with(
     started_at = _now()
     out_jsonl = Path(out_jsonl)
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    work = partial_path(out_jsonl)
-    meta_path = _fingerprint_path(out_jsonl)
+    work = partial_path(out_jsonl, partial_dir)
+    meta_path = _fingerprint_path(out_jsonl, partial_dir)
+    work.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True))
 
     if work.exists():
@@ -398,6 +403,8 @@ def evaluate_split(
     device: str = "cpu",
     sglang_url: str | None = None,
     sglang_input_mode: str = "text",
+    sglang_skip_special_tokens: bool = False,  # slime's default; the workflow passes agent.skip_special_tokens
+    partial_dir: str | Path | None = None,
     sglang_wrap: Callable[[list[str]], list[str]] | None = None,
     sglang_tp: int = 1,
     sglang_mem_fraction: float | None = None,
@@ -428,6 +435,8 @@ def evaluate_split(
         "batch_size": batch_size,
         "engine": engine,
     }
+    if engine == "sglang":
+        fingerprint["skip_special_tokens"] = sglang_skip_special_tokens
     info = {
         **dict(info or {}),
         "model_label": model_label,
@@ -459,6 +468,7 @@ def evaluate_split(
                 fingerprint=fingerprint,
                 info=info,
                 progress=progress,
+                partial_dir=partial_dir,
             )
         finally:
             await retriever.aclose()
@@ -471,14 +481,16 @@ def evaluate_split(
             run(HFEngine.from_pretrained(model_dir, device=device, max_batch_size=batch_size, seed=seed))
         )
     if sglang_url is not None:
-        return asyncio.run(run(SGLangEngine(sglang_url, input_mode=sglang_input_mode)))
+        engine_ = SGLangEngine(sglang_url, input_mode=sglang_input_mode, skip_special_tokens=sglang_skip_special_tokens)
+        return asyncio.run(run(engine_))
     if sglang_mem_fraction is None:
         raise ValueError("engine 'sglang' needs sglang_mem_fraction (train.slime.sglang_mem_fraction_static)")
     log_path = sglang_log_path or Path(str(out_json) + ".sglang.log")
     with sglang_server(
         model_dir, port=0, tp=sglang_tp, mem_fraction=sglang_mem_fraction, log_path=log_path, wrap=sglang_wrap
     ) as url:
-        return asyncio.run(run(SGLangEngine(url, input_mode=sglang_input_mode)))
+        engine_ = SGLangEngine(url, input_mode=sglang_input_mode, skip_special_tokens=sglang_skip_special_tokens)
+        return asyncio.run(run(engine_))
 
 
 # --------------------------------------------------------------------------------------------------

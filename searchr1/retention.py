@@ -5,7 +5,9 @@ Why our own pruning. At the pinned slime (624b824a) nothing deletes a checkpoint
 (``slime/backends/megatron_utils/actor.py:571-590``) calls Megatron's ``save_checkpoint`` and then, with
 ``--save-hf``, writes one HF copy per save; slime has no retention flag (``slime/utils/arguments.py``: only
 ``--save``, ``--save-interval``, ``--async-save``, ``--no-save-optim``, ``--save-hf``). Megatron's
-``--save-retain-interval`` keeps the last checkpoint plus every N-th *iteration*, not "the last K", and slime
+``--save-retain-interval`` (Megatron-LM 1dcf0daf, the image's, ``megatron/training/checkpointing.py:751-752``:
+after a save the previous iteration is deleted unless it is a multiple of N) keeps the last checkpoint plus
+every N-th *iteration*, not "the last K", and slime
 saves at iteration = rollout id 19, 39, ... (``train.py``: a save after rollout r when (r + 1) % interval == 0,
 ``slime/utils/misc.py:107-128``), so multiples of N rarely line up. So the train job prunes itself, once
 before slime starts (a kill between a save and its prune is cleaned up there) and after every save it sees.

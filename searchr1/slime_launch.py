@@ -91,6 +91,8 @@ class LaunchPaths:
     log_dir: str
     plugin_pythonpath: str  # the directory holding the searchr1 package
     eval_prompt_data: dict[str, str] = field(default_factory=dict)  # name -> parquet (learning-curve evals)
+    work_dir: str | None = None  # the run's work directory (bound into the container as a whole)
+    image_file: str | None = None  # the pulled image (rule container_image); None = the config's image
 
     @classmethod
     def coerce(cls, paths: LaunchPaths | Mapping[str, Any]) -> LaunchPaths:
@@ -178,7 +180,7 @@ def _bind_dirs(paths: LaunchPaths, slime_cfg: Mapping[str, Any]) -> list[str]:
     dirs = [
         paths.plugin_pythonpath, paths.hf_checkpoint, os.path.dirname(paths.train_parquet), paths.save_dir,
         paths.save_hf_dir, os.path.dirname(paths.metrics_path), os.path.dirname(paths.eval_metrics_path),
-        os.path.dirname(paths.custom_config_path), paths.log_dir,
+        os.path.dirname(paths.custom_config_path), paths.log_dir, *([paths.work_dir] if paths.work_dir else []),
         *(os.path.dirname(p) for p in paths.eval_prompt_data.values()),
         *(os.path.abspath(p) for p in slime_cfg["extra_binds"]),
     ]  # fmt: skip
@@ -193,18 +195,30 @@ def _bind_dirs(paths: LaunchPaths, slime_cfg: Mapping[str, Any]) -> list[str]:
 
 
 def wrap_in_container(
-    command: Sequence[str], slime_cfg: Mapping[str, Any], binds: Sequence[str], *, name: str | None = None
+    command: Sequence[str],
+    slime_cfg: Mapping[str, Any],
+    binds: Sequence[str],
+    *,
+    name: str | None = None,
+    image_file: str | None = None,
 ) -> list[str]:
-    """``command`` inside the configured container runtime (apptainer | docker | none)."""
+    """``command`` inside the configured container runtime (apptainer | docker | none).
+
+    Every bind is an absolute host directory mounted at the same path, and no argument is a relative path
+    (searchr1.container.check_absolute), so the command means the same inside as outside. ``image_file`` is
+    the image the ``container_image`` step pulled (a .sif, or a file holding the docker image id).
+    """
+    from searchr1.container import check_absolute, image_ref
+
     runtime = slime_cfg["container_runtime"]
     image = slime_cfg["image"]
     if runtime == "none":
         return list(command)
     if not image:
         raise LaunchError(f"train.slime.image is required with container_runtime {runtime!r}")
+    check_absolute(command, binds)
+    ref = image_ref(slime_cfg, image_file)
     if runtime == "apptainer":
-        is_file = image.endswith(".sif") or image.startswith("/")
-        ref = image if is_file or "://" in image else f"docker://{image}"
         bind = ",".join(f"{d}:{d}" for d in binds)
         return ["apptainer", "exec", "--nv", *(["--bind", bind] if bind else []), ref, *command]
     if runtime == "docker":
@@ -213,7 +227,7 @@ def wrap_in_container(
             out += ["--name", name]
         for d in binds:
             out += ["-v", f"{d}:{d}"]
-        return out + [image, *command]
+        return out + [ref, *command]
     raise LaunchError(f"train.slime.container_runtime {runtime!r}: expected apptainer, docker or none")
 
 
@@ -243,6 +257,8 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
         "--rollout-top-p", _flag_value(train["rollout_top_p"]),
         "--global-batch-size", str(train["global_batch_size"]),
     ]  # fmt: skip
+    if cfg["agent"]["skip_special_tokens"]:  # slime's default (flag unset) sends skip_special_tokens false
+        f.append("--rollout-skip-special-tokens")
     if sl["balance_data"]:
         f.append("--balance-data")
     # perf
@@ -312,6 +328,9 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
             "--eval-interval", str(interval), "--eval-prompt-data", *data,
             "--eval-input-key", "prompt", "--eval-label-key", "reward_model", "--n-samples-per-eval-prompt", "1",
             "--eval-temperature", _flag_value(cfg["eval"]["temperature"]),
+            # the standalone evaluation's top_p 1 / top_k -1 (searchr1.evaluate.eval_agent_config); unset,
+            # slime would fall back to the rollout's (slime/utils/eval_config.py: eval_top_p -> rollout_top_p)
+            "--eval-top-p", "1.0", "--eval-top-k", "-1",
             "--custom-eval-rollout-log-function-path", f"{PLUGIN}.log_eval",
         ]  # fmt: skip
     # resources
@@ -379,6 +398,9 @@ def build_plan(
     binds = _bind_dirs(paths, sl)
     container_name = f"searchr1-slime-{os.getpid()}" if sl["container_runtime"] == "docker" else None
 
+    def wrap(command: list[str], name: str | None = None) -> list[str]:
+        return wrap_in_container(command, sl, binds, name=name, image_file=paths.image_file)
+
     head = [
         "ray", "start", "--head", "--node-ip-address", cluster.head_ip, "--port", str(ray_port),
         "--dashboard-host", DASHBOARD_HOST, "--dashboard-port", str(dashboard_port),
@@ -388,7 +410,7 @@ def build_plan(
     for host in cluster.worker_hosts:
         start = ["ray", "start", "--address", f"{cluster.head_ip}:{ray_port}", "--num-gpus", gpus,
                  "--disable-usage-stats", "--block"]  # fmt: skip
-        workers.append(["srun", "--nodes=1", "--ntasks=1", "-w", host, *wrap_in_container(start, sl, binds)])
+        workers.append(["srun", "--nodes=1", "--ntasks=1", "-w", host, *wrap(start)])
 
     runtime_env = {
         "env_vars": {
@@ -404,11 +426,11 @@ def build_plan(
         "python3", f"{sl['slime_dir'].rstrip('/')}/train.py", *recipe_flags(cfg, paths),
     ]  # fmt: skip
     return LaunchPlan(
-        head_start=wrap_in_container(head, sl, binds, name=container_name),
+        head_start=wrap(head, name=container_name),
         worker_starts=workers,
-        submit=wrap_in_container(submit, sl, binds),
+        submit=wrap(submit),
         # docker: a fresh container cannot see the head's processes, so stop the head's container itself.
-        stop=["docker", "stop", container_name] if container_name else wrap_in_container(["ray", "stop"], sl, binds),
+        stop=["docker", "stop", container_name] if container_name else wrap(["ray", "stop"]),
         dashboard_url=dashboard_url,
         custom_config=custom_config(cfg, paths.retriever_url, paths.metrics_path, paths.eval_metrics_path),
         make_dirs=[paths.save_dir, paths.save_hf_dir, paths.log_dir, os.path.dirname(paths.metrics_path),

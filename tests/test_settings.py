@@ -56,6 +56,7 @@ NOT_CONFIG_VALUES = {
     "searchr1.toy.warmstart.WarmStartConfig.weight_decay": "the warm start's own optimiser, not train.weight_decay",
     "searchr1.toy.warmstart.WarmStartConfig.grad_clip": "the warm start's own optimiser, not train.torch.grad_clip",
     "searchr1.toy.world.World.splits": "the generated question splits (data), not data.splits",
+    "searchr1.slime_launch.LaunchPaths.work_dir": "the train step passes the config's work_dir; None = not bound",
 }
 
 

@@ -30,6 +30,7 @@ STEP_OF_RULE = {
     "build_index": "retrieval.build_index", "retriever_check": "retrieval.retriever_check", "train": "train.train",
     "export_rl": "train.export_rl", "evaluate": "evaluate.evaluate", "report": "report.report",
     "toy_world": "toy.toy_world", "toy_policy_init": "toy.toy_policy_init", "toy_warm_start": "toy.toy_warm_start",
+    "container_image": "train.container_image",
 }  # fmt: skip
 
 
@@ -97,6 +98,8 @@ def stubs(monkeypatch, tmp_path):
     import searchr1.data
     import searchr1.evaluate
     import searchr1.grpo.trainer
+    import searchr1.budget
+    import searchr1.container
     import searchr1.report
     import searchr1.retrieval.corpus
     import searchr1.retrieval.download
@@ -155,6 +158,8 @@ def stubs(monkeypatch, tmp_path):
         (steps_retrieval, "add_index_record", rec("add_index_record")),
         (searchr1.grpo.trainer, "train_grpo", rec("train_grpo", {"export_dir": "x", "steps": 1})),
         (searchr1.slime_launch, "run_plan", rec("run_plan", 0)),
+        (searchr1.budget, "require_free_disk", rec("require_free_disk")),
+        (searchr1.container, "fetch_image", rec("fetch_image")),
         (searchr1.slime_launch, "final_hf_checkpoint", rec("final_hf_checkpoint", Path("hf/iter_1"))),
         (searchr1.slime_launch, "export_hf", rec("export_hf", lambda src, dst: Path(dst).mkdir(parents=True))),
         (searchr1.evaluate, "evaluate_split", rec("evaluate_split", {"em": 0.5, "n": 2})),
@@ -197,8 +202,9 @@ def _paths(rule: str, tmp: Path) -> tuple[dict, dict, dict]:
     model = tmp / "model"
     model.mkdir(exist_ok=True)
     (tmp / "final.json").write_text(json.dumps({"hf_dir": "hf/iter_1", "steps": 1}))
-    (tmp / "results/train/work").mkdir(parents=True, exist_ok=True)
-    (tmp / "results/train/work/metrics.jsonl").write_text('{"step": 0}\n')
+    for work in ("data/work/train", "data/toy/work/train"):  # <work_dir>/train of config.yaml / the toy
+        (tmp / work).mkdir(parents=True, exist_ok=True)
+        (tmp / work / "metrics.jsonl").write_text('{"step": 0}\n')
     inputs = {
         "corpus": str(tmp / "corpus.jsonl"), "index": str(tmp / "index.faiss"), "encoder": str(tmp / "enc"),
         "model": str(model), "base": str(model), "world": str(tmp / "w" / "world.json"),
@@ -231,7 +237,7 @@ def _run(rule: str, params: dict, tmp: Path) -> None:
 
 CASES = [(FULL, rule) for rule in (
     "download_qa", "download_policy", "prepare_data", "download_corpus", "corpus_offsets", "fetch_encoder",
-    "download_index", "retriever_check", "train", "export_rl", "evaluate", "report",
+    "download_index", "retriever_check", "train", "export_rl", "evaluate", "report", "container_image",
 )] + [(TOY, rule) for rule in (
     "toy_world", "toy_policy_init", "toy_warm_start", "build_index", "prepare_data", "retriever_check", "train",
     "evaluate", "report",
