@@ -19,7 +19,9 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 DATA = config["data_dir"]
-WORK = config["work_dir"]  # null in the config = <data_dir>/work (resolved by validate_config)
+WORK = config[
+    "work_dir"
+]  # null in the config = <data_dir>/work (resolved by validate_config)
 TOY = config["scale"] == "toy"
 SPLITS = config["eval"]["splits"]
 MODELS = ["base", "rl"]

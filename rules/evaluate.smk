@@ -8,10 +8,10 @@ EVAL_SGLANG = config["eval"]["engine"] == "sglang"
 rule evaluate:
     input:
         unpack(lambda wc: RETRIEVER_INPUTS),
+        **(IMAGE_INPUT if EVAL_SGLANG else {}),
         model=model_dir,
         split="results/data/{split}.parquet",
         retriever_check="results/retriever/check.json",
-        **(IMAGE_INPUT if EVAL_SGLANG else {}),
     output:
         jsonl="results/eval/{model}/{split}.jsonl",
         summary="results/eval/{model}/{split}.json",

@@ -7,7 +7,8 @@ if IMAGE:
 
     rule container_image:
         """The slime image, pulled (apptainer: converted to a .sif) once, resumably, with progress in the log:
-        no later step pays the conversion inside a start-up timeout (searchr1.container)."""
+        no later step pays the conversion inside a start-up timeout (searchr1.container).
+        """
         output:
             IMAGE,
         log:
@@ -16,6 +17,8 @@ if IMAGE:
             "benchmarks/container_image.tsv"
         # Light on CPU but needs the registry: runs where Snakemake runs (on SLURM, the login node).
         localrule: True
+        conda:
+            "../envs/retriever.yaml"
         threads: RES["download"]["cpus"]
         resources:
             **job_resources("download"),
@@ -32,15 +35,14 @@ if IMAGE:
             "../scripts/container_image.py"
 
 
-
 rule train:
     input:
         unpack(lambda wc: RETRIEVER_INPUTS),
+        **(IMAGE_INPUT if TRAIN_BACKEND == "slime" else {}),
         train="results/data/train.parquet",
         splits=expand("results/data/{split}.parquet", split=SPLITS),
         base=BASE_MODEL_DIR,
         retriever_check="results/retriever/check.json",
-        **(IMAGE_INPUT if TRAIN_BACKEND == "slime" else {}),
     output:
         metrics="results/train/metrics.jsonl",
         final="results/train/final.json",

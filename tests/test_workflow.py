@@ -19,7 +19,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 FULL_JOBS = {
     "download_qa": 1, "prepare_data": 1, "download_corpus": 1, "corpus_offsets": 1, "download_index": 1,
     "fetch_encoder": 1, "download_policy": 1, "retriever_check": 1, "train": 1, "export_rl": 1,
-    "evaluate": 4, "report": 1,
+    "evaluate": 4, "report": 1, "container_image": 1,
 }  # fmt: skip
 TOY_JOBS = {
     "toy_world": 1, "prepare_data": 1, "corpus_offsets": 1, "build_index": 1, "fetch_encoder": 1,
