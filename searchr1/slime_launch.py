@@ -470,7 +470,7 @@ def run_plan(
     head waited for until its dashboard answers): on every exit path, SIGTERM from Snakemake/SLURM
     included, what was started is stopped, newest first, and then ``ray stop`` runs if a head was started.
     """
-    from searchr1.grpo.checkpoint import truncate_metrics
+    from searchr1.metrics_file import truncate_metrics
 
     for d in plan.make_dirs:
         Path(d).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from searchr1.fsutil import publish_dir, write_text_atomic
+from searchr1.fsutil import publish_dir
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{7})$")
 
@@ -125,22 +125,3 @@ def load_latest_checkpoint(work_dir: str | Path) -> LoadedCheckpoint | None:
         rng_state=torch.load(path / "rng.pt", weights_only=True),
         state=json.loads((path / "state.json").read_text()),
     )
-
-
-def truncate_metrics(metrics_path: str | Path, completed_steps: int) -> int:
-    """Keep only the metric lines of steps < ``completed_steps`` (0-based); return how many remain."""
-    path = Path(metrics_path)
-    if not path.exists():
-        return 0
-    kept = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn last line from a kill: drop it and everything after
-        if int(record["step"]) < completed_steps:
-            kept.append(line)
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-    return len(kept)

@@ -25,12 +25,12 @@ from searchr1.grpo.checkpoint import (
     load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    truncate_metrics,
 )
 from searchr1.grpo.data import PromptOrder, load_prompt_rows
 from searchr1.grpo.logprobs import TokenBatch, scored_positions, token_logprobs
 from searchr1.grpo.objective import group_advantages, grpo_loss
 from searchr1.grpo.settings import GRPOSettings
+from searchr1.metrics_file import truncate_metrics
 
 EvalHook = Callable[[int, Any, Any], None]
 

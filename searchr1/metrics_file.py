@@ -1,0 +1,28 @@
+"""The per-step metrics file (JSON lines, one ``{"step": n, ...}`` a step), shared by our torch trainer and
+the slime launcher; torch-free, so the launcher's imports stay light."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from searchr1.fsutil import write_text_atomic
+
+
+def truncate_metrics(metrics_path: str | Path, completed_steps: int) -> int:
+    """Keep only the metric lines of steps < ``completed_steps`` (0-based); return how many remain."""
+    path = Path(metrics_path)
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill: drop it and everything after
+        if int(record["step"]) < completed_steps:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return len(kept)
