@@ -24,7 +24,9 @@ WORK = config[
 ]  # null in the config = <data_dir>/work (resolved by validate_config)
 TOY = config["scale"] == "toy"
 SPLITS = config["eval"]["splits"]
-MODELS = ["base", "rl"]
+# Evaluated models: the base policy, the RL checkpoint, then eval.models in config order (headline rows).
+EVAL_MODELS = config["eval"]["models"]
+MODELS = ["base", "rl", *EVAL_MODELS]
 RES = config["resources"]
 TRAIN_RES = config["train"]["resources"]
 EVAL_RES = config["eval"]["resources"]
@@ -183,8 +185,19 @@ TRAIN_MESSAGE = (
 )
 
 
+def eval_model_dir(name):
+    """Where model `name` is evaluated from: base, rl, a download of eval.models (rule download_model_<name>)
+    or its local directory."""
+    if name == "base":
+        return BASE_MODEL_DIR
+    if name == "rl":
+        return RL_MODEL_DIR
+    spec = EVAL_MODELS[name]
+    return spec["path"] if "path" in spec else f"{DATA}/models/eval/{name}"
+
+
 def model_dir(wildcards):
-    return BASE_MODEL_DIR if wildcards.model == "base" else RL_MODEL_DIR
+    return eval_model_dir(wildcards.model)
 
 
 wildcard_constraints:

@@ -52,3 +52,31 @@ rule evaluate:
         ),
     script:
         "../scripts/evaluate.py"
+
+
+# eval.models given as an HF repo: one download rule per model, declaring only that model's entry (a new
+# revision of one model re-downloads and re-evaluates that model alone).
+for _name, _spec in EVAL_MODELS.items():
+    if "repo" not in _spec:
+        continue
+
+    rule:
+        name:
+            f"download_model_{_name}"
+        output:
+            directory(f"{DATA}/models/eval/{_name}"),
+        log:
+            f"logs/download_model/{_name}.log",
+        benchmark:
+            f"benchmarks/download_model/{_name}.tsv"
+        # Light: runs where Snakemake runs (on SLURM, the login node, which has internet access).
+        localrule: True
+        conda:
+            "../envs/retriever.yaml"
+        threads: RES["download"]["cpus"]
+        resources:
+            **job_resources("download"),
+        params:
+            **settings("data_dir", f"eval.models.{_name}"),
+        script:
+            "../scripts/download_model.py"

@@ -1,13 +1,27 @@
-# The headline table, plots and base-vs-RL examples, with every input's provenance.
+# The headline table (one row per evaluated model), plots and the examples of two models (eval.compare).
+# With eval.interval, the learning curve (EM on eval.curve_subset questions every eval.interval rollouts) is an
+# input and results/plots/em_curve.png an output, with every input's provenance.
 
 
 rule report:
     input:
+        **({"curve": "results/train/eval_curve.jsonl"} if CURVE else {}),
         evals=expand("results/eval/{model}/{split}.json", model=MODELS, split=SPLITS),
         jsonls=expand("results/eval/{model}/{split}.jsonl", model=MODELS, split=SPLITS),
         metrics="results/train/metrics.jsonl",
         final="results/train/final.json",
     output:
+        **(
+            {
+                "em_curve": report(
+                    "results/plots/em_curve.png",
+                    caption="../docs/report/em_curve.rst",
+                    category="Training",
+                )
+            }
+            if CURVE
+            else {}
+        ),
         headline=report(
             "results/headline.md",
             caption="../docs/report/headline.rst",
@@ -41,6 +55,13 @@ rule report:
     resources:
         **job_resources("report"),
     params:
-        **settings("scale", "published", "eval.splits"),
+        **settings(
+            "scale",
+            "published",
+            "eval.splits",
+            "eval.models",
+            "eval.compare",
+            "eval.interval",
+        ),
     script:
         "../scripts/report.py"

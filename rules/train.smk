@@ -44,6 +44,7 @@ rule train:
         base=BASE_MODEL_DIR,
         retriever_check="results/retriever/check.json",
     output:
+        **({"curve": "results/train/eval_curve.jsonl"} if CURVE else {}),
         metrics="results/train/metrics.jsonl",
         final="results/train/final.json",
     log:

@@ -92,6 +92,18 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
                 f"config key 'eval.splits': split {split!r} is not defined in data.splits "
                 f"({', '.join(cfg['data']['splits'])})"
             )
+    for name in ev["models"]:
+        if name in ("base", "rl"):
+            problems.append(f"config key 'eval.models': {name!r} is reserved (the base policy and the RL checkpoint)")
+    known = list(dict.fromkeys(["base", "rl", *ev["models"]]))
+    for name in ev["compare"]:
+        if name not in known:
+            problems.append(f"config key 'eval.compare': model {name!r} is not one of {', '.join(known)}")
+    if len(set(ev["compare"])) != len(ev["compare"]):
+        problems.append(f"config key 'eval.compare': needs two different models, got {list(ev['compare'])}")
+    for name in cfg["published"]:
+        if name not in known:
+            problems.append(f"config key 'published': model {name!r} is not one of {', '.join(known)}")
     slime = train["slime"]
     if train["backend"] == "slime":
         gpus = slime["nodes"] * slime["gpus_per_node"]

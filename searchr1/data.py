@@ -163,6 +163,31 @@ def download_snapshot(
     return Path(path)
 
 
+MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.jinja")
+
+
+def download_model(
+    repo_id: str, *, dest_dir: Path, revision: str, lock_path: Path, allow_patterns: Iterable[str] = MODEL_PATTERNS
+) -> Path:
+    """Download an HF model repo (weights, config, tokenizer) file by file through :func:`download_files`:
+    each file verified (sha256 against the lock file, else the hub's LFS etag) and its resolved commit and
+    sha256 locked in ``lock_path``, so a rerun that finds the revision moved fails instead of mixing weights."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi
+
+    patterns = list(allow_patterns)
+    names = [
+        name
+        for name in HfApi().list_repo_files(repo_id, revision=revision, repo_type="model")
+        if any(fnmatch(Path(name).name, p) for p in patterns)
+    ]
+    if not any(n.endswith(".safetensors") for n in names):
+        raise DownloadError(f"{repo_id}@{revision}: no *.safetensors weights in the repo (files: {names})")
+    download_files(repo_id, names, dest_dir=dest_dir, revision=revision, repo_type="model", lock_path=lock_path)
+    return Path(dest_dir)
+
+
 # --- Search-R1 rows --------------------------------------------------------------------------------------
 
 ROW_COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info")

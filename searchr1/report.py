@@ -27,7 +27,7 @@ from searchr1 import provenance  # noqa: E402
 from searchr1.stats import FAILURE_CATEGORIES, failure_category, read_jsonl, summarize_rows  # noqa: E402
 from searchr1.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 
-MODELS = ("base", "rl")
+MODELS = ("base", "rl")  # always evaluated; eval.models adds named ones after them
 MODEL_NAMES = {"base": "base", "rl": "RL"}
 SPLIT_NAMES = {"nq_test": "NQ", "hotpotqa_test": "HotpotQA", "nq": "NQ", "hotpotqa": "HotpotQA"}
 FIGSIZE = (7, 4)
@@ -37,6 +37,15 @@ DEFAULT_EXAMPLES = 3
 
 def split_name(split: str) -> str:
     return SPLIT_NAMES.get(split, split)
+
+
+def model_name(model: str) -> str:
+    return MODEL_NAMES.get(model, model)
+
+
+def mean_em(summaries: Mapping[tuple[str, str], Mapping[str, Any]], model: str, splits: Sequence[str]) -> float:
+    """The unweighted mean of a model's EM over the splits (the "Avg." the Search-R1 papers report)."""
+    return sum(summaries[(model, s)]["em"] for s in splits) / len(splits)
 
 
 def stable_hash(text: str) -> str:
@@ -75,6 +84,16 @@ def load_metrics(metrics_path: Path) -> list[dict[str, Any]]:
             if key not in row:
                 raise ValueError(f"{metrics_path}: line {i + 1} lacks {key!r}")
     return sorted(rows, key=lambda r: r["step"])
+
+
+def load_curve_points(curve_path: Path, splits: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """The learning-curve points of searchr1.evaluate.append_curve_point per split, sorted by step, with n
+    and the 95% interval (other line formats: :func:`load_curve`)."""
+    points: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
+    for row in read_jsonl(_require(curve_path)):
+        if row.get("split") in points and "em" in row:
+            points[row["split"]].append(row)
+    return {s: sorted(p, key=lambda r: r["step"]) for s, p in points.items() if p}
 
 
 def load_curve(curve_path: Path, splits: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
@@ -229,25 +248,38 @@ def headline_table(
     published: Mapping[str, Mapping[str, float]],
     splits: Sequence[str],
     comparable: bool,
+    models: Sequence[str] = MODELS,
 ) -> list[str]:
+    """One row per model (in ``models`` order), then RL − base; with several splits an average over them."""
+    average = len(splits) > 1
     header = ["model"]
     for split in splits:
         name = split_name(split)
         header += [f"{name} EM [95% CI]", f"{name} published", f"{name} diff"]
+    if average:
+        header += ["average EM", "average published", "average diff"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def pub(model: str, split: str) -> float | None:
         value = published.get(model, {}).get(split)
         return None if value is None else float(value)
 
-    for model in MODELS:
-        cells = [MODEL_NAMES[model]]
+    def pub_avg(model: str) -> float | None:
+        values = [pub(model, s) for s in splits]
+        return None if any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
+
+    for model in models:
+        cells = [model_name(model)]
         for split in splits:
             ours = summaries[(model, split)]["em"]
             p = pub(model, split)
             cells.append(_fmt_em(summaries[(model, split)]))
             cells.append("—" if p is None else f"{p:.3f}")
             cells.append("—" if p is None or not comparable else _signed(ours - p))
+        if average:
+            ours, p = mean_em(summaries, model, splits), pub_avg(model)
+            cells += [f"{ours:.3f}", "—" if p is None else f"{p:.3f}",
+                      "—" if p is None or not comparable else _signed(ours - p)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["delta (RL − base)"]
     for split in splits:
@@ -259,6 +291,11 @@ def headline_table(
             "—" if p is None else _signed(p),
             "—" if p is None or not comparable else _signed(ours - p),
         ]
+    if average:
+        ours = mean_em(summaries, "rl", splits) - mean_em(summaries, "base", splits)
+        pb, pr = pub_avg("base"), pub_avg("rl")
+        p = None if pb is None or pr is None else pr - pb
+        cells += [_signed(ours), "—" if p is None else _signed(p), "—" if p is None or not comparable else _signed(ours - p)]
     lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -267,9 +304,10 @@ def behaviour_table(
     summaries: Mapping[tuple[str, str], Mapping[str, Any]],
     rows: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
     splits: Sequence[str],
+    models: Sequence[str] = MODELS,
 ) -> list[str]:
-    columns = [(m, s) for s in splits for m in MODELS]
-    header = ["behaviour"] + [f"{split_name(s)} {MODEL_NAMES[m]}" for m, s in columns]
+    columns = [(m, s) for s in splits for m in models]
+    header = ["behaviour"] + [f"{split_name(s)} {model_name(m)}" for m, s in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     spec = [
         ("searched at least once", lambda s, r: _pct(s["searched_at_least_once"])),
@@ -306,6 +344,25 @@ def training_summary(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def curve_summary(points: Mapping[str, Sequence[Mapping[str, Any]]], every: int | None) -> list[str]:
+    """The learning curve in the headline: per split, EM [95% CI] at the first and the last point."""
+    if not points:
+        return []
+    n = max(p["n"] for ps in points.values() for p in ps if "n" in p) if any(
+        "n" in p for ps in points.values() for p in ps) else None  # fmt: skip
+    head = "- learning curve (greedy EM" + (f" on the first {n} questions of each split" if n else "")
+    head += (f", every {every} rollouts" if every else "") + "; plot below):"
+    lines = [head]
+    for split, ps in points.items():
+
+        def at(p: Mapping[str, Any]) -> str:
+            ci = f" [{p['ci95_low']:.3f}, {p['ci95_high']:.3f}]" if "ci95_low" in p else ""
+            return f"step {p['step']} {p['em']:.3f}{ci}"
+
+        lines.append(f"  - {split_name(split)}: {len(ps)} points, {at(ps[0])} → {at(ps[-1])}")
+    return lines
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -324,7 +381,7 @@ def _fence(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
-def _example(base: Mapping[str, Any], rl: Mapping[str, Any]) -> list[str]:
+def _example(base: Mapping[str, Any], rl: Mapping[str, Any], names: tuple[str, str] = ("base", "RL")) -> list[str]:
     def verdict(r: Mapping[str, Any]) -> str:
         answer = f"answer {r['extracted_answer']!r}"
         if r.get("response_answer") is None and r["extracted_answer"] is not None:
@@ -336,11 +393,11 @@ def _example(base: Mapping[str, Any], rl: Mapping[str, Any]) -> list[str]:
         "",
         f"Golden answers: {', '.join(repr(g) for g in base['golden_answers'])}",
         "",
-        f"**base** ({verdict(base)})",
+        f"**{names[0]}** ({verdict(base)})",
         "",
         _fence(base["response"]),
         "",
-        f"**RL** ({verdict(rl)})",
+        f"**{names[1]}** ({verdict(rl)})",
         "",
         _fence(rl["response"]),
         "",
@@ -351,29 +408,33 @@ def examples_markdown(
     rows: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
     splits: Sequence[str],
     n_examples: int,
+    compare: Sequence[str] = ("base", "rl"),
 ) -> str:
+    first, second = compare
+    a_name, b_name = model_name(first), model_name(second)
+    a_cap = a_name[:1].upper() + a_name[1:]
     lines = [
-        "# Base vs RL: example trajectories",
+        f"# {a_cap} vs {b_name}: example trajectories",
         "",
-        "Greedy trajectories of the base and the RL policy on the same questions. Each block is the response "
+        f"Greedy trajectories of {a_name} and {b_name} (eval.compare) on the same questions. Each block is the response "
         "(the model's turns and the retrieved `<information>`); the prompt before it is the chat-templated "
         "Search-R1 instruction with the question. The verdict is the seed's: the last `<answer>` of prompt + "
         "response. Questions are picked in the order of a SHA-256 hash of their id (deterministic, not random).",
         "",
     ]
     for split in splits:
-        base_rows = {r["id"]: r for r in rows[("base", split)]}
-        rl_rows = {r["id"]: r for r in rows[("rl", split)]}
+        base_rows = {r["id"]: r for r in rows[(first, split)]}
+        rl_rows = {r["id"]: r for r in rows[(second, split)]}
         ids = sorted(base_rows, key=stable_hash)
         improved = [i for i in ids if base_rows[i]["em"] < 1.0 <= rl_rows[i]["em"]]
         rl_wrong = [i for i in ids if rl_rows[i]["em"] < 1.0]
         lines += [f"## {split_name(split)}", ""]
-        for title, chosen in (("Base wrong, RL right", improved), ("RL wrong", rl_wrong)):
+        for title, chosen in ((f"{a_cap} wrong, {b_name} right", improved), (f"{b_name} wrong", rl_wrong)):
             lines += [f"### {title} ({min(n_examples, len(chosen))} of {len(chosen)})", ""]
             if not chosen:
                 lines += ["None.", ""]
             for i in chosen[:n_examples]:
-                lines += _example(base_rows[i], rl_rows[i])
+                lines += _example(base_rows[i], rl_rows[i], (a_name, b_name))
     return "\n".join(lines)
 
 
@@ -396,6 +457,9 @@ def render_report(
     provenance_json: str | Path | None = None,
     curve_path: str | Path | None = None,
     n_examples: int = DEFAULT_EXAMPLES,
+    models: Sequence[str] = MODELS,
+    compare: Sequence[str] = ("base", "rl"),
+    curve_every: int | None = None,
 ) -> None:
     """Render results/headline.md, the plots and results/examples.md from the eval and training files.
 
@@ -407,30 +471,35 @@ def render_report(
         raise ValueError(f"scale must be 'full' or 'toy', got {scale!r}")
     if not splits:
         raise ValueError("no splits to report")
+    models = list(dict.fromkeys([*MODELS, *models]))
+    if len(compare) != 2 or any(m not in models for m in compare):
+        raise ValueError(f"compare must name two of the evaluated models {models}, got {list(compare)}")
     eval_dir, out_md, examples_md, plots_dir = Path(eval_dir), Path(out_md), Path(examples_md), Path(plots_dir)
     metrics = load_metrics(Path(metrics_path))
     curve = load_curve(Path(curve_path), splits) if curve_path is not None else None
+    curve_points = load_curve_points(Path(curve_path), splits) if curve_path is not None else {}
 
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     summaries: dict[tuple[str, str], dict[str, Any]] = {}
     metas: dict[tuple[str, str], dict[str, Any]] = {}
     for split in splits:
-        for model in MODELS:
+        for model in models:
             rows[(model, split)], summaries[(model, split)], metas[(model, split)] = load_eval(eval_dir, model, split)
         base_ids = {r["id"] for r in rows[("base", split)]}
-        rl_ids = {r["id"] for r in rows[("rl", split)]}
-        if base_ids != rl_ids:
-            raise ValueError(
-                f"base and RL were evaluated on different questions of {split} "
-                f"({len(base_ids)} vs {len(rl_ids)} ids, {len(base_ids ^ rl_ids)} differ): "
-                f"{eval_dir / 'base' / (split + '.jsonl')} vs {eval_dir / 'rl' / (split + '.jsonl')}"
-            )
+        for model in models[1:]:
+            ids = {r["id"] for r in rows[(model, split)]}
+            if base_ids != ids:
+                raise ValueError(
+                    f"base and {model_name(model)} were evaluated on different questions of {split} "
+                    f"({len(base_ids)} vs {len(ids)} ids, {len(base_ids ^ ids)} differ): "
+                    f"{eval_dir / 'base' / (split + '.jsonl')} vs {eval_dir / model / (split + '.jsonl')}"
+                )
 
     records: dict[str, Any] = {}
     if final_path is not None:
         records[str(final_path)] = provenance.of_json(final_path)
     for split in splits:
-        for model in MODELS:
+        for model in models:
             records[str(eval_dir / model / f"{split}.json")] = metas[(model, split)].get("provenance")
     provenance.check_consistent({**records, "this report": record})
 
@@ -450,7 +519,7 @@ def render_report(
         "",
         "## Exact match",
         "",
-        *headline_table(summaries, published, splits, comparable),
+        *headline_table(summaries, published, splits, comparable, models),
         "",
         "EM is Search-R1's reward (the last `<answer>` of prompt + response, SQuAD-normalised exact match); "
         "the interval is the 95% Wilson score interval. Published numbers are the seed run's "
@@ -464,7 +533,7 @@ def render_report(
         "",
         "## Behaviour",
         "",
-        *behaviour_table(summaries, rows, splits),
+        *behaviour_table(summaries, rows, splits, models),
         "",
         "Rates are over all questions of the split. *grounded*: the extracted answer appears (normalised) in "
         "the retrieved text; *golden answer retrieved*: a golden answer appears in the retrieved text. "
@@ -473,6 +542,7 @@ def render_report(
         "## Training",
         "",
         *training_summary(metrics),
+        *curve_summary(curve_points, curve_every),
         "",
         "## Plots",
         "",
@@ -485,12 +555,13 @@ def render_report(
     }
     for name, path in plots.items():
         lines += [f"![{titles[name]}]({_rel(path, out_md)})", ""]
-    lines += ["## Examples", "", f"Base-vs-RL trajectories: [{examples_md.name}]({_rel(examples_md, out_md)})", ""]
+    pair = " vs ".join(model_name(m) for m in compare)
+    lines += ["## Examples", "", f"{pair} trajectories: [{examples_md.name}]({_rel(examples_md, out_md)})", ""]
     lines += provenance_section(records, record, provenance_json, out_md)
 
     out_md.parent.mkdir(parents=True, exist_ok=True)
     examples_md.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(examples_md, examples_markdown(rows, splits, n_examples) + "\n")
+    write_text_atomic(examples_md, examples_markdown(rows, splits, n_examples, compare) + "\n")
     if provenance_json is not None:
         write_json_atomic(provenance_json, {"provenance": dict(record), "inputs": records})
     write_text_atomic(out_md, "\n".join(lines))

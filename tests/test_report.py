@@ -62,13 +62,17 @@ def test_headline_numbers_full_scale(tmp_path: Path) -> None:
     assert REPORT_RECORD["settings_hash"] in md and REPORT_RECORD["code"]["source_sha"] in md and "**full**" in md
     # base NQ: 4/10 -> 0.400, Wilson 95% [0.168, 0.687]; HotpotQA: 1/5 -> 0.200 [0.036, 0.624]
     base = _table_row(md, "base")
-    assert base == ["base", "0.400 [0.168, 0.687]", "0.162", "+0.238", "0.200 [0.036, 0.624]", "0.098", "+0.102"]
+    # then the average over the splits (the Search-R1 papers' "Avg."): (0.4 + 0.2) / 2 vs (0.162 + 0.0984) / 2
+    assert base == ["base", "0.400 [0.168, 0.687]", "0.162", "+0.238", "0.200 [0.036, 0.624]", "0.098", "+0.102",
+                    "0.300", "0.130", "+0.170"]  # fmt: skip
     # RL NQ 8/10 -> 0.800 [0.490, 0.943]; HotpotQA 3/5 -> 0.600 [0.231, 0.882]
     rl = _table_row(md, "RL")
-    assert rl == ["RL", "0.800 [0.490, 0.943]", "0.458", "+0.342", "0.600 [0.231, 0.882]", "0.338", "+0.262"]
+    assert rl == ["RL", "0.800 [0.490, 0.943]", "0.458", "+0.342", "0.600 [0.231, 0.882]", "0.338", "+0.262",
+                  "0.700", "0.398", "+0.302"]  # fmt: skip
     delta = _table_row(md, "delta (RL − base)")
     # ours +0.400 vs published +0.2956 -> +0.104; HotpotQA ours +0.400 vs +0.2397 -> +0.160
-    assert delta == ["delta (RL − base)", "+0.400", "+0.296", "+0.104", "+0.400", "+0.240", "+0.160"]
+    assert delta == ["delta (RL − base)", "+0.400", "+0.296", "+0.104", "+0.400", "+0.240", "+0.160",
+                     "+0.400", "+0.268", "+0.132"]  # fmt: skip
 
 
 def test_behaviour_table(tmp_path: Path) -> None:
@@ -259,3 +263,44 @@ def test_the_report_needs_neither_the_evaluation_nor_the_agent_stack() -> None:
     assert "searchr1.stats" in loaded
     for module in ("searchr1.evaluate", "searchr1.agent", "searchr1.engines"):
         assert f"'{module}'" not in loaded
+
+
+def test_headline_with_named_models_in_config_order_and_any_compared_pair(tmp_path: Path) -> None:
+    """eval.models: a row per model after base and RL (config order), the average column for each, and the
+    examples of any two named models (eval.compare)."""
+    import shutil
+
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(FIXTURES / "eval", eval_dir)
+    shutil.copytree(eval_dir / "base", eval_dir / "zeta")  # named models keep config order, not sorted
+    shutil.copytree(eval_dir / "rl", eval_dir / "alpha")
+    results = tmp_path / "results"
+    render_report(
+        eval_dir=eval_dir, metrics_path=FIXTURES / "metrics.jsonl", published={**PUBLISHED, "alpha": {"nq_test": 0.5}},
+        splits=SPLITS, out_md=results / "headline.md", examples_md=results / "examples.md",
+        plots_dir=results / "plots", scale="full", record=REPORT_RECORD, n_examples=1,
+        models=["base", "rl", "zeta", "alpha"], compare=("zeta", "alpha"),
+    )  # fmt: skip
+    md = (results / "headline.md").read_text()
+    rows = [line.split("|")[1].strip() for line in md.split("## Exact match")[1].split("## Behaviour")[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| model")]  # fmt: skip
+    assert rows == ["base", "RL", "zeta", "alpha", "delta (RL − base)"]
+    base = _table_row(md, "base")
+    assert _table_row(md, "zeta") == ["zeta", base[1], "—", "—", base[4], "—", "—", "0.300", "—", "—"]
+    alpha = _table_row(md, "alpha")
+    assert alpha[1:4] == ["0.800 [0.490, 0.943]", "0.500", "+0.300"] and alpha[7:] == ["0.700", "—", "—"]
+    assert "HotpotQA zeta" in md and "HotpotQA alpha" in md  # behaviour columns for every model
+    examples = (results / "examples.md").read_text()
+    assert examples.startswith("# Zeta vs alpha") and "### Zeta wrong, alpha right (1 of 4)" in examples
+    with pytest.raises(ValueError, match="compare must name two of the evaluated models"):
+        render_report(
+            eval_dir=eval_dir, metrics_path=FIXTURES / "metrics.jsonl", published=PUBLISHED, splits=SPLITS,
+            out_md=results / "h2.md", examples_md=results / "x2.md", plots_dir=results / "plots", scale="full",
+            record=REPORT_RECORD, models=["base", "rl"], compare=("base", "zeta"),
+        )  # fmt: skip
+
+
+def test_learning_curve_summary_in_headline(tmp_path: Path) -> None:
+    md = (_render(tmp_path) / "headline.md").read_text()
+    assert "- learning curve (greedy EM" in md
+    assert "  - NQ: " in md and " → step " in md

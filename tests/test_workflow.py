@@ -24,7 +24,7 @@ FULL_JOBS = {
 TOY_JOBS = {
     "toy_world": 1, "prepare_data": 1, "corpus_offsets": 1, "build_index": 1, "fetch_encoder": 1,
     "toy_policy_init": 1, "toy_warm_start": 1, "retriever_check": 1, "train": 1, "export_rl": 1,
-    "evaluate": 4, "report": 1,
+    "evaluate": 6, "report": 1,  # base, rl and eval.models' init (the policy before warm start) x 2 splits
 }  # fmt: skip
 
 
@@ -65,6 +65,23 @@ def test_toy_dry_run(workdir):
     res = snakemake("--profile", "profiles/toy", "-n", "results/headline.md", cwd=workdir)
     assert res.returncode == 0, res.stderr + res.stdout
     assert job_counts(res.stdout) == TOY_JOBS
+
+
+PUBLISHED_MODEL = "eval:\n  models:\n    searchr1_7b: {repo: PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-7b-em-ppo, revision: main}\n"
+
+
+def test_named_model_dry_run(workdir):
+    """eval.models: one more download and an evaluate job per split; evaluating it alone trains nothing."""
+    (workdir / "extra.yaml").write_text(PUBLISHED_MODEL)
+    res = snakemake("-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/headline.md", cwd=workdir)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert job_counts(res.stdout) == {**FULL_JOBS, "evaluate": 6, "download_model_searchr1_7b": 1}
+    res = snakemake("-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/eval/searchr1_7b/nq_test.json",
+                    cwd=workdir)  # fmt: skip
+    assert res.returncode == 0, res.stderr + res.stdout
+    counts = job_counts(res.stdout)
+    assert counts["evaluate"] == 1 and counts["download_model_searchr1_7b"] == 1
+    assert not {"train", "export_rl", "download_policy", "report"} & set(counts)
 
 
 def test_index_build_switch(workdir):

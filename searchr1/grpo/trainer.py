@@ -330,6 +330,10 @@ def train_grpo(
                 flush=True,
             )
             done = step + 1
+            # The learning-curve point before the checkpoint: a kill between the two resumes from the previous
+            # checkpoint and evaluates this step again (the hook replaces its point), never skips it.
+            if eval_hook is not None and s.eval_interval and done % s.eval_interval == 0:
+                eval_hook(step, policy, tokenizer)
             if done % s.checkpoint_interval == 0 or done == s.num_rollout:
                 save_checkpoint(
                     work_dir,
@@ -342,8 +346,6 @@ def train_grpo(
             if s.save_hf_interval and done % s.save_hf_interval == 0 and done != s.num_rollout:
                 # an HF export kept at the configured interval (the final one is export_dir, below)
                 _atomic_export(policy, tokenizer, work_dir / "hf" / f"iter_{done}")
-            if eval_hook is not None and s.eval_interval and done % s.eval_interval == 0:
-                eval_hook(step, policy, tokenizer)
     finally:
         if own_retriever:
             loop.run_until_complete(retriever.aclose())

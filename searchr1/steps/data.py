@@ -45,6 +45,17 @@ def download_policy(cfg: StepSettings, *, outputs, **_: Any) -> None:
     provenance.write_model_record(out, cfg.record())
 
 
+def download_model(cfg: StepSettings, *, outputs, **_: Any) -> None:
+    """A named model of eval.models given as an HF repo (its rule declares only that model's entry)."""
+    from searchr1.data import download_model as download
+
+    ((name, spec),) = cfg["eval"]["models"].items()
+    out = Path(outputs["_list"][0])
+    download(spec["repo"], dest_dir=out, revision=spec["revision"], lock_path=lock_path(cfg))
+    provenance.write_model_record(out, cfg.record())
+    log.info("model %s: %s@%s in %s", name, spec["repo"], spec["revision"], out)
+
+
 def prepare_data(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
     from searchr1.data import prepare_data as prepare
 

@@ -1,4 +1,4 @@
-"""Report stage: the headline table, plots and base-vs-RL examples, with every input's provenance."""
+"""Report stage: the headline table, plots and the examples of eval.compare, with every input's provenance."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from searchr1.steps.settings import StepSettings
 def report(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
     from searchr1.report import render_report
 
-    curve = Path(inputs["metrics"]).with_name("eval_curve.jsonl")
+    curve = inputs.get("curve")  # declared when eval.interval turns the learning curve on
     evals = inputs["evals"] if isinstance(inputs["evals"], list) else [inputs["evals"]]
     render_report(
         eval_dir=Path(evals[0]).parents[1],
@@ -25,5 +25,8 @@ def report(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
         provenance_json=outputs["provenance"],
         scale=cfg["scale"],
         record=cfg.record(),
-        curve_path=curve if curve.exists() else None,
+        curve_path=curve,
+        curve_every=cfg["eval"]["interval"],
+        models=["base", "rl", *cfg["eval"]["models"]],
+        compare=list(cfg["eval"]["compare"]),
     )
