@@ -134,6 +134,15 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
     write_json_atomic(outputs["final"], final)
 
 
+def record_curve_point(curve_path: Path, *, step: int, split: str, summary: Mapping[str, Any]) -> None:
+    """Write the point (step, split) of the learning curve: one line per point, also when a resumed run
+    evaluates a step again (its earlier point is replaced, not duplicated)."""
+    from searchr1.evaluate import append_curve_point
+
+    _drop_curve_point(curve_path, step, split)
+    append_curve_point(curve_path, step=step, split=split, summary=summary)
+
+
 def _drop_curve_point(curve_path: Path, step: int, split: str) -> None:
     from searchr1.fsutil import write_text_atomic
 
@@ -152,7 +161,7 @@ def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, 
     import asyncio
 
     from searchr1.engines import HFEngine
-    from searchr1.evaluate import append_curve_point, eval_agent_config, evaluate_rows, load_split, summarize_rows
+    from searchr1.evaluate import eval_agent_config, evaluate_rows, load_split, summarize_rows
 
     subset = cfg["eval"]["curve_subset"]
     rows = {split: load_split(path, subset) for split, path in zip(cfg["eval"]["splits"], inputs["splits"])}
@@ -174,8 +183,7 @@ def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, 
         try:
             for split, split_rows in rows.items():
                 summary = summarize_rows(asyncio.run(run(split_rows)))
-                _drop_curve_point(curve_path, step, split)  # a resumed run re-evaluates a step once, not twice
-                append_curve_point(curve_path, step=step, split=split, summary=summary)
+                record_curve_point(curve_path, step=step, split=split, summary=summary)
                 log.info("learning curve: step %d %s EM %.3f", step, split, summary["em"])
         finally:
             model.train(was_training)

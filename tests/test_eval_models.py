@@ -1,0 +1,146 @@
+"""Issue 15: named models (eval.models) from the local hub server and from a local directory, and the
+learning-curve points through a kill and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, copy_workflow
+from hubserver import HubServer
+from test_grpo_train import tiny_world  # noqa: F401 (the tiny policy and training parquet fixture)
+
+MODEL_REPO = "PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-7b-em-ppo"
+MODEL_FILES = {
+    "config.json": b'{"model_type": "qwen2"}',
+    "model.safetensors": b"weights" * 100,
+    "tokenizer.json": b"{}",
+    "tokenizer_config.json": b"{}",
+    "README.md": b"not a model file",
+}
+
+
+def _download_step(hub_url: str, tmp_path: Path, revision: str = "main") -> subprocess.CompletedProcess:
+    """The rule download_model_<name>'s job, under exactly the params Snakemake gives it, in a fresh process (as
+    in the workflow: huggingface_hub reads HF_ENDPOINT when it is imported)."""
+    (tmp_path / "extra.yaml").write_text(
+        f"data_dir: {tmp_path / 'data'}\n"
+        f"eval:\n  models:\n    ppo7b: {{repo: {MODEL_REPO}, revision: {revision}}}\n"
+    )
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from helpers import rule_params; "
+        "from searchr1.steps import resolve; from searchr1.steps.settings import StepSettings; "
+        f"params = rule_params('download_model_ppo7b', 'config.yaml', {str(tmp_path / 'extra.yaml')!r}); "
+        "cfg = StepSettings.from_params(params, step='download_model_ppo7b'); "
+        f"out = {str(tmp_path / 'data/models/eval/ppo7b')!r}; "
+        "resolve('data.download_model')(cfg, outputs={'_list': [out]})"
+    )
+    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5")
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_named_model_from_the_hub_is_downloaded_verified_and_locked(tmp_path):
+    with HubServer() as hub:
+        repo = hub.state.add("model", MODEL_REPO, MODEL_FILES)
+        res = _download_step(hub.url, tmp_path)
+        assert res.returncode == 0, res.stderr
+        out = tmp_path / "data/models/eval/ppo7b"
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert (out / name).read_bytes() == MODEL_FILES[name]
+        assert not (out / "README.md").exists()  # model files only
+        lock = json.loads((tmp_path / "data/download-lock.json").read_text())
+        entry = lock[f"model:{MODEL_REPO}/model.safetensors"]
+        assert entry["commit"] == repo.commit and entry["revision"] == "main"
+        record = json.loads((out / "searchr1_provenance.json").read_text())
+        assert record["provenance"]["settings"]["eval.models"] == {"ppo7b": {"repo": MODEL_REPO, "revision": "main"}}
+        # the hub moved on: a re-download fails loudly instead of mixing two versions of the weights
+        repo.commit = "f" * 40
+        (out / "model.safetensors").write_bytes(b"changed")
+        res = _download_step(hub.url, tmp_path)
+        assert res.returncode != 0 and "now resolves to commit" in res.stderr
+
+
+def test_named_model_without_weights_is_an_error(tmp_path):
+    with HubServer() as hub:
+        hub.state.add("model", MODEL_REPO, {"config.json": b"{}"})
+        res = _download_step(hub.url, tmp_path)
+        assert res.returncode != 0 and "no *.safetensors weights" in res.stderr
+
+
+def test_named_model_from_a_local_directory_is_evaluated_from_it(tmp_path):
+    """A local checkpoint directory is the evaluate job's model input as it is; nothing downloads or trains."""
+    wf = copy_workflow(tmp_path / "wf")
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    (wf / "extra.yaml").write_text(f"eval:\n  models:\n    mine: {{path: {local}}}\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", "config.yaml", "extra.yaml", "--",
+         "results/eval/mine/nq_test.json"],
+        cwd=wf, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr + res.stdout
+    job = res.stdout.split("rule evaluate:", 1)[1].split("\n\n", 1)[0]
+    assert str(local) in job and "wildcards: model=mine, split=nq_test" in job
+    assert "rule train:" not in res.stdout and "rule download_policy:" not in res.stdout
+
+
+@pytest.mark.parametrize(
+    "models,compare,message",
+    [
+        ({"rl": {"path": "x"}}, ["base", "rl"], "'rl' is reserved"),
+        ({}, ["base", "nope"], "model 'nope' is not one of base, rl"),
+        ({}, ["rl", "rl"], "needs two different models"),
+        ({"a": {"repo": "o/n"}}, ["base", "rl"], "eval.models"),  # a repo needs its revision
+    ],
+)
+def test_model_settings_are_checked(models, compare, message):
+    from searchr1.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "config.yaml", overrides={"eval": {"models": models, "compare": compare}})
+
+
+# --- the learning curve through a kill and a resume ------------------------------------------------------
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(tiny_world, tmp_path):
+    """Points are written per (step, split) as the hook evaluates them; a kill in the middle of a point (one
+    split written, the other not, no checkpoint yet) resumes from the last checkpoint, and the steps evaluated
+    again replace their points: every point exactly once."""
+    from test_grpo_train import run, settings
+
+    from searchr1.steps.train import record_curve_point
+    from searchr1.stats import read_jsonl
+
+    curve = tmp_path / "out" / "work" / "eval_curve.jsonl"
+    s = settings(num_rollout=6, checkpoint_interval=4, eval_interval=2)
+    summary = {"em": 0.5, "n": 4, "ci95": {"low": 0.1, "high": 0.9}, "searched_at_least_once": 1.0}
+    kill = {"at": 3}
+
+    def hook(step, model, tokenizer):
+        record_curve_point(curve, step=step, split="nq_test", summary=summary)
+        if step == kill["at"]:
+            raise Killed()  # after nq_test's point of this step, before hotpotqa_test's and the checkpoint
+        record_curve_point(curve, step=step, split="hotpotqa_test", summary=summary)
+
+    with pytest.raises(Killed):
+        run(tiny_world, tmp_path / "out", s, hook=hook)
+    assert [(p["step"], p["split"]) for p in read_jsonl(curve)] == [(1, "nq_test"), (1, "hotpotqa_test"),
+                                                                     (3, "nq_test")]  # fmt: skip
+    kill["at"] = None
+    resumed = run(tiny_world, tmp_path / "out", s, hook=hook)
+    assert resumed["resumed_from"] is None  # no checkpoint before the kill: steps 1 and 3 evaluated again
+    points = [(p["step"], p["split"]) for p in read_jsonl(curve)]
+    assert sorted(points) == sorted((step, split) for step in (1, 3, 5) for split in ("nq_test", "hotpotqa_test"))
+    assert len(points) == len(set(points)) == 6
