@@ -19,11 +19,13 @@ pytestmark = pytest.mark.slow
 
 TOY_CONFIGS = ("config.yaml", "config.toy.yaml")
 RL_DOWNSTREAM = {"train": 1, "export_rl": 1, "evaluate": 2, "report": 1}  # training and what it feeds
-ALL_EVALS = {"evaluate": 4, "report": 1}
+# The toy evaluates 3 models (base, rl and eval.models' init, the policy before warm start) x 2 splits.
+ALL_EVALS = {"evaluate": 6, "report": 1}
+# the warm start feeds base and rl, not init
 FROM_WARM_START = {"toy_warm_start": 1, "train": 1, "export_rl": 1, "evaluate": 4, "report": 1}
 EVERYTHING_BUT_ENCODER = {
     "toy_world": 1, "prepare_data": 1, "corpus_offsets": 1, "build_index": 1, "toy_policy_init": 1,
-    "toy_warm_start": 1, "retriever_check": 1, "train": 1, "export_rl": 1, "evaluate": 4, "report": 1,
+    "toy_warm_start": 1, "retriever_check": 1, "train": 1, "export_rl": 1, "evaluate": 6, "report": 1,
 }  # fmt: skip
 
 CASES = {
@@ -43,23 +45,29 @@ CASES = {
     # eval
     "eval.max_questions": ({"eval": {"max_questions": 50}}, ALL_EVALS),
     "eval.temperature": ({"eval": {"temperature": 0.5}}, ALL_EVALS),
-    "eval.interval (turns the learning curve on)": ({"eval": {"interval": 20}}, RL_DOWNSTREAM),
+    "eval.interval (the learning curve's spacing)": ({"eval": {"interval": 30}}, RL_DOWNSTREAM),
+    "eval.curve_subset": ({"eval": {"curve_subset": 40}}, RL_DOWNSTREAM),
+    "eval.compare (the examples' pair)": ({"eval": {"compare": ["init", "rl"]}}, {"report": 1}),
+    "eval.models (one more named model: evaluated alone)": (
+        {"eval": {"models": {"init": {"path": "data/toy/models/policy_init"}, "rl_copy": {"path": "results/models/rl"}}}},
+        {"evaluate": 2, "report": 1},
+    ),
     "eval.batch_size (operational)": ({"eval": {"batch_size": 10}}, {}),
     # agent
-    "agent.max_turns": ({"agent": {"max_turns": 3}}, {"train": 1, "export_rl": 1, "evaluate": 4, "report": 1}),
+    "agent.max_turns": ({"agent": {"max_turns": 3}}, {"train": 1, "export_rl": 1, "evaluate": 6, "report": 1}),
     "agent.search_concurrency (operational)": ({"agent": {"search_concurrency": 8}}, {}),
     # retriever
-    "retriever.topk": ({"retriever": {"topk": 4}}, {**FROM_WARM_START, "retriever_check": 1}),
+    "retriever.topk": ({"retriever": {"topk": 4}}, {**FROM_WARM_START, "evaluate": 6, "retriever_check": 1}),
     "retriever.encoder.max_length": (
         {"retriever": {"encoder": {"max_length": 64}}},
-        {**FROM_WARM_START, "build_index": 1, "retriever_check": 1},
+        {**FROM_WARM_START, "evaluate": 6, "build_index": 1, "retriever_check": 1},
     ),
     "retriever.port (operational)": ({"retriever": {"port": 9999}}, {}),
     "retriever.index.build_shard_size (operational)": ({"retriever": {"index": {"build_shard_size": 500}}}, {}),
     # data
     "data.splits.nq_test.expected_rows": (
         {"data": {"splits": {"nq_test": {"data_source": "nq", "expected_rows": 201}}}},
-        {"prepare_data": 1, "train": 1, "export_rl": 1, "evaluate": 4, "report": 1},
+        {"prepare_data": 1, "train": 1, "export_rl": 1, "evaluate": 6, "report": 1},
     ),
     "toy.n_couples": ({"toy": {"n_couples": 2000}}, EVERYTHING_BUT_ENCODER),
     "seed": ({"seed": 7}, EVERYTHING_BUT_ENCODER),
