@@ -333,3 +333,15 @@ def test_run_plan_streams_submit_and_stops_what_it_started(tmp_path):
     assert "train says hi" in log and "stop ran" in log
     assert all(p.poll() is not None for p in started)  # head and worker terminated
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [0, 1]  # resumes at 2
+
+
+def test_the_launcher_does_not_load_torch():
+    """The launch step runs in a light process: run_plan's imports (metrics truncation included) need no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, searchr1.slime_launch, searchr1.metrics_file, searchr1.steps.train; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
