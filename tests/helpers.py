@@ -199,3 +199,29 @@ def serve_real_retriever(passages: list[dict], work_dir: Path) -> Iterator[str]:
     index.add(vectors)
     with serve_app(create_app(CorpusStore(corpus), encoder, FaissCPUBackend(index))) as url:
         yield f"{url}/retrieve"
+
+
+# --- test doubles ------------------------------------------------------------------------------------------
+
+
+class FakeRetriever:
+    """Test double of RetrievalClient (search, stats, aclose) for agent-level tests, where the real retriever's
+    results would have to be arranged through an encoder: ``hits`` is a query -> passages table or function
+    (cut to topk), or ``error`` is raised; every call is recorded as (queries, topk)."""
+
+    def __init__(self, hits=None, error: Exception | None = None) -> None:
+        table = hits or {}
+        self.hits = hits if callable(hits) else (lambda q: table.get(q, []))
+        self.error = error
+        self.calls: list[tuple[list[str], int]] = []
+        self.stats = {"requests": 0}
+
+    async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
+        self.calls.append((list(queries), topk))
+        self.stats["requests"] += 1
+        if self.error is not None:
+            raise self.error
+        return [list(self.hits(q))[:topk] for q in queries]
+
+    async def aclose(self) -> None:
+        pass

@@ -8,7 +8,7 @@ import logging
 import pytest
 from test_engines import build_tokenizer
 
-from helpers import agent_config
+from helpers import FakeRetriever, agent_config
 from searchr1.agent import (
     INVALID_ACTION_TEXT,
     STOP_STRINGS,
@@ -61,21 +61,6 @@ class ScriptedEngine:
             ids = [] if reason == "abort" else enc(text)
             outputs.append(GenerationOutput(ids, self.logprobs_for(ids, turn), text, reason))
         return outputs
-
-
-class FakeRetriever:
-    """Test double of RetrievalClient.search: hits per query, or an error."""
-
-    def __init__(self, hits: dict[str, list[dict]] | None = None, error: Exception | None = None) -> None:
-        self.hits = hits or {}
-        self.error = error
-        self.calls: list[tuple[list[str], int]] = []
-
-    async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
-        self.calls.append((list(queries), topk))
-        if self.error is not None:
-            raise self.error
-        return [self.hits.get(q, [])[:topk] for q in queries]
 
 
 def run(engine, retriever, prompts, **cfg):

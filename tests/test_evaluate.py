@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 import searchr1.agent
-from helpers import agent_config, model_size, serve_app, serve_real_retriever, wait_dead
+from helpers import FakeRetriever, agent_config, model_size, serve_app, serve_real_retriever, wait_dead
 from searchr1.engines import GenerationOutput, GenerationRequest
 from searchr1.evaluate import (
     JSONL_KEYS,
@@ -216,21 +216,10 @@ class ScriptedEngine:
         return outputs
 
 
-class FakeRetriever:
-    """Test double of RetrievalClient: the country's passage, named by the query."""
-
-    def __init__(self) -> None:
-        self.queries: list[str] = []
-        self.stats = {"requests": 0}
-
-    async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
-        self.queries += queries
-        self.stats["requests"] += 1
-        capital = dict(CAPITALS)
-        return [
-            [{"id": q, "contents": f'"{q}"\nthe capital is {capital.get(q.strip(), "unknown")}.'}][:topk]
-            for q in queries
-        ]
+def capital_retriever() -> FakeRetriever:
+    """The country's passage, named by the query."""
+    capital = dict(CAPITALS)
+    return FakeRetriever(lambda q: [{"id": q, "contents": f'"{q}"\nthe capital is {capital.get(q.strip(), "unknown")}.'}])
 
 
 CFG = agent_config(max_turns=2, topk=3, max_new_tokens=32, temperature=0.0)
@@ -241,7 +230,7 @@ def run_eval(tmp: Path, split: Path, engine, *, fingerprint=None, max_rows=None)
     return asyncio.run(
         evaluate_with(
             engine,
-            FakeRetriever(),
+            capital_retriever(),
             TOKENIZER,
             rows=rows,
             out_jsonl=tmp / "eval" / "nq_test.jsonl",
@@ -290,7 +279,7 @@ def test_in_memory_records_equal_the_file(tmp_path: Path) -> None:
     split = write_split(tmp_path / "s.parquet")
     run_eval(tmp_path, split, ScriptedEngine(TOKENIZER))
     records = asyncio.run(
-        evaluate_rows(ScriptedEngine(TOKENIZER), FakeRetriever(), TOKENIZER, load_split(split), CFG, 2)
+        evaluate_rows(ScriptedEngine(TOKENIZER), capital_retriever(), TOKENIZER, load_split(split), CFG, 2)
     )
     assert records == read_jsonl(tmp_path / "eval" / "nq_test.jsonl")
     assert summarize_rows(records)["em"] == pytest.approx(4 / 7)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from helpers import grpo_settings
+from helpers import FakeRetriever, grpo_settings
 from searchr1.grpo import GRPOSettings, train_grpo
 from searchr1.grpo.checkpoint import list_checkpoints
 from searchr1.prompt import SEARCH_R1_INSTRUCTION, make_messages
@@ -29,18 +29,9 @@ TIMING_KEYS = {"wall_time_s", "rollout_time_s"}
 DEVICE = os.environ.get("SEARCHR1_TEST_DEVICE", "cpu")
 
 
-class ScriptedRetriever:
-    """A deterministic stand-in for RetrievalClient: hits depend only on the query text."""
-
-    def __init__(self):
-        self.calls = 0
-
-    async def search(self, queries, topk):
-        self.calls += 1
-        return [
-            [{"id": str(k), "contents": f'"{q or "x"}"\n{q} paris baker dee rome'} for k in range(topk)]
-            for q in queries
-        ]
+def scripted_retriever() -> FakeRetriever:
+    """Hits that depend only on the query text (the real retriever's ranking is not what this test checks)."""
+    return FakeRetriever(lambda q: [{"id": str(k), "contents": f'"{q or "x"}"\n{q} paris baker dee rome'} for k in range(8)])
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +103,7 @@ def run(world, out: Path, s: GRPOSettings, hook=None):
     policy, parquet = world
     return train_grpo(policy_dir=policy, train_parquet=parquet, work_dir=out / "work", metrics_path=out / "metrics.jsonl",
                       export_dir=out / "export", retriever_url=None, settings=s, eval_hook=hook,
-                      retriever=ScriptedRetriever())
+                      retriever=scripted_retriever())
 
 
 class Killed(RuntimeError):
