@@ -134,6 +134,11 @@ rule prepare_data:
     resources:
         **job_resources("prepare_data"),
     params:
-        **settings("eval.splits", *(f"data.splits.{split}" for split in SPLITS)),
+        **settings(
+            "eval.splits",
+            *(f"data.splits.{split}" for split in SPLITS),
+            "data.flashrag",  # a selected split the test file lacks is built from there
+            "data_dir",  # its downloads and their lock file
+        ),
     script:
         "../scripts/prepare_data.py"

@@ -83,8 +83,8 @@ def eval_questions(cfg: Mapping[str, Any]) -> int:
     total = 0
     for split in cfg["eval"]["splits"]:
         rows = cfg["data"]["splits"][split]["expected_rows"]
-        if rows is None:
-            rows = cfg["toy"]["test_per_split"]
+        if rows is None:  # the toy's generated splits; at full scale a split without a count is not counted
+            rows = cfg["toy"]["test_per_split"] if "toy" in cfg else 0
         if cfg["eval"]["max_questions"]:
             rows = min(rows, cfg["eval"]["max_questions"])
         total += rows
@@ -160,8 +160,9 @@ def artifacts(cfg: Mapping[str, Any]) -> list[Artifact]:
                         f", {t['n_exports']} x {t['export'] / GB:.3g} GB", f"{work}/train", t["exports"]))  # fmt: skip
     out.append(Artifact("export_rl", "RL policy (HF)", "results/models/rl", export))
     questions = eval_questions(cfg)
-    out.append(Artifact("evaluate", f"2 models x {questions:,} questions", f"{work}/eval + results/eval",
-                        2 * questions * b["eval_kb_per_question"] * 1e3))  # fmt: skip
+    models = 2 + len(cfg["eval"]["models"])  # base, rl and eval.models
+    out.append(Artifact("evaluate", f"{models} models x {questions:,} questions", f"{work}/eval + results/eval",
+                        models * questions * b["eval_kb_per_question"] * 1e3))  # fmt: skip
     return out
 
 
@@ -203,7 +204,7 @@ def jobs(cfg: Mapping[str, Any]) -> list[Job]:
     tr = train["resources"]
     rows.append(Job("train", 1, train_gpus + ret_gpus, tr["cpus"], tr["mem_mb"], tr["runtime_min"]))
     er = ev["resources"]
-    rows.append(Job("evaluate", 2 * len(ev["splits"]), er["gpus"] + ret_gpus, er["cpus"], er["mem_mb"], er["runtime_min"]))
+    rows.append(Job("evaluate", (2 + len(ev["models"])) * len(ev["splits"]), er["gpus"] + ret_gpus, er["cpus"], er["mem_mb"], er["runtime_min"]))
     return rows
 
 

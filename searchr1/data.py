@@ -257,6 +257,39 @@ def _write_parquet_atomic(df: pd.DataFrame, path: Path, provenance: Mapping[str,
         pq.write_table(table, tmp)
 
 
+FLASHRAG_SPLITS = ("test", "dev", "train")  # qa_search_test_merge.py's order of preference
+
+
+def flashrag_rows(records: Iterable[Mapping[str, Any]], data_source: str) -> pd.DataFrame:
+    """Search-R1 rows (the columns of the merged test file) from FlashRAG records {question, golden_answers},
+    as qa_search_test_merge.py makes them: normalised question, its prompt, extra_info split 'test' and the
+    record's position as index."""
+    rows = []
+    for index, record in enumerate(records):
+        row = make_row(record["question"], list(record["golden_answers"]), data_source=data_source, split="test",
+                       index=index, qid="")  # fmt: skip
+        rows.append({c: row[c] for c in ROW_COLUMNS})
+    return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+
+
+def fetch_flashrag(
+    data_source: str, *, repo_id: str, revision: str, dest_dir: Path, lock_path: Path
+) -> tuple[pd.DataFrame, str] | None:
+    """(rows, FlashRAG split used) of ``data_source`` from the hub dataset ``repo_id`` (``<source>/test.jsonl``,
+    else dev, else train; downloaded, verified and locked), or None when the dataset has none of them."""
+    from huggingface_hub import HfApi
+
+    files = set(HfApi().list_repo_files(repo_id, revision=revision, repo_type="dataset"))
+    for split in FLASHRAG_SPLITS:
+        name = f"{data_source}/{split}.jsonl"
+        if name in files:
+            path = download_files(repo_id, [name], dest_dir=dest_dir, revision=revision, lock_path=lock_path)[name]
+            with open(path, encoding="utf-8") as fh:
+                records = [json.loads(line) for line in fh if line.strip()]
+            return flashrag_rows(records, data_source), split
+    return None
+
+
 def prepare_data(
     train_raw: Path,
     test_raw: Path,
@@ -265,8 +298,10 @@ def prepare_data(
     split_outputs: Mapping[str, Path],
     splits: Mapping[str, Mapping[str, Any]],
     provenance: Mapping[str, Any] | None = None,
+    extra_sources: Mapping[str, pd.DataFrame] | None = None,
 ) -> dict[str, int]:
-    """Write the slime-ready training parquet and split the merged test set by ``data_source``.
+    """Write the slime-ready training parquet and split the merged test set by ``data_source``; a source the
+    test set lacks comes from ``extra_sources`` (Search-R1 rows built from FlashRAG: :func:`fetch_flashrag`).
 
     ``splits`` maps a split name to ``{"data_source": ..., "expected_rows": int | None}``; a row count that
     differs from the expected one is an error naming the split (a silently smaller eval set would make the
@@ -279,8 +314,17 @@ def prepare_data(
     counts = {"train": len(train)}
     _write_parquet_atomic(_with_ids(train, "train"), Path(out_train), provenance)
     test = _with_ids(test, "test")
+    held = test["data_source"].value_counts().to_dict()
     for name, spec in splits.items():
         part = test[test["data_source"] == spec["data_source"]].reset_index(drop=True)
+        if part.empty:
+            built = (extra_sources or {}).get(spec["data_source"])
+            if built is None:
+                raise DataError(
+                    f"split {name!r}: no rows with data_source={spec['data_source']!r} in {test_raw}, which holds "
+                    f"{held} (data_source: rows), and FlashRAG has no test, dev or train file for it either"
+                )
+            part = _with_ids(built, "test")
         expected = spec["expected_rows"]
         if expected is not None and len(part) != expected:
             found = test["data_source"].value_counts().to_dict()

@@ -145,6 +145,7 @@ def stubs(monkeypatch, tmp_path):
         (searchr1.data, "download_files", rec("download_files", lambda repo, names, dest_dir, **k: {n: _touch(Path(dest_dir) / n) for n in names})),
         (searchr1.data, "download_snapshot", rec("download_snapshot", lambda repo, dest_dir, **k: Path(dest_dir).mkdir(parents=True, exist_ok=True))),
         (searchr1.data, "prepare_data", rec("prepare_data", {})),
+        (searchr1.data, "fetch_flashrag", rec("fetch_flashrag")),
         (searchr1.retrieval.download, "download_corpus", rec("download_corpus")),
         (searchr1.retrieval.download, "download_index", rec("download_index")),
         (searchr1.retrieval.corpus, "build_offsets", rec("build_offsets", lambda p, **k: Path(str(p) + ".offsets.npy"))),
@@ -202,6 +203,10 @@ def _paths(rule: str, tmp: Path) -> tuple[dict, dict, dict]:
     model = tmp / "model"
     model.mkdir(exist_ok=True)
     (tmp / "final.json").write_text(json.dumps({"hf_dir": "hf/iter_1", "steps": 1}))
+    if rule == "prepare_data":  # a test file without hotpotqa: prepare_data builds it from data.flashrag
+        import pandas as pd
+
+        pd.DataFrame({"data_source": ["nq"]}).to_parquet(tmp / "test.parquet")
     for work in ("data/work/train", "data/toy/work/train"):  # <work_dir>/train of config.yaml / the toy
         (tmp / work).mkdir(parents=True, exist_ok=True)
         (tmp / work / "metrics.jsonl").write_text('{"step": 0}\n')

@@ -84,6 +84,19 @@ def test_named_model_dry_run(workdir):
     assert not {"train", "export_rl", "download_policy", "report"} & set(counts)
 
 
+def test_published_model_on_the_seven_benchmarks_dry_run(workdir):
+    """config.yaml + one published checkpoint + all seven splits: models x splits evaluate jobs."""
+    seven = ["nq_test", "triviaqa_test", "popqa_test", "hotpotqa_test", "2wikimultihopqa_test", "musique_test",
+             "bamboogle_test"]  # fmt: skip
+    (workdir / "extra.yaml").write_text(PUBLISHED_MODEL + f"  splits: {seven}\n")
+    res = snakemake("-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/headline.md", cwd=workdir)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert job_counts(res.stdout) == {**FULL_JOBS, "evaluate": 3 * 7, "download_model_searchr1_7b": 1}
+    for model in ("base", "rl", "searchr1_7b"):
+        for split in seven:
+            assert f"results/eval/{model}/{split}.json" in res.stdout
+
+
 def test_index_build_switch(workdir):
     res = snakemake("-n", "results/headline.md", "--config", "retriever={'index': {'source': 'build'}}", cwd=workdir)
     assert res.returncode == 0, res.stderr + res.stdout

@@ -59,9 +59,27 @@ def download_model(cfg: StepSettings, *, outputs, **_: Any) -> None:
 def prepare_data(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
     from searchr1.data import prepare_data as prepare
 
+    import pandas as pd
+
+    from searchr1.data import fetch_flashrag
+
     splits = {name: cfg["data"]["splits"][name] for name in cfg["eval"]["splits"]}
     split_outputs = {name: Path(f"{Path(outputs['train']).parent}/{name}.parquet") for name in splits}
-    record = cfg.record(inputs={"test": provenance.of_parquet(inputs["test"])})
+    # A selected split the test file lacks is built from FlashRAG, as Search-R1's qa_search_test_merge.py does.
+    held = set(pd.read_parquet(inputs["test"], columns=["data_source"])["data_source"])
+    flashrag = cfg["data"]["flashrag"]
+    extra: dict[str, Any] = {}
+    built: dict[str, Any] = {}
+    for source in dict.fromkeys(spec["data_source"] for spec in splits.values()):
+        if source in held:
+            continue
+        found = fetch_flashrag(source, repo_id=flashrag["repo"], revision=flashrag["revision"],
+                               dest_dir=Path(cfg["data_dir"]) / "qa" / "flashrag", lock_path=lock_path(cfg))  # fmt: skip
+        if found is not None:
+            extra[source], split = found
+            built[source] = {"repo": flashrag["repo"], "revision": flashrag["revision"], "split": split}
+            log.info("%s: built from %s (%s split, %d rows)", source, flashrag["repo"], split, len(extra[source]))
+    record = cfg.record(inputs={"test": provenance.of_parquet(inputs["test"]), **({"flashrag": built} if built else {})})
     counts = prepare(
         inputs["train"],
         inputs["test"],
@@ -69,5 +87,6 @@ def prepare_data(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
         split_outputs=split_outputs,
         splits=splits,
         provenance=record,
+        extra_sources=extra,
     )
     log.info("rows: %s", counts)
