@@ -29,7 +29,11 @@ from searchr1.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 
 MODELS = ("base", "rl")  # always evaluated; eval.models adds named ones after them
 MODEL_NAMES = {"base": "base", "rl": "RL"}
-SPLIT_NAMES = {"nq_test": "NQ", "hotpotqa_test": "HotpotQA", "nq": "NQ", "hotpotqa": "HotpotQA"}
+SPLIT_NAMES = {
+    "nq_test": "NQ", "triviaqa_test": "TriviaQA", "popqa_test": "PopQA", "hotpotqa_test": "HotpotQA",
+    "2wikimultihopqa_test": "2Wiki", "musique_test": "MuSiQue", "bamboogle_test": "Bamboogle",
+    "nq": "NQ", "hotpotqa": "HotpotQA",
+}  # fmt: skip
 FIGSIZE = (7, 4)
 DPI = 120
 DEFAULT_EXAMPLES = 3
