@@ -267,6 +267,19 @@ def _append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def _replace_point(path: str | os.PathLike, step: int, name: str) -> None:
+    """Drop the line of (step, dataset) from the curve file, so that a re-evaluated step is written once."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if (json.loads(line).get("step"), json.loads(line).get("dataset")) != (step, name)]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def log_rollout(
     rollout_id: int, args: Any, samples: list[Any], rollout_extra_metrics: dict | None, rollout_time: float
 ) -> bool:
@@ -309,6 +322,13 @@ def log_eval(rollout_id: int, args: Any, data: dict[str, dict], extra_metrics: d
                 metrics = sample_metrics(args, samples)
                 metrics.pop("reward_mean")
                 record.update(metrics)
+            # the learning-curve point of the torch backend (searchr1.evaluate.append_curve_point): the reward
+            # is EM; with its 95% interval
+            from searchr1.stats import wilson_ci
+
+            low, high = wilson_ci(int(sum(1 for r in rewards if r >= 1.0)), len(rewards)) if rewards else (0.0, 0.0)
+            record.update({"split": name, "em": record["reward_mean"], "ci95_low": low, "ci95_high": high})
+            _replace_point(path, int(rollout_id), name)  # slime evaluates a step again after a resume
             _append_jsonl(path, record)
         if samples_dir and samples:
             out = Path(samples_dir) / name / f"step_{int(rollout_id)}.jsonl"

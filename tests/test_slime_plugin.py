@@ -292,9 +292,14 @@ def test_log_eval_appends_per_dataset_and_per_question(slime, tmp_path):
     ]
     rows = [json.loads(x) for x in (tmp_path / "rows" / "nq_test" / "step_0.jsonl").read_text().splitlines()]
     assert [(r["em"], r["extracted_answer"], r["num_searches"]) for r in rows] == [(1.0, "Tolkien", 1), (0.0, "Lewis", 0)]
-    # Logging the same step again replaces the per-question rows.
+    # the learning-curve point the report plots: EM with its 95% (Wilson) interval, as the torch backend writes it
+    assert (records[0]["split"], records[0]["em"], records[0]["n"]) == ("nq_test", 0.5, 2)
+    assert records[0]["ci95_low"] < 0.5 < records[0]["ci95_high"]
+    # Logging the same step again (slime after a resume) replaces its rows and its curve points.
     slime_plugin.log_eval(0, args, data, {})
     assert len((tmp_path / "rows" / "nq_test" / "step_0.jsonl").read_text().splitlines()) == 2
+    again = [json.loads(line) for line in Path(args.search_eval_metrics_path).read_text().splitlines()]
+    assert [(r["step"], r["dataset"]) for r in again] == [(0, "nq_test"), (0, "hotpotqa_test")]
 
 
 def test_agent_config_from_args_reads_the_custom_config_and_names_a_missing_key():
