@@ -179,9 +179,10 @@ def plot_curve(curve: Mapping[str, list[tuple[int, float]]], path: Path) -> None
     _step_axis(ax)
     ax.set_ylabel("exact match (greedy)")
     ax.set_ylim(0, 1)
-    ax.set_title("Held-out EM during training")
+    ax.set_title("Held-out EM during training" + ("" if curve else " (no points yet)"))
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    if curve:
+        ax.legend(loc="best")
     _save(fig, path)
 
 
@@ -214,7 +215,7 @@ def render_plots(
             title="Mean searches per response per rollout step",
             ylabel="searches per response",
         )
-    if curve:
+    if curve is not None:  # a curve file without points yet (num_rollout below eval.interval): an empty plot
         paths["em_curve"] = plots_dir / "em_curve.png"
         plot_curve(curve, paths["em_curve"])
     return paths

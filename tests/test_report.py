@@ -304,3 +304,17 @@ def test_learning_curve_summary_in_headline(tmp_path: Path) -> None:
     md = (_render(tmp_path) / "headline.md").read_text()
     assert "- learning curve (greedy EM" in md
     assert "  - NQ: " in md and " → step " in md
+
+
+def test_declared_curve_without_points_still_plots(tmp_path: Path) -> None:
+    """eval.interval above num_rollout: the declared curve file is empty, em_curve.png (declared) still exists."""
+    empty = tmp_path / "curve.jsonl"
+    empty.write_text("")
+    results = tmp_path / "results"
+    render_report(
+        eval_dir=FIXTURES / "eval", metrics_path=FIXTURES / "metrics.jsonl", published=PUBLISHED, splits=SPLITS,
+        out_md=results / "headline.md", examples_md=results / "examples.md", plots_dir=results / "plots",
+        scale="full", record=REPORT_RECORD, curve_path=empty, n_examples=1,
+    )  # fmt: skip
+    assert (results / "plots" / "em_curve.png").stat().st_size > 0
+    assert "- learning curve" not in (results / "headline.md").read_text()

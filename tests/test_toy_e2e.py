@@ -64,6 +64,26 @@ def test_report_files(toy_run):
     assert (toy_run / "results/examples.md").stat().st_size > 0
 
 
+def test_three_models_and_a_learning_curve(toy_run):
+    """Issue 15 in every CI run: eval.models' init (the policy before warm start, a local directory) is
+    evaluated like base and RL and gets its headline row; the learning curve has its 3 points x 50 questions
+    per split, once each, plotted and summarised."""
+    results = toy_run / "results"
+    headline = (results / "headline.md").read_text()
+    table = headline.split("## Exact match", 1)[1].split("## Behaviour", 1)[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "EM [95% CI]" not in line]
+    assert rows[:3] == ["base", "RL", "init"], rows
+    assert "average EM" in table
+    for split in SPLITS:
+        init = load_json(results / f"eval/init/{split}.json")
+        assert init["n"] == load_json(results / f"eval/base/{split}.json")["n"]
+    points = load_metrics(results / "train/eval_curve.jsonl")
+    assert sorted((p["step"], p["split"]) for p in points) == sorted((s, sp) for s in (19, 39, 59) for sp in SPLITS)
+    assert all(p["n"] == 50 and p["ci95_low"] <= p["em"] <= p["ci95_high"] for p in points)
+    assert (results / "plots/em_curve.png").stat().st_size > 5_000
+    assert "(plots/em_curve.png)" in headline and "- learning curve (greedy EM on the first 50 questions" in headline
+
+
 def test_every_result_records_what_made_it(toy_run):
     """Provenance: each result names its step's settings hash and code; the RL evaluation knows the training
     settings of the model it scored, and they are those of results/train/final.json."""
@@ -81,7 +101,7 @@ def test_every_result_records_what_made_it(toy_run):
     assert rl["settings"]["eval.max_questions"] is None
     recorded = json.loads((results / "provenance.json").read_text())
     assert set(recorded["inputs"]) == {"results/train/final.json"} | {
-        f"results/eval/{m}/{s}.json" for m in ("base", "rl") for s in SPLITS
+        f"results/eval/{m}/{s}.json" for m in ("base", "rl", "init") for s in SPLITS
     }
     headline = (results / "headline.md").read_text()
     assert "## Provenance" in headline and final["settings_hash"] in headline

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from searchr1 import provenance
-from searchr1.fsutil import copy_file_atomic, write_json_atomic
+from searchr1.fsutil import copy_file_atomic, write_json_atomic, write_text_atomic
 from searchr1.steps import set_threads
 from searchr1.steps.retrieval import retrieval_client, retriever, retriever_inputs_record
 from searchr1.steps.settings import StepSettings
@@ -124,6 +124,8 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
     curve_path = work / "eval_curve.jsonl"
     if curve_path.exists():
         copy_file_atomic(curve_path, Path(outputs["metrics"]).with_name("eval_curve.jsonl"))
+    elif outputs.get("curve"):  # declared, but no point yet (num_rollout below eval.interval): an empty curve
+        write_text_atomic(Path(outputs["curve"]), "")
     final["provenance"] = cfg.record(
         inputs={
             "base": provenance.of_model_dir(inputs["base"]),
