@@ -144,3 +144,34 @@ def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(tiny_wo
     points = [(p["step"], p["split"]) for p in read_jsonl(curve)]
     assert sorted(points) == sorted((step, split) for step in (1, 3, 5) for split in ("nq_test", "hotpotqa_test"))
     assert len(points) == len(set(points)) == 6
+
+
+def test_report_step_passes_published_numbers_of_every_model(tmp_path, monkeypatch):
+    """The report job under its declared params: a named model with and without published numbers (a lookup of
+    an absent one must be an ordinary miss, not an undeclared setting)."""
+    import searchr1.report
+    from helpers import rule_params
+    from searchr1.report import headline_table
+    from searchr1.steps import resolve
+    from searchr1.steps.settings import StepSettings
+
+    (tmp_path / "extra.yaml").write_text(
+        "eval:\n  models:\n    ppo7b: {path: /x}\n    other: {path: /y}\n  compare: [ppo7b, rl]\n"
+        "published:\n  ppo7b: {nq_test: 0.5}\n"
+    )
+    params = rule_params("report", "config.yaml", str(tmp_path / "extra.yaml"))
+    seen = {}
+    monkeypatch.setattr(searchr1.report, "render_report", lambda **kw: seen.update(kw))
+    outputs = {"headline": "h.md", "examples": "x.md", "reward": str(tmp_path / "plots/reward.png"), "provenance": "p.json"}
+    resolve("report.report")(
+        StepSettings.from_params(params, step="report"),
+        inputs={"evals": [str(tmp_path / "eval/base/nq_test.json")], "metrics": "m.jsonl", "final": "f.json"},
+        outputs=outputs,
+    )
+    assert seen["models"] == ["base", "rl", "ppo7b", "other"] and seen["compare"] == ["ppo7b", "rl"]
+    assert seen["published"]["ppo7b"] == {"nq_test": 0.5} and "other" not in seen["published"]
+    summary = {"em": 0.5, "ci95": {"low": 0.1, "high": 0.9}}
+    lines = headline_table({(m, "nq_test"): summary for m in seen["models"]}, seen["published"], ["nq_test"], True,
+                           seen["models"])  # fmt: skip
+    assert any(line.startswith("| ppo7b | 0.500 [0.100, 0.900] | 0.500 | +0.000 |") for line in lines)
+    assert any(line.startswith("| other | 0.500 [0.100, 0.900] | — | — |") for line in lines)

@@ -17,7 +17,8 @@ def report(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
         eval_dir=Path(evals[0]).parents[1],
         metrics_path=inputs["metrics"],
         final_path=inputs["final"],
-        published=cfg["published"],
+        # the configured models' published numbers (base, rl and any eval.models entry given one)
+        published={model: dict(values) for model, values in cfg["published"].items()},
         splits=cfg["eval"]["splits"],
         out_md=outputs["headline"],
         examples_md=outputs["examples"],
