@@ -66,7 +66,7 @@ def test_report_files(toy_run):
 
 def test_three_models_and_a_learning_curve(toy_run):
     """Issue 15 in every CI run: eval.models' init (the policy before warm start, a local directory) is
-    evaluated like base and RL and gets its headline row; the learning curve has its 3 points x 50 questions
+    evaluated like base and RL and gets its headline row; the learning curve has its 3 points x 30 questions
     per split, once each, plotted and summarised."""
     results = toy_run / "results"
     headline = (results / "headline.md").read_text()
@@ -79,9 +79,9 @@ def test_three_models_and_a_learning_curve(toy_run):
         assert init["n"] == load_json(results / f"eval/base/{split}.json")["n"]
     points = load_metrics(results / "train/eval_curve.jsonl")
     assert sorted((p["step"], p["split"]) for p in points) == sorted((s, sp) for s in (19, 39, 59) for sp in SPLITS)
-    assert all(p["n"] == 50 and p["ci95_low"] <= p["em"] <= p["ci95_high"] for p in points)
+    assert all(p["n"] == 30 and p["ci95_low"] <= p["em"] <= p["ci95_high"] for p in points)
     assert (results / "plots/em_curve.png").stat().st_size > 5_000
-    assert "(plots/em_curve.png)" in headline and "- learning curve (greedy EM on the first 50 questions" in headline
+    assert "(plots/em_curve.png)" in headline and "- learning curve (greedy EM on the first 30 questions" in headline
 
 
 def test_every_result_records_what_made_it(toy_run):
