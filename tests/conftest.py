@@ -17,7 +17,7 @@ def toy_run(tmp_path_factory) -> Path:
     results; the rerun tests change settings on it)."""
     wf = copy_workflow(tmp_path_factory.mktemp("toy") / "wf")
     start = time.monotonic()
-    res = subprocess.run(snakemake_cmd("results/headline.md"), cwd=wf, capture_output=True, text=True, timeout=1500)
+    res = subprocess.run(snakemake_cmd("results/headline.md"), cwd=wf, capture_output=True, text=True, timeout=2700)
     elapsed = time.monotonic() - start
     (wf / "snakemake.out").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, f"toy DAG failed after {elapsed:.0f} s:\n{res.stderr[-6000:]}"
