@@ -44,7 +44,8 @@ CASES = {
     "train.slime.* (not read by the torch backend)": ({"train": {"slime": {"tensor_model_parallel_size": 1}}}, {}),
     # eval
     "eval.max_questions": ({"eval": {"max_questions": 50}}, ALL_EVALS),
-    "eval.temperature": ({"eval": {"temperature": 0.5}}, ALL_EVALS),
+    # (the toy's learning curve evaluates during training at eval.temperature too)
+    "eval.temperature": ({"eval": {"temperature": 0.5}}, {**RL_DOWNSTREAM, **ALL_EVALS}),
     "eval.interval (the learning curve's spacing)": ({"eval": {"interval": 30}}, RL_DOWNSTREAM),
     "eval.curve_subset": ({"eval": {"curve_subset": 40}}, RL_DOWNSTREAM),
     "eval.compare (the examples' pair)": ({"eval": {"compare": ["init", "rl"]}}, {"report": 1}),
@@ -121,11 +122,21 @@ def test_a_changed_setting_reruns_exactly_what_depends_on_it(toy_run, name):
         assert any(f"'{key}'" in out for key in keys), (keys, out[-3000:])
 
 
-def test_list_changes_params_names_the_outputs(toy_run):
+def test_summary_names_the_outputs_whose_settings_changed(toy_run):
+    """`snakemake --summary` marks exactly the outputs of the steps that read the changed key "params changed".
+
+    (`--list-changes params` of Snakemake 9.27 lists every output with a params record, changed or not:
+    ParamsChange keeps the file of an unchanged comparison and the listing iterates it without its truth
+    value; --summary tests the truth value.)
+    """
     (toy_run / "change.yaml").write_text(yaml.safe_dump({"train": {"lr": 5.0e-4}}))
-    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", "--list-changes", "params",
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", "--summary",
            "--configfile", *TOY_CONFIGS, "change.yaml"]  # fmt: skip
     res = subprocess.run(cmd, cwd=toy_run, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert {"results/train/metrics.jsonl", "results/train/final.json"} <= set(res.stdout.split())
-    assert "results/eval/base/nq_test.json" not in res.stdout
+    rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
+    header = rows[0]
+    status = {row[0]: row[header.index("status")] for row in rows[1:]}
+    changed = {path for path, state in status.items() if state == "params changed"}
+    assert changed == {"results/train/metrics.jsonl", "results/train/final.json", "results/train/eval_curve.jsonl"}
+    assert status["results/eval/base/nq_test.json"] == "ok"
