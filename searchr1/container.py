@@ -72,7 +72,7 @@ def pull_command(slime_cfg: Mapping[str, Any], out: str | Path) -> tuple[list[st
 
 def fetch_image(slime_cfg: Mapping[str, Any], out: str | Path, *, run=subprocess.run, log=None) -> Path:
     """Pull (apptainer: and convert) the image once to ``out``; resumable (see the module docstring)."""
-    from searchr1.fsutil import write_text_atomic
+    from searchr1.fsutil import publish_file, write_text_atomic
 
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def fetch_image(slime_cfg: Mapping[str, Any], out: str | Path, *, run=subprocess
     if proc.returncode != 0:
         raise ContainerError(f"{' '.join(command)} exited with status {proc.returncode} (rerun resumes the pull)")
     if runtime == "apptainer":
-        os.replace(str(out) + ".partial", out)
+        publish_file(str(out) + ".partial", out)
     else:
         inspect = run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True,
                       check=False)  # fmt: skip

@@ -64,6 +64,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def publish_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Move a finished file that another program wrote at ``src`` (e.g. ``<dst>.partial``) to ``dst`` in one
+    rename (same filesystem), so a reader never sees a half-written ``dst``."""
+    os.replace(src, dst)
+    return Path(dst)
+
+
 def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)

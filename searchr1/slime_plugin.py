@@ -27,6 +27,7 @@ from typing import Any
 
 from searchr1.agent import AgentConfig, Trajectory, run_agent
 from searchr1.engines import GenerationOutput, GenerationRequest, input_fields, parse_sglang_output
+from searchr1.fsutil import write_text_atomic
 from searchr1.retrieval.client import RetrievalClient
 from searchr1.reward import em_score, extract_answer_from_response
 
@@ -275,9 +276,7 @@ def _replace_point(path: str | os.PathLike, step: int, name: str) -> None:
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [line for line in lines if (json.loads(line).get("step"), json.loads(line).get("dataset")) != (step, name)]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def log_rollout(

@@ -73,3 +73,31 @@ def test_directories_are_swapped_in_whole(tmp_path: Path) -> None:
         publish_dir(dst, fill_and_fail)
     assert (dst / "sub" / "f").read_text() == "1"
     assert leftovers(tmp_path, {"src", "dst"}) == []
+
+
+def test_publish_file_moves_a_finished_file_in_one_rename(tmp_path):
+    from searchr1.fsutil import publish_file
+
+    partial = tmp_path / "image.sif.partial"
+    partial.write_bytes(b"done")
+    (tmp_path / "image.sif").write_bytes(b"old")
+    assert publish_file(partial, tmp_path / "image.sif") == tmp_path / "image.sif"
+    assert (tmp_path / "image.sif").read_bytes() == b"done" and not partial.exists()
+
+
+def test_no_rename_outside_fsutil():
+    """Every publish of a file goes through fsutil (one place for atomicity)."""
+    import re
+    from pathlib import Path
+
+    import searchr1
+
+    root = Path(searchr1.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for path in root.rglob("*.py")
+        if path.name != "fsutil.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bos\.(replace|rename)\(|\.rename\(|\.replace\(tmp", line)
+    ]
+    assert not offenders, offenders

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from searchr1 import provenance
+from searchr1.fsutil import publish_file
 from searchr1.steps.settings import StepSettings
 
 log = logging.getLogger("searchr1.steps.data")
@@ -33,7 +33,7 @@ def download_qa(cfg: StepSettings, *, outputs, **_: Any) -> None:
     )
     for key, name in (("train", data["train_file"]), ("test", data["test_file"])):
         if Path(files[name]).resolve() != Path(outputs[key]).resolve():
-            os.replace(files[name], outputs[key])
+            publish_file(files[name], outputs[key])
 
 
 def download_policy(cfg: StepSettings, *, outputs, **_: Any) -> None:
