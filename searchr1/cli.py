@@ -16,16 +16,22 @@ import sys
 from pathlib import Path
 
 
+def _load(argv: list[str]) -> dict | None:
+    """config.yaml with the files of ``argv`` on top, validated; None (the problems printed) if invalid."""
+    from searchr1.config import ConfigError, load_config
+
+    try:
+        return load_config(Path(__file__).resolve().parents[1] / "config.yaml", *argv)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return None
+
+
 def _config(argv: list[str]) -> int:
     import yaml
 
-    from searchr1.config import ConfigError, load_config
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        cfg = load_config(root / "config.yaml", *argv)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    cfg = _load(argv)
+    if cfg is None:
         return 2
     print(yaml.safe_dump(cfg, sort_keys=False), end="")
     return 0
@@ -33,13 +39,9 @@ def _config(argv: list[str]) -> int:
 
 def _plan(argv: list[str]) -> int:
     from searchr1.budget import format_plan
-    from searchr1.config import ConfigError, load_config
 
-    root = Path(__file__).resolve().parents[1]
-    try:
-        cfg = load_config(root / "config.yaml", *argv)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    cfg = _load(argv)
+    if cfg is None:
         return 2
     print(format_plan(cfg))
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jsonschema
 import yaml
@@ -238,3 +238,14 @@ def settings_from_config(cls: type, cfg: Mapping[str, Any], **extra: Any) -> Any
     values = {name: config_value(cfg, key) for name, key in cls.CONFIG_KEYS.items()}
     values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
     return cls(**values, **extra)
+
+
+class FromConfig:
+    """Base of a settings dataclass: ``from_config(cfg, **extra)`` reads the fields named in ``CONFIG_KEYS``
+    (field -> dotted config key) from the config, through :func:`settings_from_config`."""
+
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], **extra: Any) -> Any:
+        return settings_from_config(cls, cfg, **extra)

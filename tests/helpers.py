@@ -225,3 +225,18 @@ class FakeRetriever:
 
     async def aclose(self) -> None:
         pass
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """{rule: jobs} from the "Job stats" table of `snakemake -n`; {} when there is nothing to be done."""
+    import re
+
+    if "Nothing to be done" in output and "Job stats:" not in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts

@@ -12,7 +12,6 @@ from helpers import FakeRetriever, agent_config
 from searchr1.agent import (
     INVALID_ACTION_TEXT,
     STOP_STRINGS,
-    AgentConfig,
     golden_in_retrieved,
     observation_text,
     parse_action,

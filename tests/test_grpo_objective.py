@@ -7,7 +7,6 @@ import torch
 
 from helpers import objective_settings
 from searchr1.grpo.objective import (
-    ObjectiveSettings,
     approx_kl,
     clipped_policy_loss,
     group_advantages,

@@ -7,13 +7,13 @@ recorded but rerun nothing. Each case is a dry-run (`snakemake -n`) on the finis
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import job_counts
 
 pytestmark = pytest.mark.slow
 
@@ -88,22 +88,10 @@ def dry_run(wf: Path, change: dict | None, *extra: str) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=wf, capture_output=True, text=True, timeout=300)
 
 
-def scheduled(output: str) -> dict[str, int]:
-    if "Nothing to be done" in output:
-        return {}
-    table = output.split("Job stats:", 1)[1]
-    counts = {}
-    for line in table.splitlines():
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if m and m.group(1) != "total":
-            counts[m.group(1)] = int(m.group(2))
-    return counts
-
-
 def test_a_finished_run_has_nothing_to_do(toy_run):
     res = dry_run(toy_run, None)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert scheduled(res.stdout + res.stderr) == {}
+    assert job_counts(res.stdout + res.stderr) == {}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -112,7 +100,7 @@ def test_a_changed_setting_reruns_exactly_what_depends_on_it(toy_run, name):
     res = dry_run(toy_run, change)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert scheduled(out) == expected, f"{name}: {scheduled(out)} != {expected}"
+    assert job_counts(out) == expected, f"{name}: {job_counts(out)} != {expected}"
     if expected:
         # -n says why: the first step that reads the key has changed params, naming the key and both values.
         # (a key inside a map such as published.rl.nq_test is reported as the declared map, 'published')

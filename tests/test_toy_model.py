@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import model_size
 from searchr1.prompt import make_messages
-from searchr1.toy.model import ToyModelSize, count_parameters, make_model, write_model
+from searchr1.toy.model import count_parameters, make_model, write_model
 from searchr1.toy.tokenizer import write_tokenizer
 from searchr1.toy.world import WorldSizes, write_world
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -11,9 +10,9 @@ from transformers import AutoTokenizer
 from helpers import model_size, warm_start_config
 from searchr1.agent import observation_text, parse_action
 from searchr1.reward import em_score
-from searchr1.toy.model import ToyModelSize, write_model
+from searchr1.toy.model import write_model
 from searchr1.toy.tokenizer import write_tokenizer
-from searchr1.toy.warmstart import (WarmStartConfig, make_demos, tokenize_demo, warm_start)
+from searchr1.toy.warmstart import make_demos, tokenize_demo, warm_start
 from searchr1.toy.world import WorldSizes, load_world, write_world
 
 TINY = WorldSizes(n_couples=40, n_test_couples=8, n_rl_couples=12, test_per_split=5, rl_questions=20)

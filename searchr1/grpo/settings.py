@@ -6,16 +6,15 @@ Values the config holds have no default here: ``from_config`` reads each from it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from searchr1.config import settings_from_config
+from searchr1.config import FromConfig
 from searchr1.grpo.objective import ObjectiveSettings
 
 
 @dataclass
-class GRPOSettings:
+class GRPOSettings(FromConfig):
     seed: int
     # rollout (slime's --num-rollout, --rollout-batch-size, ...)
     num_rollout: int
@@ -101,7 +100,3 @@ class GRPOSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> GRPOSettings:
-        """The trainer's settings from the validated config (or a step's declared settings)."""
-        return settings_from_config(cls, cfg)

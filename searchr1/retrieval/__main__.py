@@ -80,7 +80,7 @@ def _add_http_limit_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from searchr1.retrieval.server import HttpLimits, PortInUseError, RetrieverServer, bind_socket, create_app
+    from searchr1.retrieval.server import HttpLimits, RetrieverServer, bind_socket, create_app
 
     try:
         http_limits = HttpLimits(max_header_bytes=a.max_header_bytes, max_headers=a.max_headers,

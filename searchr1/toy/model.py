@@ -11,19 +11,18 @@ leaves the tokenizer class to tokenizer_config.json (TokenizersBackend).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from searchr1.config import settings_from_config
+from searchr1.config import FromConfig
 
 
 @dataclass
-class ToyModelSize:
+class ToyModelSize(FromConfig):
     # From the config (toy.model.*): no defaults here.
     hidden: int
     layers: int
@@ -39,9 +38,6 @@ class ToyModelSize:
         "intermediate": "toy.model.intermediate",
     }
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> ToyModelSize:
-        return settings_from_config(cls, cfg)
 
     def validate(self) -> None:
         for name in ("hidden", "layers", "heads", "intermediate", "max_positions"):

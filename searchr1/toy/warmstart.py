@@ -22,24 +22,23 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from searchr1.agent import observation_text
-from searchr1.config import settings_from_config
+from searchr1.config import FromConfig
 from searchr1.prompt import make_messages
 from searchr1.toy.world import (SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, Question, World, article,
-                                load_world, make_question)
+                                make_question)
 
 log = logging.getLogger(__name__)
 
 Retrieve = Callable[[list[str], int], list[list[dict]]]
 
 @dataclass
-class WarmStartConfig:
+class WarmStartConfig(FromConfig):
     # From the config (toy.warm_start.*, retriever.topk, seed): no defaults here.
     steps: int
     batch_size: int
@@ -67,9 +66,6 @@ class WarmStartConfig:
         "seed": "seed",
     }
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], **extra: Any) -> WarmStartConfig:
-        return settings_from_config(cls, cfg, **extra)
 
     def validate(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.n_demos <= 0 or self.topk <= 0:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pandas as pd
 
-from searchr1.config import settings_from_config
+from searchr1.config import FromConfig
 from searchr1.prompt import make_messages, normalize_question
 
 FIRST_NAMES = """
@@ -125,7 +124,7 @@ class Question:
 
 
 @dataclass
-class WorldSizes:
+class WorldSizes(FromConfig):
     # From the config (toy.*): no defaults here.
     n_couples: int
     test_per_split: int
@@ -141,9 +140,6 @@ class WorldSizes:
         "rl_questions": "toy.train_questions",
     }
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> WorldSizes:
-        return settings_from_config(cls, cfg)
 
     def validate(self) -> None:
         if self.n_couples <= 0:
