@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,9 +23,15 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message lists every problem with its key path."""
 
 
-def load_schema() -> dict[str, Any]:
+@lru_cache(maxsize=1)
+def cached_schema() -> dict[str, Any]:
+    """The schema, read once per process; shared and read-only (``load_schema`` gives a copy to change)."""
     with open(SCHEMA_PATH, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
+
+
+def load_schema() -> dict[str, Any]:
+    return copy.deepcopy(cached_schema())
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,7 +50,7 @@ def _key_path(path: Any) -> str:
 
 
 def _schema_problems(config: Mapping[str, Any]) -> list[str]:
-    validator = jsonschema.Draft202012Validator(load_schema())
+    validator = jsonschema.Draft202012Validator(cached_schema())
     problems = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         where = _key_path(err.absolute_path)
@@ -157,7 +164,7 @@ def complete(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None)
     that config.yaml leaves out on purpose. A key marked ``x-optional: true`` (the toy section at full
     scale) may be absent. So code reads ``cfg[key]``, never ``cfg.get(key, <a second default>)``.
     """
-    root = schema or load_schema()
+    root = schema or cached_schema()
     out = copy.deepcopy(dict(config))
     missing: list[str] = []
 
@@ -167,13 +174,11 @@ def complete(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None)
             sub = _resolve(sub, root)
             where = f"{path}.{key}" if path else key
             if key not in node:
-                if "default" in sub:
-                    node[key] = copy.deepcopy(sub["default"])
-                elif not sub.get("x-optional"):
-                    missing.append(where)
+                if "default" not in sub:
+                    if not sub.get("x-optional"):
+                        missing.append(where)
                     continue
-                else:
-                    continue
+                node[key] = copy.deepcopy(sub["default"])
             if isinstance(node[key], dict):
                 walk(node[key], sub, where)
         extra = sch.get("additionalProperties")

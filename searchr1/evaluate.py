@@ -562,7 +562,10 @@ def sglang_server(
 
 
 def append_curve_point(curve_path: str | Path, *, step: int, split: str, summary: Mapping[str, Any]) -> None:
-    """Append one learning-curve point (an eval of a training checkpoint) to a JSONL file the report plots."""
+    """Write one learning-curve point (an eval of a training checkpoint) to the JSONL file the report plots;
+    a point of the same (step, split) is replaced (searchr1.metrics_file.write_curve_point)."""
+    from searchr1.metrics_file import write_curve_point
+
     point = {
         "step": int(step),
         "split": split,
@@ -572,6 +575,4 @@ def append_curve_point(curve_path: str | Path, *, step: int, split: str, summary
         "ci95_high": summary["ci95"]["high"],
         "searched_at_least_once": summary["searched_at_least_once"],
     }
-    path = Path(curve_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _append_rows(path, [point])
+    write_curve_point(curve_path, point)

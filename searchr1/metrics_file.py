@@ -4,7 +4,9 @@ the slime launcher; torch-free, so the launcher's imports stay light."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from searchr1.fsutil import write_text_atomic
 
@@ -26,3 +28,16 @@ def truncate_metrics(metrics_path: str | Path, completed_steps: int) -> int:
             kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
     return len(kept)
+
+
+def write_curve_point(curve_path: str | Path, point: Mapping[str, Any]) -> None:
+    """Write one learning-curve point (``{"step", "split", "em", ...}``) to the curve file. A point of the same
+    (step, split) already there, from a run that was killed after it and resumed, is replaced, not duplicated."""
+    path = Path(curve_path)
+    key = (int(point["step"]), point["split"])
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and (json.loads(line).get("step"), json.loads(line).get("split")) != key:
+                kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in [*kept, json.dumps(dict(point))]))

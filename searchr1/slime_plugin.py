@@ -27,7 +27,7 @@ from typing import Any
 
 from searchr1.agent import AgentConfig, Trajectory, run_agent
 from searchr1.engines import GenerationOutput, GenerationRequest, input_fields, parse_sglang_output
-from searchr1.fsutil import write_text_atomic
+from searchr1.metrics_file import write_curve_point
 from searchr1.retrieval.client import RetrievalClient
 from searchr1.reward import em_score, extract_answer_from_response
 
@@ -268,17 +268,6 @@ def _append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def _replace_point(path: str | os.PathLike, step: int, name: str) -> None:
-    """Drop the line of (step, dataset) from the curve file, so that a re-evaluated step is written once."""
-    path = Path(path)
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if (json.loads(line).get("step"), json.loads(line).get("dataset")) != (step, name)]
-    if len(kept) != len(lines):
-        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-
-
 def log_rollout(
     rollout_id: int, args: Any, samples: list[Any], rollout_extra_metrics: dict | None, rollout_time: float
 ) -> bool:
@@ -327,8 +316,7 @@ def log_eval(rollout_id: int, args: Any, data: dict[str, dict], extra_metrics: d
 
             low, high = wilson_ci(int(sum(1 for r in rewards if r >= 1.0)), len(rewards)) if rewards else (0.0, 0.0)
             record.update({"split": name, "em": record["reward_mean"], "ci95_low": low, "ci95_high": high})
-            _replace_point(path, int(rollout_id), name)  # slime evaluates a step again after a resume
-            _append_jsonl(path, record)
+            write_curve_point(path, record)  # slime evaluates a step again after a resume: replaced, not doubled
         if samples_dir and samples:
             out = Path(samples_dir) / name / f"step_{int(rollout_id)}.jsonl"
             if out.exists():

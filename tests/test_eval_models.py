@@ -120,7 +120,7 @@ def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(tiny_wo
     again replace their points: every point exactly once."""
     from test_grpo_train import run, settings
 
-    from searchr1.steps.train import record_curve_point
+    from searchr1.evaluate import append_curve_point as record_curve_point
     from searchr1.stats import read_jsonl
 
     curve = tmp_path / "out" / "work" / "eval_curve.jsonl"

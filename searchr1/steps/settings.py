@@ -26,7 +26,7 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
-from searchr1.config import _resolve, load_schema
+from searchr1.config import _resolve, cached_schema, config_value
 
 __all__ = ["Operational", "StepSettings", "UndeclaredSetting", "declare", "flatten", "operational_keys"]
 
@@ -47,14 +47,10 @@ class Operational:
     value: Any
 
 
-@lru_cache(maxsize=1)
-def _schema() -> dict[str, Any]:
-    return load_schema()
-
-
+@lru_cache(maxsize=None)  # asked once per key and prefix by every rule's declaration at start-up
 def _node(path: str) -> Mapping[str, Any] | None:
     """The schema of a dotted config key (None where the schema has no ``properties`` for it)."""
-    root = _schema()
+    root = cached_schema()
     node: Mapping[str, Any] = root
     for part in path.split("."):
         node = _resolve(node, root)
@@ -76,7 +72,7 @@ def is_operational(path: str) -> bool:
 
 def operational_keys() -> list[str]:
     """Every key the schema marks ``x-operational`` (for the README and the tests)."""
-    root = _schema()
+    root = cached_schema()
     found: list[str] = []
 
     def walk(node: Mapping[str, Any], path: str) -> None:
@@ -105,12 +101,10 @@ def flatten(value: Any, path: str) -> dict[str, Any]:
 
 
 def _lookup(config: Mapping[str, Any], path: str) -> Any:
-    node: Any = config
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise KeyError(f"config key '{path}' is declared by a rule but missing from the config")
-        node = node[part]
-    return node
+    try:
+        return config_value(config, path)
+    except (KeyError, TypeError):
+        raise KeyError(f"config key '{path}' is declared by a rule but missing from the config") from None
 
 
 def declare(config: Mapping[str, Any], *paths: str) -> dict[str, Any]:

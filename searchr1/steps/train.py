@@ -18,6 +18,7 @@ from searchr1.steps.settings import StepSettings
 
 log = logging.getLogger("searchr1.steps.train")
 
+
 def train_work(cfg: StepSettings) -> Path:
     """Checkpoints, HF exports and in-progress metrics: ``<work_dir>/train``, never a declared output (a failed
     job keeps them, and a rerun resumes from them)."""
@@ -121,11 +122,12 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
                 "steps": cfg["train"]["num_rollout"],
             }
     copy_file_atomic(work / "metrics.jsonl", Path(outputs["metrics"]))
-    curve_path = work / "eval_curve.jsonl"
-    if curve_path.exists():
-        copy_file_atomic(curve_path, Path(outputs["metrics"]).with_name("eval_curve.jsonl"))
-    elif outputs.get("curve"):  # declared, but no point yet (num_rollout below eval.interval): an empty curve
-        write_text_atomic(Path(outputs["curve"]), "")
+    if outputs.get("curve"):  # declared when eval.interval turns the learning curve on
+        curve_path = work / "eval_curve.jsonl"
+        if curve_path.exists():
+            copy_file_atomic(curve_path, Path(outputs["curve"]))
+        else:  # no point due yet (num_rollout below eval.interval): an empty curve
+            write_text_atomic(Path(outputs["curve"]), "")
     final["provenance"] = cfg.record(
         inputs={
             "base": provenance.of_model_dir(inputs["base"]),
@@ -136,34 +138,12 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
     write_json_atomic(outputs["final"], final)
 
 
-def record_curve_point(curve_path: Path, *, step: int, split: str, summary: Mapping[str, Any]) -> None:
-    """Write the point (step, split) of the learning curve: one line per point, also when a resumed run
-    evaluates a step again (its earlier point is replaced, not duplicated)."""
-    from searchr1.evaluate import append_curve_point
-
-    _drop_curve_point(curve_path, step, split)
-    append_curve_point(curve_path, step=step, split=split, summary=summary)
-
-
-def _drop_curve_point(curve_path: Path, step: int, split: str) -> None:
-    from searchr1.fsutil import write_text_atomic
-
-    if not curve_path.exists():
-        return
-    kept = [
-        line
-        for line in curve_path.read_text().splitlines()
-        if line.strip() and (json.loads(line).get("step"), json.loads(line).get("split")) != (step, split)
-    ]
-    write_text_atomic(curve_path, "".join(f"{line}\n" for line in kept))
-
-
 def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, work: Path):
     """Greedy EM on a fixed held-out subset (the first ``eval.curve_subset`` rows of each split)."""
     import asyncio
 
     from searchr1.engines import HFEngine
-    from searchr1.evaluate import eval_agent_config, evaluate_rows, load_split, summarize_rows
+    from searchr1.evaluate import append_curve_point, eval_agent_config, evaluate_rows, load_split, summarize_rows
 
     subset = cfg["eval"]["curve_subset"]
     rows = {split: load_split(path, subset) for split, path in zip(cfg["eval"]["splits"], inputs["splits"])}
@@ -185,7 +165,8 @@ def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, 
         try:
             for split, split_rows in rows.items():
                 summary = summarize_rows(asyncio.run(run(split_rows)))
-                record_curve_point(curve_path, step=step, split=split, summary=summary)
+                # a resumed run evaluates a step again: its point is replaced, not duplicated
+                append_curve_point(curve_path, step=step, split=split, summary=summary)
                 log.info("learning curve: step %d %s EM %.3f", step, split, summary["em"])
         finally:
             model.train(was_training)
