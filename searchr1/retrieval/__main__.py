@@ -113,10 +113,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if backend.dim != encoder.dim:
         log.error("refusing to start: index %s has dim %d but encoder %s gives %d", a.index, backend.dim, a.encoder, encoder.dim)
         return 2
+    from searchr1.retrieval.frontends import resolve_http_workers
+
+    try:
+        http_workers = resolve_http_workers(a.http_workers, backend)
+    except ValueError as e:
+        log.error("refusing to start: %s", e)
+        return 2
+    pipeline = None if a.pipeline == "auto" else int(a.pipeline)
+    if http_workers > 1:
+        return _serve_multiprocess(a, sock, corpus, encoder, backend, http_limits, http_workers, pipeline)
     app = create_app(
         corpus,
         encoder,
         backend,
+        pipeline=pipeline,
         topk_max=a.topk_max,
         default_topk=a.topk,
         max_queries=a.max_queries,
@@ -135,6 +146,32 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # SIGTERM/SIGINT: graceful shutdown bounded by --shutdown-grace-s; a second signal exits at once.
     RetrieverServer(app, sock, log_level=a.log_level).run()
     return 0
+
+
+def _serve_multiprocess(a, sock, corpus, encoder, backend, http_limits, http_workers: int, pipeline: int | None) -> int:
+    """``--http-workers N`` > 1: N HTTP front-end processes, this process encodes and searches."""
+    from searchr1.retrieval.frontends import MultiProcessServer, on_gpu, rebind_group
+    from searchr1.retrieval.server import BatchingWorker, Limits, index_info
+
+    if len(corpus) != backend.ntotal:
+        log.error("refusing to start: corpus %s has %d rows but the index has %d vectors", a.corpus, len(corpus), backend.ntotal)
+        return 2
+    info = index_info(corpus, encoder, backend)
+    corpus.close()  # the front ends look the passages up
+    try:
+        sockets = rebind_group(sock, http_workers)
+    except OSError as e:
+        log.error("refusing to start: %s", e)
+        return 2
+    if pipeline is None:  # measured: with HTTP off this process, encode of one batch overlapping the
+        pipeline = 2 if on_gpu(backend) else 1  # search of the other pays on GPUs (docs/retriever.md)
+    worker = BatchingWorker(None, encoder, backend, max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms,
+                            batching=not a.no_batching, max_batch_chars=a.max_batch_chars, pipeline=pipeline)  # fmt: skip
+    limits = Limits(a.topk_max, a.max_queries, a.max_query_chars, a.max_body_bytes, a.topk)
+    log.info("serving on http://%s:%d/retrieve (backend %s, %d HTTP front ends, %d batch(es) in flight)", a.host,
+             a.port, backend.name, http_workers, pipeline)  # fmt: skip
+    return MultiProcessServer(worker, corpus_path=a.corpus, info=info, limits=limits, http_limits=http_limits,
+                              sockets=sockets, log_level=a.log_level).run()  # fmt: skip
 
 
 def cmd_build_index(a: argparse.Namespace) -> int:
@@ -219,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=ret["max_batch_size"], help="most queries per encode+search call")
     p.add_argument("--max-wait-ms", type=float, default=ret["max_wait_ms"], help="how long a batch waits for more queries")
     p.add_argument("--no-batching", action="store_true", help="one request per encode+search call (baseline)")
+    p.add_argument("--http-workers", default="auto",
+                   help="HTTP front-end processes feeding this process's encoder and index (N > 1: the "
+                        "multi-process server); auto: 1 when the index is searched on the CPU, 4 on GPUs")  # fmt: skip
+    p.add_argument("--pipeline", choices=["auto", "1", "2"], default="auto",
+                   help="batches in flight (2: encode one while the other searches); auto: 2 with several "
+                        "HTTP front ends on GPUs, else 1")  # fmt: skip
     p.add_argument("--topk", type=int, default=ret["topk"], help="passages for a request that names no topk (Search-R1's --topk)")
     p.add_argument("--topk-max", type=int, default=ret["topk_max"])
     p.add_argument("--max-queries", type=int, default=1024, help="most queries per request")

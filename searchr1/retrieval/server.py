@@ -89,7 +89,7 @@ class BatchingWorker:
 
     def __init__(
         self,
-        corpus: CorpusStore,
+        corpus: CorpusStore | None,
         encoder: TextEncoder,
         backend: SearchBackend,
         *,
@@ -97,7 +97,11 @@ class BatchingWorker:
         max_wait_ms: float = 1.0,
         batching: bool = True,
         max_batch_chars: int = DEFAULT_MAX_BATCH_CHARS,
+        pipeline: int | None = None,
     ) -> None:
+        """``corpus=None``: answer with raw hits, ``[scores, ids]`` per query (the multi-process server's
+        GPU worker, whose HTTP front ends look the passages up themselves). ``pipeline``: batches in
+        flight at once (default: 2 when the backend searches on its own CUDA streams, else 1)."""
         if max_batch_size <= 0 or max_wait_ms < 0 or max_batch_chars <= 0:
             raise ValueError(
                 "max_batch_size and max_batch_chars must be > 0 and max_wait_ms >= 0, "
@@ -129,7 +133,10 @@ class BatchingWorker:
         self.split_requests = 0  # requests served over more than one batch
         # Two batches in flight when the backend searches on its own CUDA streams (torch on GPU):
         # one encodes while the other searches; each stage still runs one batch at a time (locks).
-        self.pipeline = 2 if getattr(backend, "overlaps_encode", False) else 1
+        self.pipeline = pipeline or (2 if getattr(backend, "overlaps_encode", False) else 1)
+        if self.pipeline not in (1, 2):
+            raise ValueError(f"pipeline must be 1 or 2 batches in flight, got {self.pipeline}")
+        self._last_batch_requests = 0  # requests in the batch taken last (the low-load test of _next_batch)
         self._encode_lock = threading.Lock()
         self._search_lock = threading.Lock()
         self._inflight: set[asyncio.Task] = set()
@@ -256,6 +263,7 @@ class BatchingWorker:
                 self._pending -= hi - lo
         if self.batching:
             self._prune()
+        self._last_batch_requests = len(slices)
         return slices
 
     async def _next_batch(self) -> list[_Slice]:
@@ -269,7 +277,9 @@ class BatchingWorker:
             if not job.future.done():
                 self._active.append(job)
                 self._pending += len(job.queries)
-        if self.batching and self._pending < self.max_batch_size and self.max_wait_s > 0:
+        # Wait for more queries only under load (the last batch held several requests): a lone client
+        # would otherwise pay max_wait_ms on every request for nothing.
+        if self.batching and self._pending < self.max_batch_size and self.max_wait_s > 0 and self._last_batch_requests > 1:
             await asyncio.sleep(self.max_wait_s)
             self._admit()
             self._prune()
@@ -337,27 +347,45 @@ class BatchingWorker:
             t2 = time.perf_counter()
             self.search_s += t2 - t1
         scores, ids = scores.tolist(), ids.tolist()  # Python scalars: cheaper per element than numpy's
-        docs: dict[int, dict] = {}
         out, i = [], 0
-        for job, lo, hi in batch:
-            per_job = []
-            for _ in range(lo, hi):
-                r = rows[i]
-                hits = []
-                for score, doc_id in zip(scores[r][: job.topk], ids[r][: job.topk]):
-                    if doc_id < 0:  # fewer passages than k
-                        continue
-                    doc = docs.get(doc_id)
-                    if doc is None:
-                        doc = docs[doc_id] = self.corpus.get(doc_id)
-                    hits.append({"document": doc, "score": score} if job.return_scores else doc)
-                per_job.append(hits)
-                i += 1
-            out.append(per_job)
+        if self.corpus is None:  # raw hits for a front end: [scores, ids] per query, no lookups
+            for job, lo, hi in batch:
+                per_job = []
+                for r in rows[i : i + hi - lo]:
+                    k = job.topk
+                    s_row, i_row = scores[r][:k], ids[r][:k]
+                    if i_row and i_row[-1] < 0:  # fewer passages than k
+                        keep = [j for j, d in enumerate(i_row) if d >= 0]
+                        s_row, i_row = [s_row[j] for j in keep], [i_row[j] for j in keep]
+                    per_job.append([s_row, i_row])
+                i += hi - lo
+                out.append(per_job)
+        else:
+            docs: dict[int, dict] = {}
+            for job, lo, hi in batch:
+                out.append([hits_for(self.corpus, scores[r], ids[r], job.topk, job.return_scores, docs)
+                            for r in rows[i : i + hi - lo]])  # fmt: skip
+                i += hi - lo
         with self._search_lock:  # counters shared by the pipeline's threads
             self.lookup_s += time.perf_counter() - t2
             self.unique_queries += len(row_of)
         return out
+
+
+def hits_for(corpus: Any, scores: list[float], ids: list[int], topk: int, return_scores: bool, docs: dict) -> list:
+    """One query's hits in Search-R1's shape: the corpus rows, or ``{"document", "score"}`` with scores.
+
+    ``docs`` caches rows by id across the queries of one batch; ids < 0 (fewer passages than k) are skipped.
+    """
+    hits = []
+    for score, doc_id in zip(scores[:topk], ids[:topk]):
+        if doc_id < 0:
+            continue
+        doc = docs.get(doc_id)
+        if doc is None:
+            doc = docs[doc_id] = corpus.get(doc_id)
+        hits.append({"document": doc, "score": score} if return_scores else doc)
+    return hits
 
 
 @dataclass(frozen=True)
@@ -532,6 +560,7 @@ def create_app(
     max_batch_chars: int = DEFAULT_MAX_BATCH_CHARS,
     http_limits: HttpLimits | None = None,
     default_topk: int = DEFAULT_TOPK,
+    pipeline: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``POST /retrieve`` and ``GET|HEAD /health`` over one corpus/encoder/backend.
 
@@ -540,15 +569,32 @@ def create_app(
     """
     if len(corpus) != backend.ntotal:
         raise ValueError(f"corpus {corpus.path} has {len(corpus)} rows but the index has {backend.ntotal} vectors")
-    limits = Limits(topk_max, max_queries, max_query_chars, max_body_bytes, default_topk)
+    worker = BatchingWorker(corpus, encoder, backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                            batching=batching, max_batch_chars=max_batch_chars, pipeline=pipeline)  # fmt: skip
+    return build_app(worker, index_info(corpus, encoder, backend),
+                     Limits(topk_max, max_queries, max_query_chars, max_body_bytes, default_topk), http_limits)  # fmt: skip
+
+
+def index_info(corpus: Any, encoder: Any, backend: Any) -> dict:
+    """What /health says about the data: passages, dim, backend and encoder names."""
+    return {"passages": len(corpus), "dim": backend.dim, "backend": backend.name,
+            "encoder": getattr(encoder, "name", type(encoder).__name__)}  # fmt: skip
+
+
+def build_app(worker: Any, info: dict, limits: Limits, http_limits: HttpLimits | None = None) -> FastAPI:
+    """The app over any worker with BatchingWorker's interface (``start``, ``stop``, ``enqueue``, ``stats``).
+
+    In-process that is a ``BatchingWorker``; in an HTTP front end of the multi-process server it is a
+    ``frontends.RemoteWorker``, whose ``remote_health()`` adds the GPU worker's view to /health.
+    """
     http_limits = http_limits or HttpLimits()
     counters = ClientCounters()
-    worker = BatchingWorker(corpus, encoder, backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                            batching=batching, max_batch_chars=max_batch_chars)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
+        started = worker.start()
+        if started is not None:  # a remote worker connects asynchronously
+            await started
         yield
         await worker.stop()
 
@@ -603,13 +649,10 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {
+        out = {
             "status": "ok",
             "pid": os.getpid(),
-            "passages": len(corpus),
-            "dim": backend.dim,
-            "backend": backend.name,
-            "encoder": getattr(encoder, "name", type(encoder).__name__),
+            **info,
             "uptime_s": round(time.time() - started, 1),
             "process_cpu_s": round(time.process_time(), 3),  # for benchmarks: the server's CPU cost
             # CPU of the event-loop thread alone (this handler runs on it): HTTP parsing, routing,
@@ -619,6 +662,10 @@ def create_app(
             "clients": counters.as_dict(),
             "http_limits": asdict(http_limits),
         }
+        remote = getattr(worker, "remote_health", None)
+        if remote is not None:  # an HTTP front end: the worker process's pid, batching, all front ends' clients
+            out.update(await remote(counters.as_dict()))
+        return out
 
     # HEAD for load balancers and probes (uvicorn sends the headers of the GET answer, no body).
     app.add_api_route("/health", health, methods=["HEAD"], operation_id="health_head")
@@ -809,7 +856,9 @@ class RetrieverServer:
     The watchdog matters when the parent is SIGKILLed: its parent-death SIGTERM is all we get.
     """
 
-    def __init__(self, app: FastAPI, sock: socket.socket, *, log_level: str = "info") -> None:
+    def __init__(self, app: FastAPI, sock: socket.socket, *, log_level: str = "info", signals: bool = True) -> None:
+        """``signals=False`` (an HTTP front end of the multi-process server): SIGTERM/SIGINT are ignored,
+        the process that started it calls ``shutdown()`` instead (it coordinates the whole group)."""
         import uvicorn
 
         limits: HttpLimits = app.state.http_limits
@@ -830,6 +879,9 @@ class RetrieverServer:
 
         class _Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame: Any) -> None:
+                if not signals:
+                    log.debug("%s ignored: the server's main process stops this front end", signal.Signals(sig).name)
+                    return
                 outer._on_signal(sig)
                 super().handle_exit(sig, frame)
 
@@ -841,11 +893,19 @@ class RetrieverServer:
         return bool(self.server.started)
 
     def _on_signal(self, sig: int) -> None:
+        self._begin_shutdown(signal.Signals(sig).name, 128 + sig)
+
+    def shutdown(self, reason: str) -> None:
+        """Graceful stop called on the event loop (a front end told by the main process); a second call
+        exits at once, like a second signal."""
+        self._begin_shutdown(reason, 1)
+        self.server.should_exit = True
+
+    def _begin_shutdown(self, name: str, second_exit_code: int) -> None:
         self._signals += 1
-        name = signal.Signals(sig).name
         if self._signals > 1:
             log.warning("second signal (%s): exiting now", name)
-            _hard_exit(128 + sig)
+            _hard_exit(second_exit_code)
         grace = self.limits.shutdown_grace_s
         log.info("%s: shutting down (in-flight requests get %.1f s)", name, grace)
         threading.Thread(target=self._watchdog, args=(grace + 1.5,), name="shutdown-watchdog", daemon=True).start()
