@@ -1,10 +1,18 @@
-"""Settings objects for tests, built the one way the workflow builds them: from config.yaml (+ the toy
-config), through each component's from_config, with a test's own values on top."""
+"""What the tests share, each in one place.
+
+- Settings objects, built the one way the workflow builds them: from config.yaml (+ the toy config), through each
+  component's from_config, with a test's own values on top; a rule's params as Snakemake declares them.
+- The workflow: a copy without results, Snakemake's command line (in this process), a rule's job in a fresh one.
+- Processes and ports: liveness, a free port, an app served in a thread, our real retriever over given passages.
+- Test doubles, where the real component would have to be steered into a case: a retriever that answers from a
+  table.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import subprocess
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -65,12 +73,13 @@ def warm_start_config(**fields: Any):
 
 
 @lru_cache(maxsize=8)
-def _workflow_rules(configfiles: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``{rule: {param name: value}}`` of the workflow parsed by Snakemake's own API with ``configfiles``."""
+def _workflow_rules(configfiles: tuple[tuple[Path, str], ...]) -> dict[str, dict[str, Any]]:
+    """``{rule: {param name: value}}`` of the workflow parsed by Snakemake's own API with ``configfiles``
+    (``(path, its text)``: a file rewritten with other settings is parsed again)."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
 
-    paths = [Path(c) if Path(c).is_absolute() else ROOT / c for c in configfiles]
+    paths = [path for path, _ in configfiles]
     with SnakemakeApi(OutputSettings()) as api:
         workflow_api = api.workflow(
             resource_settings=ResourceSettings(),
@@ -85,10 +94,32 @@ def _workflow_rules(configfiles: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 def rule_params(rule: str, *configfiles: str) -> dict[str, Any]:
     """The params a rule declares under ``configfiles`` (relative to the checkout, or absolute)."""
-    rules = _workflow_rules(tuple(configfiles))
+    paths = [Path(c) if Path(c).is_absolute() else ROOT / c for c in configfiles]
+    rules = _workflow_rules(tuple((path, path.read_text()) for path in paths))
     if rule not in rules:
         raise KeyError(f"no rule {rule!r} under {configfiles}: {sorted(rules)}")
     return dict(rules[rule])
+
+
+def run_job_in_fresh_process(rule: str, step: str, configfiles: tuple[str, ...], env: dict[str, str],
+                              **io: Any) -> subprocess.CompletedProcess:
+    """Rule ``rule``'s job (``step``, as searchr1.steps.resolve names it) under exactly the params Snakemake gives
+    it with ``configfiles`` (parsed here: rule_params), run in a fresh process with ``env``, as the workflow runs
+    it (huggingface_hub, for one, reads HF_ENDPOINT when it is imported); ``io``: its inputs and outputs."""
+    import pickle
+    import sys
+    import tempfile
+
+    code = (
+        "import pickle, sys; from searchr1.steps import resolve; from searchr1.steps.settings import StepSettings; "
+        "rule, step, params, io = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "resolve(step)(StepSettings.from_params(params, step=rule), **io)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.pickle"
+        job.write_bytes(pickle.dumps((rule, step, rule_params(rule, *configfiles), io)))
+        return subprocess.run([sys.executable, "-c", code, str(job)], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=ROOT)  # fmt: skip
 
 
 def copy_workflow(dst: Path) -> Path:
@@ -108,6 +139,33 @@ def snakemake_cmd(*targets: str, extra: tuple[str, ...] = ()) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", *targets, *extra]
+
+
+def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` in ``cwd``, through Snakemake's own command line (snakemake.cli.main) in this process:
+    its exit status and what it prints, without a fresh interpreter importing Snakemake for every call (about
+    1.5 s each; a dry run itself takes a few tenths). For dry runs, lint and rule graphs; the Snakefile's
+    imports of searchr1 are this process's. tests/test_workflow.py runs the command line once as a process."""
+    import io
+    import os
+    import sys
+
+    from snakemake.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here, path = os.getcwd(), list(sys.path)  # Snakemake puts the workflow's folders on sys.path
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(here)
+        sys.path[:] = path
+    return subprocess.CompletedProcess(["snakemake", *args], code, out.getvalue(), err.getvalue())
 
 
 # --- processes and ports ---------------------------------------------------------------------------------

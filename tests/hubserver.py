@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -154,6 +155,13 @@ class HubServer:
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """The environment of a process that downloads from this server (HF_ENDPOINT, no progress bars, a short
+        ETag timeout, online), plus ``extra``."""
+        env = dict(os.environ, HF_ENDPOINT=self.url, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5", **extra)
+        env.pop("HF_HUB_OFFLINE", None)
+        return env
 
     def __enter__(self) -> "HubServer":
         self._thread.start()

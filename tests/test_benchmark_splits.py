@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from helpers import ROOT, config
+from helpers import config, run_job_in_fresh_process
 from hubserver import HubServer
 from searchr1.data import ROW_COLUMNS, make_row
 from searchr1.prompt import make_messages
@@ -46,7 +44,7 @@ def _flashrag(source: str, n: int, split: str) -> list[dict]:
              "metadata": {}} for i in range(n)]  # fmt: skip
 
 
-def _prepare(hub_url: str, tmp_path: Path, splits: dict[str, dict], selected: list[str]) -> subprocess.CompletedProcess:
+def _prepare(hub: HubServer, tmp_path: Path, splits: dict[str, dict], selected: list[str]) -> subprocess.CompletedProcess:
     """Rule prepare_data's job under exactly the params Snakemake gives it, in a fresh process (HF_ENDPOINT)."""
     qa = tmp_path / "qa"
     qa.mkdir(exist_ok=True)
@@ -54,18 +52,9 @@ def _prepare(hub_url: str, tmp_path: Path, splits: dict[str, dict], selected: li
     (qa / "test.parquet").write_bytes(_parquet(_search_r1_rows(4, "nq", "test") + _search_r1_rows(6, "hotpotqa", "test")))
     extra = {"data_dir": str(tmp_path / "data"), "data": {"splits": splits}, "eval": {"splits": selected}}
     (tmp_path / "extra.yaml").write_text(json.dumps(extra))
-    outputs = {"train": str(tmp_path / "out/train.parquet")}
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); from helpers import rule_params; "
-        "from searchr1.steps import resolve; from searchr1.steps.settings import StepSettings; "
-        f"params = rule_params('prepare_data', 'config.yaml', {str(tmp_path / 'extra.yaml')!r}); "
-        "cfg = StepSettings.from_params(params, step='prepare_data'); "
-        f"resolve('data.prepare_data')(cfg, inputs={{'train': {str(qa / 'train.parquet')!r}, "
-        f"'test': {str(qa / 'test.parquet')!r}}}, outputs={outputs!r})"
-    )
-    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5")
-    env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return run_job_in_fresh_process("prepare_data", "data.prepare_data", ("config.yaml", str(tmp_path / "extra.yaml")),
+                                    hub.client_env(), inputs={"train": str(qa / "train.parquet"),
+                                    "test": str(qa / "test.parquet")}, outputs={"train": str(tmp_path / "out/train.parquet")})  # fmt: skip
 
 
 @pytest.fixture()
@@ -97,7 +86,7 @@ def test_missing_splits_are_built_from_flashrag_like_search_r1(flashrag_hub, tmp
         "musique_test": {"data_source": "musique", "expected_rows": 3},  # no test: dev
         "popqa_test": {"data_source": "popqa", "expected_rows": None},  # only train: train
     }
-    res = _prepare(flashrag_hub.url, tmp_path, splits, list(splits))
+    res = _prepare(flashrag_hub, tmp_path, splits, list(splits))
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
     downloaded = pd.read_parquet(out / "nq_test.parquet")
@@ -129,7 +118,7 @@ def test_missing_splits_are_built_from_flashrag_like_search_r1(flashrag_hub, tmp
 
 def test_a_split_found_nowhere_is_an_error_listing_the_test_file(flashrag_hub, tmp_path):
     splits = {"bamboogle_test": {"data_source": "bamboogle", "expected_rows": 125}}
-    res = _prepare(flashrag_hub.url, tmp_path, splits, ["bamboogle_test"])
+    res = _prepare(flashrag_hub, tmp_path, splits, ["bamboogle_test"])
     assert res.returncode != 0
     assert "split 'bamboogle_test': no rows with data_source='bamboogle'" in res.stderr
     assert "{'hotpotqa': 6, 'nq': 4}" in res.stderr or "{'nq': 4, 'hotpotqa': 6}" in res.stderr
@@ -137,5 +126,5 @@ def test_a_split_found_nowhere_is_an_error_listing_the_test_file(flashrag_hub, t
 
 def test_a_wrong_row_count_of_a_built_split_is_an_error(flashrag_hub, tmp_path):
     splits = {"musique_test": {"data_source": "musique", "expected_rows": 2417}}
-    res = _prepare(flashrag_hub.url, tmp_path, splits, ["musique_test"])
+    res = _prepare(flashrag_hub, tmp_path, splits, ["musique_test"])
     assert res.returncode != 0 and "split 'musique_test': 3 rows" in res.stderr

@@ -35,16 +35,14 @@ def _hub_rows(n_nq: int, n_hp: int, split: str) -> list[dict]:
     return rows
 
 
-def _download(hub_url: str, dest: Path, files: list[str], sha256: dict | None = None) -> subprocess.CompletedProcess:
+def _download(hub: HubServer, dest: Path, files: list[str], sha256: dict | None = None) -> subprocess.CompletedProcess:
     # A fresh process, as in the workflow: huggingface_hub reads HF_ENDPOINT when it is imported.
     code = (
         "import json,sys; from pathlib import Path; from searchr1.data import download_files; "
         f"out = download_files({REPO!r}, {files!r}, dest_dir=Path({str(dest)!r}), revision='main', "
         f"sha256={sha256!r}); print(json.dumps({{k: str(v) for k, v in out.items()}}))"
     )
-    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5")
-    env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], env=hub.client_env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture()
@@ -59,7 +57,7 @@ def hub():
 
 
 def test_download_verifies_and_records_lock(hub, tmp_path):
-    res = _download(hub.url, tmp_path, ["train.parquet", "test.parquet"])
+    res = _download(hub, tmp_path, ["train.parquet", "test.parquet"])
     assert res.returncode == 0, res.stderr
     paths = json.loads(res.stdout.strip().splitlines()[-1])
     assert Path(paths["train.parquet"]).read_bytes() == hub.state.repos[("dataset", REPO)].files["train.parquet"]
@@ -68,20 +66,20 @@ def test_download_verifies_and_records_lock(hub, tmp_path):
     assert entry["commit"] == hub.state.repos[("dataset", REPO)].commit and len(entry["sha256"]) == 64
     # A second run trusts the verified, untouched file and downloads nothing.
     n_before = sum(1 for m, *_ in hub.state.requests if m == "GET")
-    assert _download(hub.url, tmp_path, ["train.parquet", "test.parquet"]).returncode == 0
+    assert _download(hub, tmp_path, ["train.parquet", "test.parquet"]).returncode == 0
     assert sum(1 for m, *_ in hub.state.requests if m == "GET") == n_before
 
 
 def test_corrupt_download_is_refetched(hub, tmp_path):
     hub.state.corrupt["test.parquet"] = 1
-    res = _download(hub.url, tmp_path, ["test.parquet"])
+    res = _download(hub, tmp_path, ["test.parquet"])
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "test.parquet").read_bytes() == hub.state.repos[("dataset", REPO)].files["test.parquet"]
 
 
 def test_persistently_corrupt_download_fails_and_is_removed(hub, tmp_path):
     hub.state.corrupt["test.parquet"] = 5
-    res = _download(hub.url, tmp_path, ["test.parquet"])
+    res = _download(hub, tmp_path, ["test.parquet"])
     assert res.returncode != 0
     assert "does not match" in res.stderr and "test.parquet" in res.stderr
     assert not (tmp_path / "test.parquet").exists()
@@ -89,28 +87,28 @@ def test_persistently_corrupt_download_fails_and_is_removed(hub, tmp_path):
 
 def test_truncated_download_is_never_used(hub, tmp_path):
     hub.state.truncate["train.parquet"] = 1
-    res = _download(hub.url, tmp_path, ["train.parquet"])
+    res = _download(hub, tmp_path, ["train.parquet"])
     good = hub.state.repos[("dataset", REPO)].files["train.parquet"]
     if res.returncode == 0:  # huggingface_hub resumed the cut transfer, or we re-fetched it
         assert (tmp_path / "train.parquet").read_bytes() == good
     else:  # the interrupted download surfaced as an error; a rerun must then complete it
         assert not (tmp_path / "train.parquet").exists() or (tmp_path / "train.parquet").read_bytes() == good
-        assert _download(hub.url, tmp_path, ["train.parquet"]).returncode == 0
+        assert _download(hub, tmp_path, ["train.parquet"]).returncode == 0
         assert (tmp_path / "train.parquet").read_bytes() == good
 
 
 def test_configured_sha256_mismatch_is_an_error(hub, tmp_path):
-    res = _download(hub.url, tmp_path, ["train.parquet"], sha256={"train.parquet": "0" * 64})
+    res = _download(hub, tmp_path, ["train.parquet"], sha256={"train.parquet": "0" * 64})
     assert res.returncode != 0 and "train.parquet" in res.stderr
 
 
 def test_lock_detects_moved_revision(hub, tmp_path):
-    assert _download(hub.url, tmp_path, ["train.parquet"]).returncode == 0
+    assert _download(hub, tmp_path, ["train.parquet"]).returncode == 0
     repo = hub.state.repos[("dataset", REPO)]
     repo.commit = "f" * 40
     repo.files["train.parquet"] = _parquet_bytes(_hub_rows(6, 3, "train"))
     os.utime(tmp_path / "train.parquet", (0, 0))  # force re-verification
-    res = _download(hub.url, tmp_path, ["train.parquet"])
+    res = _download(hub, tmp_path, ["train.parquet"])
     assert res.returncode != 0 and "now resolves to commit" in res.stderr
 
 

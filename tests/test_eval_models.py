@@ -4,14 +4,12 @@ learning-curve points through a kill and a resume."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, copy_workflow
+from helpers import ROOT, copy_workflow, run_job_in_fresh_process, snakemake
 from hubserver import HubServer
 from test_grpo_train import tiny_world  # noqa: F401 (the tiny policy and training parquet fixture)
 
@@ -25,30 +23,22 @@ MODEL_FILES = {
 }
 
 
-def _download_step(hub_url: str, tmp_path: Path, revision: str = "main") -> subprocess.CompletedProcess:
-    """The rule download_model_<name>'s job, under exactly the params Snakemake gives it, in a fresh process (as
-    in the workflow: huggingface_hub reads HF_ENDPOINT when it is imported)."""
+def _download_step(hub: HubServer, tmp_path: Path, revision: str = "main") -> subprocess.CompletedProcess:
+    """The rule download_model_<name>'s job, under exactly the params Snakemake gives it, in a fresh process."""
     (tmp_path / "extra.yaml").write_text(
         f"data_dir: {tmp_path / 'data'}\n"
         f"eval:\n  models:\n    ppo7b: {{repo: {MODEL_REPO}, revision: {revision}}}\n"
     )
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); from helpers import rule_params; "
-        "from searchr1.steps import resolve; from searchr1.steps.settings import StepSettings; "
-        f"params = rule_params('download_model_ppo7b', 'config.yaml', {str(tmp_path / 'extra.yaml')!r}); "
-        "cfg = StepSettings.from_params(params, step='download_model_ppo7b'); "
-        f"out = {str(tmp_path / 'data/models/eval/ppo7b')!r}; "
-        "resolve('data.download_model')(cfg, outputs={'_list': [out]})"
-    )
-    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5")
-    env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = str(tmp_path / "data/models/eval/ppo7b")
+    return run_job_in_fresh_process("download_model_ppo7b", "data.download_model",
+                                    ("config.yaml", str(tmp_path / "extra.yaml")), hub.client_env(),
+                                    outputs={"_list": [out]})  # fmt: skip
 
 
 def test_named_model_from_the_hub_is_downloaded_verified_and_locked(tmp_path):
     with HubServer() as hub:
         repo = hub.state.add("model", MODEL_REPO, MODEL_FILES)
-        res = _download_step(hub.url, tmp_path)
+        res = _download_step(hub, tmp_path)
         assert res.returncode == 0, res.stderr
         out = tmp_path / "data/models/eval/ppo7b"
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -62,14 +52,14 @@ def test_named_model_from_the_hub_is_downloaded_verified_and_locked(tmp_path):
         # the hub moved on: a re-download fails loudly instead of mixing two versions of the weights
         repo.commit = "f" * 40
         (out / "model.safetensors").write_bytes(b"changed")
-        res = _download_step(hub.url, tmp_path)
+        res = _download_step(hub, tmp_path)
         assert res.returncode != 0 and "now resolves to commit" in res.stderr
 
 
 def test_named_model_without_weights_is_an_error(tmp_path):
     with HubServer() as hub:
         hub.state.add("model", MODEL_REPO, {"config.json": b"{}"})
-        res = _download_step(hub.url, tmp_path)
+        res = _download_step(hub, tmp_path)
         assert res.returncode != 0 and "no *.safetensors weights" in res.stderr
 
 
@@ -80,11 +70,7 @@ def test_named_model_from_a_local_directory_is_evaluated_from_it(tmp_path):
     local.mkdir()
     (local / "config.json").write_text("{}")
     (wf / "extra.yaml").write_text(f"eval:\n  models:\n    mine: {{path: {local}}}\n")
-    res = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--configfile", "config.yaml", "extra.yaml", "--",
-         "results/eval/mine/nq_test.json"],
-        cwd=wf, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    res = snakemake("-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/eval/mine/nq_test.json", cwd=wf)
     assert res.returncode == 0, res.stderr + res.stdout
     job = res.stdout.split("rule evaluate:", 1)[1].split("\n\n", 1)[0]
     assert str(local) in job and "wildcards: model=mine, split=nq_test" in job

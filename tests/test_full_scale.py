@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT, config
+from helpers import ROOT, config, snakemake
 
 from searchr1 import budget
 from searchr1.config import load_config
@@ -174,9 +173,11 @@ def test_full_budget_fits_the_issue_numbers():
     assert keep_all > 5e12
 
 
-def test_plan_command_prints_the_budget():
-    out = subprocess.run([sys.executable, "-m", "searchr1.cli", "plan", str(SMOKE)], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout  # fmt: skip
+def test_plan_command_prints_the_budget(capsys):
+    from searchr1.cli import main
+
+    assert main(["plan", str(SMOKE)]) == 0
+    out = capsys.readouterr().out
     assert "Budget of this run" in out and "0.494B params" in out and "train" in out
 
 
@@ -466,8 +467,7 @@ def test_profile_by_bare_name_or_path(name):
     for the same resources; likewise the toy profile."""
     outs = []
     for profile in (name, f"profiles/{name}"):
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "--profile", profile, "-n", "results/headline.md"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = snakemake("--profile", profile, "-n", "results/headline.md")
         assert proc.returncode == 0, proc.stderr[-2000:]
         out = proc.stdout + proc.stderr
         assert f"Using profile {profile} " in out and "Budget of this run" in out
@@ -480,8 +480,7 @@ def test_profile_by_bare_name_or_path(name):
 
 
 def test_smoke_dry_run_lists_every_step_with_its_budget():
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "results/headline.md", "--configfile",
-                           "config.yaml", "config.smoke.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = snakemake("-n", "results/headline.md", "--configfile", "config.yaml", "config.smoke.yaml")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "0.494B params" in out and "container_image" in out

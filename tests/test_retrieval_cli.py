@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,13 @@ from searchr1.retrieval.corpus import CorpusStore
 from searchr1.retrieval.index import check_pair
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "searchr1.retrieval", *args], env=env, capture_output=True, text=True, timeout=120)
+def _cli(*commands: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m searchr1.retrieval ARGS` for each of ``commands`` in turn, in one fresh process (HF_ENDPOINT is
+    read when huggingface_hub is imported; one process imports torch and the rest once): its exit status is the
+    first nonzero one."""
+    code = ("import sys; from searchr1.retrieval.__main__ import main; "
+            f"sys.exit(next((rc for argv in {list(commands)!r} if (rc := main(argv))), 0))")  # fmt: skip
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -38,14 +42,11 @@ def test_download_corpus_and_index_then_pair_checks(hub_files, tmp_path: Path) -
     with HubServer() as hub:
         hub.state.add("dataset", "PeterJinGo/wiki-18-corpus", corpus_files)
         hub.state.add("dataset", "PeterJinGo/wiki-18-e5-index", index_files)
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5",
-                   HF_HOME=str(tmp_path / "hf"))  # fmt: skip
         corpus = tmp_path / "data" / "corpus.jsonl"
-        r = _cli(["download-corpus", "--revision", "main", "--dest-dir", str(tmp_path / "dl"), "--out", str(corpus)], env)
-        assert r.returncode == 0, r.stderr
         index = tmp_path / "data" / "e5_Flat.index"
-        r = _cli(["download-index", "--revision", "main", "--dest-dir", str(tmp_path / "dl"), "--out", str(index),
-                  "--corpus", str(corpus), "--delete-parts"], env)  # fmt: skip
+        r = _cli(["download-corpus", "--revision", "main", "--dest-dir", str(tmp_path / "dl"), "--out", str(corpus)],
+                 ["download-index", "--revision", "main", "--dest-dir", str(tmp_path / "dl"), "--out", str(index),
+                  "--corpus", str(corpus), "--delete-parts"], env=hub.client_env(HF_HOME=str(tmp_path / "hf")))  # fmt: skip
         assert r.returncode == 0, r.stderr
     store = CorpusStore(corpus, build_offsets_if_needed=False)  # offsets were built by the command
     assert len(store) == 40 and store.get(39) == json.loads(lines[39])

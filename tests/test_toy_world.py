@@ -30,22 +30,31 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
-def run_cli_world(out: Path, seed: int, hash_seed: str) -> None:
-    env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-    cmd = [sys.executable, "-m", "searchr1.toy", "world", "--seed", str(seed), "--out-dir", str(out),
-           "--couples", "60", "--test-couples", "12", "--rl-couples", "20", "--test-per-split", "8",
-           "--rl-questions", "40"]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)
+def write_world_in_fresh_process(out: Path, seed: int, hash_seed: str) -> None:
+    code = (f"from searchr1.toy.world import WorldSizes, write_world; "
+            f"write_world({seed}, {str(out)!r}, WorldSizes(**{TINY!r}))")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONHASHSEED=hash_seed),
+                   capture_output=True)  # fmt: skip
 
 
 def test_same_seed_same_bytes_in_fresh_processes(tmp_path, tiny):
     # Different hash seeds: any iteration over a set of strings would show up as different bytes.
-    run_cli_world(tmp_path / "a", 7, "1")
-    run_cli_world(tmp_path / "b", 7, "2")
+    write_world_in_fresh_process(tmp_path / "a", 7, "1")
+    write_world_in_fresh_process(tmp_path / "b", 7, "2")
     for name in FILES:
         a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
         assert a == b, name
         assert a == (tiny / name).read_bytes(), name  # and the same as in this process
+
+
+def test_world_command_writes_the_same_world(tmp_path, tiny):
+    """`python -m searchr1.toy world` with the sizes as flags (its main, in this process)."""
+    from searchr1.toy.__main__ import main
+
+    main(["world", "--seed", "7", "--out-dir", str(tmp_path), "--couples", "60", "--test-couples", "12",
+          "--rl-couples", "20", "--test-per-split", "8", "--rl-questions", "40"])  # fmt: skip
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == (tiny / name).read_bytes(), name
 
 
 def test_other_seed_other_world(tmp_path, tiny):

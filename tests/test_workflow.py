@@ -1,8 +1,10 @@
-"""The Snakemake DAG: dry-runs of both configs and profiles, lint, and config errors surfaced by Snakemake."""
+"""The Snakemake DAG: dry-runs of both configs and profiles, lint, and config errors surfaced by Snakemake.
+
+Snakemake's command line runs in this process (helpers.snakemake), except in the first test, which runs it as the
+user does, as its own process, and times it."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,10 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import copy_workflow, job_counts
-
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+from helpers import ROOT, copy_workflow, job_counts, snakemake
 
 FULL_JOBS = {
     "download_qa": 1, "prepare_data": 1, "download_corpus": 1, "corpus_offsets": 1, "download_index": 1,
@@ -28,12 +27,6 @@ TOY_JOBS = {
 }  # fmt: skip
 
 
-def snakemake(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=180, env=env or dict(os.environ)
-    )
-
-
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
     """A copy of the workflow without results, so dry-runs see a fresh clone."""
@@ -42,7 +35,8 @@ def workdir(tmp_path: Path) -> Path:
 
 def test_full_dry_run_lists_every_step_quickly(workdir):
     start = time.monotonic()
-    res = snakemake("-n", "results/headline.md", cwd=workdir)
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "results/headline.md"], cwd=workdir,
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
     elapsed = time.monotonic() - start
     assert res.returncode == 0, res.stderr + res.stdout
     assert job_counts(res.stdout) == FULL_JOBS
