@@ -8,6 +8,7 @@ import pytest
 # Test helpers (hub server, slime stand-in, settings builders) live beside the tests, imported by bare name.
 sys.path.insert(0, str(Path(__file__).parent))
 
+import helpers  # noqa: E402
 from helpers import copy_workflow, snakemake_cmd  # noqa: E402
 
 
@@ -23,3 +24,9 @@ def toy_run(tmp_path_factory) -> Path:
     assert res.returncode == 0, f"toy DAG failed after {elapsed:.0f} s:\n{res.stderr[-6000:]}"
     (wf / "elapsed_s").write_text(f"{elapsed:.1f}\n")
     return wf
+
+
+@pytest.fixture(scope="session")
+def grpo_world(tmp_path_factory) -> tuple[Path, Path]:
+    """The GRPO tests' tiny warm-started policy and training parquet (helpers.grpo_world), built once."""
+    return helpers.grpo_world(tmp_path_factory.mktemp("grpo_world"))

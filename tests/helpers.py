@@ -4,8 +4,9 @@
   component's from_config, with a test's own values on top; a rule's params as Snakemake declares them.
 - The workflow: a copy without results, Snakemake's command line (in this process), a rule's job in a fresh one.
 - Processes and ports: liveness, a free port, an app served in a thread, our real retriever over given passages.
-- Test doubles, where the real component would have to be steered into a case: a retriever that answers from a
-  table.
+- Tokenizers and tiny models: the toy world's builders at test sizes, a byte-level BPE tokenizer, the GRPO world.
+- Test doubles, where the real component would have to be steered into a case: a scripted engine, a retriever
+  that answers from a table.
 """
 
 from __future__ import annotations
@@ -259,6 +260,97 @@ def serve_real_retriever(passages: list[dict], work_dir: Path) -> Iterator[str]:
         yield f"{url}/retrieve"
 
 
+# --- tokenizers and tiny models ---------------------------------------------------------------------------------
+
+_BPE_TEXTS = [
+    "<think> I need to search for this. </think> <search> who wrote the hobbit </search>",
+    "\n\n<information>Doc 1(Title: \"The Hobbit\") The Hobbit is a novel by Tolkien.\n</information>\n\n",
+    "<think> It was Tolkien. </think> <answer> Tolkien </answer>",
+    "\nMy previous action is invalid. If I want to search, I should put the query between <search> and "
+    "</search>. If I want to give the final answer, I should put the answer between <answer> and </answer>. "
+    "Let me try again.\n",
+    "Answer the given question. Question: who wrote the hobbit?",
+]
+
+
+def bpe_tokenizer():
+    """A real byte-level BPE tokenizer (Qwen's kind: a tag can be several tokens, glued to the next word), trained
+    on a few sentences of the protocol, as a transformers tokenizer. The toy world's tokenizer
+    (searchr1.toy.tokenizer) is word-level; tests of what a byte-level BPE does to text take this one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_BPE_TEXTS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def tiny_model(tokenizer, *, seed: int = 0, sharpen: float = 1.0, **size: int):
+    """The toy world's policy (searchr1.toy.model.make_model) at a tiny size (hidden 32, 2 layers, 4 heads,
+    intermediate 64 unless ``size`` says otherwise) for ``tokenizer``; ``sharpen`` scales the (tied) embeddings,
+    which sharpens the logits of a fresh init, so greedy choices are not near-ties. In eval mode."""
+    import torch
+
+    from searchr1.toy.model import make_model
+
+    size = {"hidden": 32, "layers": 2, "heads": 4, "intermediate": 64, "max_positions": 256, **size}
+    model = make_model(tokenizer, model_size(**size), seed=seed).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(sharpen)
+    return model
+
+
+# The GRPO tests' world: four questions, answered by the words of the passages scripted_hits returns.
+GRPO_QUESTIONS = [("where was ada born", "paris"), ("what is bob's job", "baker"), ("who is cy married to", "dee"),
+                  ("where was dee born", "rome")]  # fmt: skip
+
+
+def grpo_world(root: Path) -> tuple[Path, Path]:
+    """A tiny policy (the toy world's tokenizer and model) with a few steps of supervised warm start, so that
+    sampled rollouts search, answer right and wrong, and stop at tags (a fresh model only emits noise and never
+    exercises the retriever), saved under ``root``; and a training parquet of GRPO_QUESTIONS.
+    Returns (policy dir, parquet)."""
+    import pandas as pd
+    import torch
+
+    from searchr1.prompt import make_messages
+    from searchr1.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer([f"{q} {a}" for q, a in GRPO_QUESTIONS])
+    model = tiny_model(tok, layers=1, heads=2, max_positions=512).train()
+    demos = ["<search> ada born </search>", "<answer> paris </answer>", "<answer> rome </answer>",
+             "<think> ada </think> <search> bob </search>"]  # fmt: skip
+    prompt = tok.apply_chat_template(make_messages(GRPO_QUESTIONS[0][0]), tokenize=False, add_generation_prompt=True)
+    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(30):
+        demo_ids = tok.encode(demos[step % len(demos)], add_special_tokens=False)
+        ids = torch.tensor([prompt_ids + demo_ids])
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids) :])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy = root / "policy"
+    model.save_pretrained(policy)
+    tok.save_pretrained(policy)
+    rows = [{
+        "data_source": "nq", "prompt": make_messages(q), "ability": "fact-reasoning",
+        "reward_model": {"style": "rule", "ground_truth": {"target": [a, "beijing"]}},
+        "extra_info": {"split": "train", "index": i}, "question": q, "id": f"t{i}",
+    } for i, (q, a) in enumerate(GRPO_QUESTIONS)]  # fmt: skip
+    parquet = root / "train.parquet"
+    pd.DataFrame(rows).to_parquet(parquet)
+    return policy, parquet
+
+
 # --- test doubles ------------------------------------------------------------------------------------------
 
 
@@ -283,6 +375,76 @@ class FakeRetriever:
 
     async def aclose(self) -> None:
         pass
+
+
+class EngineCrash(RuntimeError):
+    """What a ScriptedEngine raises on its ``crash_on_call``-th call: an engine that died mid-run."""
+
+
+class ScriptedEngine:
+    """Test double of the Engine protocol (searchr1.engines) for what is built around generation (the agent loop,
+    the evaluation): the model's words come from a script, everything else is what an engine does. Its text is
+    the decoding of the token ids it returns (finish reason "abort": no ids, no text).
+
+    ``script`` is either
+    - a table ``{prompt: [(text, finish_reason), ...]}``: the conversation that starts with ``prompt`` (as
+      tokens) gets the entries in order, one a turn (scripted episodes: tests/test_agent.py); or
+    - a policy ``(context) -> text`` or ``-> (text, finish_reason)`` (else "stop"), ``context`` being the decoded
+      input: a model deterministic in what it reads, for any number of questions (tests/test_evaluate.py).
+
+    A request continues a conversation when its input starts with an earlier request's input followed by the
+    ids returned for it; its turn is then one more than that request's, else it is 0 (a new prompt). The k-th
+    token of turn t gets the logprob -(t + 1) / 10 - k / 1000 (``logprobs_for``), so a test can tell which turn's
+    logprobs ended up where. ``crash_on_call`` = n: the n-th call raises EngineCrash.
+    Recorded: ``calls`` (the requests of each call) and ``turns`` ((turn, context) of each request, in order).
+    """
+
+    def __init__(self, tokenizer, script, crash_on_call: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.policy = script if callable(script) else None
+        self.table = {} if callable(script) else {tuple(self._encode(p)): list(turns) for p, turns in script.items()}
+        self.crash_on_call = crash_on_call
+        self.calls: list[list[Any]] = []
+        self.turns: list[tuple[int, str]] = []
+        self._given: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []  # (input, output, turn) so far
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def logprobs_for(ids: list[int], turn: int) -> list[float]:
+        return [-(turn + 1) / 10 - k / 1000 for k in range(len(ids))]
+
+    def _turn(self, ids: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """(turn, the conversation's prompt ids) of input ``ids``."""
+        earlier = [(len(i) + len(o), t, i) for i, o, t in self._given if ids[: len(i) + len(o)] == i + o]
+        if not earlier:
+            return 0, ids
+        _, turn, before = max(earlier)
+        return turn + 1, self._turn(before)[1]
+
+    async def generate(self, requests: list) -> list:
+        from searchr1.engines import GenerationOutput
+
+        self.calls.append(list(requests))
+        if len(self.calls) == self.crash_on_call:
+            raise EngineCrash(f"simulated crash on call {len(self.calls)}")
+        outputs = []
+        for request in requests:
+            ids = tuple(request.input_ids)
+            turn, prompt = self._turn(ids)
+            context = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+            self.turns.append((turn, context))
+            if self.policy is None:
+                (key,) = [p for p in self.table if prompt[: len(p)] == p]
+                reply = self.table[key][turn]
+            else:
+                reply = self.policy(context)
+            text, reason = reply if isinstance(reply, tuple) else (reply, "stop")
+            out = [] if reason == "abort" else self._encode(text)
+            self._given.append((ids, tuple(out), turn))
+            outputs.append(GenerationOutput(out, self.logprobs_for(out, turn), self.tokenizer.decode(out), reason))
+        return outputs
 
 
 def job_counts(output: str) -> dict[str, int]:

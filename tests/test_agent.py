@@ -1,4 +1,5 @@
-"""The agent loop with a scripted engine, a fake retriever and a real (small, trained) BPE tokenizer."""
+"""The agent loop with a scripted engine (each prompt's turns in order), a fake retriever and a real (small,
+trained) byte-level BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import asyncio
 import logging
 
 import pytest
-from test_engines import build_tokenizer
 
-from helpers import FakeRetriever, agent_config
+from helpers import FakeRetriever, ScriptedEngine, agent_config, bpe_tokenizer
 from searchr1.agent import (
     INVALID_ACTION_TEXT,
     STOP_STRINGS,
@@ -18,12 +18,12 @@ from searchr1.agent import (
     render_docs,
     run_agent,
 )
-from searchr1.engines import GenerationOutput, GenerationRequest
+from searchr1.engines import GenerationOutput
 from searchr1.prompt import make_prompt
 from searchr1.retrieval.client import RetrievalError
 from searchr1.reward import em_score
 
-TOKENIZER = build_tokenizer()
+TOKENIZER = bpe_tokenizer()
 
 HOBBIT = {"id": "7", "contents": '"The Hobbit"\nThe Hobbit is a novel by Tolkien.'}
 LOTR = {"id": "9", "contents": '"The Lord of the Rings"\nAn epic by Tolkien.\nPublished 1954.'}
@@ -38,28 +38,6 @@ def chat(question: str) -> str:
 
 def enc(text: str) -> list[int]:
     return TOKENIZER.encode(text, add_special_tokens=False)
-
-
-class ScriptedEngine:
-    """Test double: per prompt, a list of (text, finish_reason) answers, one per call for that prompt."""
-
-    def __init__(self, scripts: dict[str, list[tuple[str, str]]]) -> None:
-        self.scripts = {tuple(enc(prompt)): list(turns) for prompt, turns in scripts.items()}
-        self.calls: list[list[GenerationRequest]] = []
-
-    def logprobs_for(self, ids: list[int], turn: int) -> list[float]:
-        return [-(turn + 1) / 10 - k / 1000 for k in range(len(ids))]
-
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        self.calls.append(requests)
-        outputs = []
-        for request in requests:
-            (prompt,) = [p for p in self.scripts if tuple(request.input_ids[: len(p)]) == p]
-            turn = sum(1 for call in self.calls for r in call if tuple(r.input_ids[: len(prompt)]) == prompt) - 1
-            text, reason = self.scripts[prompt][turn]
-            ids = [] if reason == "abort" else enc(text)
-            outputs.append(GenerationOutput(ids, self.logprobs_for(ids, turn), text, reason))
-        return outputs
 
 
 def run(engine, retriever, prompts, **cfg):
@@ -116,7 +94,7 @@ def test_parse_action(text, expected):
 
 
 def test_answer_at_once():
-    engine = ScriptedEngine({Q1: [(THINK_ANSWER, "stop")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [(THINK_ANSWER, "stop")]})
     retriever = FakeRetriever()
     (traj,) = run(engine, retriever, [Q1])
     check_invariants(traj)
@@ -136,7 +114,7 @@ def test_answer_at_once():
 
 
 def test_search_then_answer():
-    engine = ScriptedEngine({Q1: [(THINK_SEARCH, "stop"), (THINK_ANSWER, "stop")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [(THINK_SEARCH, "stop"), (THINK_ANSWER, "stop")]})
     retriever = FakeRetriever({"hobbit author": [HOBBIT, LOTR, HOBBIT, LOTR]})
     (traj,) = run(engine, retriever, [Q1], max_new_tokens=64, temperature=0.5)
     check_invariants(traj)
@@ -164,7 +142,7 @@ def test_search_then_answer():
 
 
 def test_invalid_action_gets_the_reminder():
-    engine = ScriptedEngine({Q1: [("I think it is Tolkien.", "stop"), (THINK_ANSWER, "stop")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [("I think it is Tolkien.", "stop"), (THINK_ANSWER, "stop")]})
     (traj,) = run(engine, FakeRetriever(), [Q1])
     check_invariants(traj)
     assert traj.response_text == "I think it is Tolkien." + INVALID_ACTION_TEXT + THINK_ANSWER
@@ -178,7 +156,7 @@ def test_invalid_action_gets_the_reminder():
 
 def test_search_in_the_last_turn_is_observed_but_not_followed():
     second_search = "<think> More. </think>\n<search> lotr year </search>"
-    engine = ScriptedEngine({Q1: [(THINK_SEARCH, "stop"), (second_search, "stop"), (THINK_ANSWER, "stop")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [(THINK_SEARCH, "stop"), (second_search, "stop"), (THINK_ANSWER, "stop")]})
     retriever = FakeRetriever({"hobbit author": [HOBBIT], "lotr year": [LOTR]})
     (traj,) = run(engine, retriever, [Q1])
     check_invariants(traj)
@@ -192,7 +170,7 @@ def test_search_in_the_last_turn_is_observed_but_not_followed():
 
 
 def test_max_turns_one():
-    engine = ScriptedEngine({Q1: [(THINK_SEARCH, "stop")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [(THINK_SEARCH, "stop")]})
     retriever = FakeRetriever({"hobbit author": [HOBBIT]})
     (traj,) = run(engine, retriever, [Q1], max_turns=1)
     assert len(engine.calls) == 1
@@ -200,7 +178,7 @@ def test_max_turns_one():
 
 
 def test_length_stops_the_loop_as_truncated():
-    engine = ScriptedEngine({Q1: [("<think> long <search> x </search> thinking", "length")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [("<think> long <search> x </search> thinking", "length")]})
     retriever = FakeRetriever({"x": [HOBBIT]})
     (traj,) = run(engine, retriever, [Q1])
     check_invariants(traj)
@@ -211,7 +189,7 @@ def test_length_stops_the_loop_as_truncated():
 
 
 def test_abort_drops_the_turn_and_ends():
-    engine = ScriptedEngine({Q1: [(THINK_SEARCH, "stop"), ("", "abort")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [(THINK_SEARCH, "stop"), ("", "abort")]})
     (traj,) = run(engine, FakeRetriever({"hobbit author": [HOBBIT]}), [Q1])
     check_invariants(traj)
     assert traj.status == "aborted"
@@ -221,14 +199,14 @@ def test_abort_drops_the_turn_and_ends():
 
 def test_retrieval_failure_fail_mode_raises_with_cause():
     cause = RetrievalError("retriever down")
-    engine = ScriptedEngine({Q1: [(THINK_SEARCH, "stop"), (THINK_ANSWER, "stop")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [(THINK_SEARCH, "stop"), (THINK_ANSWER, "stop")]})
     with pytest.raises(RetrievalError, match="retrieval failed for 1 queries in turn 0: retriever down") as info:
         run(engine, FakeRetriever(error=cause), [Q1])
     assert info.value.__cause__ is cause
 
 
 def test_retrieval_failure_degrade_mode_inserts_empty_information(caplog):
-    engine = ScriptedEngine({Q1: [(THINK_SEARCH, "stop"), (THINK_ANSWER, "stop")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [(THINK_SEARCH, "stop"), (THINK_ANSWER, "stop")]})
     with caplog.at_level(logging.WARNING, logger="searchr1.agent"):
         (traj,) = run(engine, FakeRetriever(error=RetrievalError("down")), [Q1], on_retrieval_error="degrade")
     check_invariants(traj)
@@ -239,7 +217,7 @@ def test_retrieval_failure_degrade_mode_inserts_empty_information(caplog):
 
 
 def test_empty_query_is_not_sent():
-    engine = ScriptedEngine({Q1: [("<think> hm </think><search>  </search>", "stop"), (THINK_ANSWER, "stop")]})
+    engine = ScriptedEngine(TOKENIZER, {Q1: [("<think> hm </think><search>  </search>", "stop"), (THINK_ANSWER, "stop")]})
     retriever = FakeRetriever()
     (traj,) = run(engine, retriever, [Q1])
     assert retriever.calls == []
@@ -250,6 +228,7 @@ def test_empty_query_is_not_sent():
 def test_batch_is_turn_synchronous_with_one_retriever_call_per_turn():
     q3 = chat("who is frodo")
     engine = ScriptedEngine(
+        TOKENIZER,
         {
             Q1: [(THINK_SEARCH, "stop"), (THINK_ANSWER, "stop")],
             Q2: [(THINK_ANSWER.replace("Tolkien", "1954"), "stop")],

@@ -1,7 +1,5 @@
-"""Engines: HFEngine's sampling loop against a cache-free reference, and SGLangEngine against a scripted server.
-
-Also home of the small real test fixtures other test modules import (tokenizer, tiny Qwen2, server thread).
-"""
+"""Engines: HFEngine's sampling loop against a cache-free reference (the toy world's tiny policy, a byte-level BPE
+tokenizer), and SGLangEngine against a scripted server."""
 
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from helpers import free_port, serve_app
+from helpers import bpe_tokenizer, free_port, serve_app, tiny_model
 
 from searchr1.engines import (
     Engine,
@@ -25,71 +23,18 @@ from searchr1.engines import (
 )
 
 # ----------------------------------------------------------------------------------------------
-# Shared fixtures (imported by test_agent.py and test_slime_plugin.py)
-# ----------------------------------------------------------------------------------------------
-
-_TOKENIZER_TEXTS = [
-    "<think> I need to search for this. </think> <search> who wrote the hobbit </search>",
-    "\n\n<information>Doc 1(Title: \"The Hobbit\") The Hobbit is a novel by Tolkien.\n</information>\n\n",
-    "<think> It was Tolkien. </think> <answer> Tolkien </answer>",
-    "\nMy previous action is invalid. If I want to search, I should put the query between <search> and "
-    "</search>. If I want to give the final answer, I should put the answer between <answer> and </answer>. "
-    "Let me try again.\n",
-    "Answer the given question. Question: who wrote the hobbit?",
-]
-
-
-def build_tokenizer():
-    """A real byte-level BPE tokenizer (trained on a few sentences) wrapped as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_TOKENIZER_TEXTS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-
-
-def build_tiny_qwen2(vocab_size: int, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    # Sharper logits than a fresh init, so greedy choices are not near-ties.
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
 # HFEngine
 # ----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    return bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return build_tiny_qwen2(len(tokenizer))
+    return tiny_model(tokenizer, sharpen=20.0)
 
 
 def reference_step_logits(model, ids: list[int]) -> torch.Tensor:
@@ -314,20 +259,25 @@ def make_sglang_app(behaviour: dict) -> FastAPI:
     return app
 
 
+def sglang_generate(url: str, requests: list[GenerationRequest], **engine_kw) -> list[GenerationOutput]:
+    """``requests`` through a fresh SGLangEngine(url, **engine_kw), closed afterwards."""
+
+    async def main():
+        engine = SGLangEngine(url, **engine_kw)
+        try:
+            return await engine.generate(requests)
+        finally:
+            await engine.aclose()
+
+    return asyncio.run(main())
+
+
 def test_sglang_engine_payload_and_parsing():
     behaviour: dict = {}
     with serve_app(make_sglang_app(behaviour)) as url:
-
-        async def main():
-            engine = SGLangEngine(url)
-            try:
-                return await engine.generate(
-                    [GenerationRequest([1, 2, 3], 16, temperature=0.5, top_p=0.9, top_k=20, stop=["</search>"])]
-                )
-            finally:
-                await engine.aclose()
-
-        (out,) = asyncio.run(main())
+        (out,) = sglang_generate(
+            url, [GenerationRequest([1, 2, 3], 16, temperature=0.5, top_p=0.9, top_k=20, stop=["</search>"])]
+        )
     assert out.token_ids == [3, 4]
     assert out.logprobs == [-0.5, -0.25]
     assert out.text == "echo 3</search>"
@@ -354,15 +304,7 @@ def test_sglang_engine_payload_and_parsing():
 def test_sglang_engine_bounds_concurrency_and_keeps_order():
     behaviour: dict = {"delay_s": 0.05}
     with serve_app(make_sglang_app(behaviour)) as url:
-
-        async def main():
-            engine = SGLangEngine(url, concurrency=3)
-            try:
-                return await engine.generate([GenerationRequest([0] * (i + 1), 4) for i in range(10)])
-            finally:
-                await engine.aclose()
-
-        outs = asyncio.run(main())
+        outs = sglang_generate(url, [GenerationRequest([0] * (i + 1), 4) for i in range(10)], concurrency=3)
     assert [o.token_ids[0] for o in outs] == list(range(1, 11))
     assert 1 <= behaviour["state"]["max_in_flight"] <= 3
 
@@ -370,41 +312,18 @@ def test_sglang_engine_bounds_concurrency_and_keeps_order():
 def test_sglang_engine_retries_5xx_but_not_4xx():
     behaviour: dict = {"fail_first": [503]}
     with serve_app(make_sglang_app(behaviour)) as url:
-
-        async def ok():
-            engine = SGLangEngine(url, backoff_s=0.01)
-            try:
-                return await engine.generate([GenerationRequest([1], 4)])
-            finally:
-                await engine.aclose()
-
-        assert asyncio.run(ok())[0].token_ids == [1, 2]
+        assert sglang_generate(url, [GenerationRequest([1], 4)], backoff_s=0.01)[0].token_ids == [1, 2]
         assert behaviour["state"]["calls"] == 2
 
         behaviour["fail_first"] = [400]
-
-        async def bad():
-            engine = SGLangEngine(url, backoff_s=0.01)
-            try:
-                await engine.generate([GenerationRequest([1], 4)])
-            finally:
-                await engine.aclose()
-
         with pytest.raises(EngineError, match="HTTP 400.*scripted 400"):
-            asyncio.run(bad())
+            sglang_generate(url, [GenerationRequest([1], 4)], backoff_s=0.01)
         assert behaviour["state"]["calls"] == 3
 
 
 def test_sglang_engine_raises_when_server_is_down():
-    async def main():
-        engine = SGLangEngine(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff_s=0.01)
-        try:
-            await engine.generate([GenerationRequest([1], 4)])
-        finally:
-            await engine.aclose()
-
     with pytest.raises(EngineError, match="failed after 2 attempts"):
-        asyncio.run(main())
+        sglang_generate(f"http://127.0.0.1:{free_port()}", [GenerationRequest([1], 4)], max_retries=1, backoff_s=0.01)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ import pytest
 
 from helpers import ROOT, copy_workflow, run_job_in_fresh_process, snakemake
 from hubserver import HubServer
-from test_grpo_train import tiny_world  # noqa: F401 (the tiny policy and training parquet fixture)
 
 MODEL_REPO = "PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-7b-em-ppo"
 MODEL_FILES = {
@@ -100,7 +99,7 @@ class Killed(RuntimeError):
     pass
 
 
-def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(tiny_world, tmp_path):
+def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(grpo_world, tmp_path):
     """Points are written per (step, split) as the hook evaluates them; a kill in the middle of a point (one
     split written, the other not, no checkpoint yet) resumes from the last checkpoint, and the steps evaluated
     again replace their points: every point exactly once."""
@@ -121,11 +120,11 @@ def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(tiny_wo
         record_curve_point(curve, step=step, split="hotpotqa_test", summary=summary)
 
     with pytest.raises(Killed):
-        run(tiny_world, tmp_path / "out", s, hook=hook)
+        run(grpo_world, tmp_path / "out", s, hook=hook)
     assert [(p["step"], p["split"]) for p in read_jsonl(curve)] == [(1, "nq_test"), (1, "hotpotqa_test"),
                                                                      (3, "nq_test")]  # fmt: skip
     kill["at"] = None
-    resumed = run(tiny_world, tmp_path / "out", s, hook=hook)
+    resumed = run(grpo_world, tmp_path / "out", s, hook=hook)
     assert resumed["resumed_from"] is None  # no checkpoint before the kill: steps 1 and 3 evaluated again
     points = [(p["step"], p["split"]) for p in read_jsonl(curve)]
     assert sorted(points) == sorted((step, split) for step in (1, 3, 5) for split in ("nq_test", "hotpotqa_test"))

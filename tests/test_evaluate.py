@@ -15,8 +15,9 @@ import pytest
 from fastapi import FastAPI, Request
 
 import searchr1.agent
-from helpers import FakeRetriever, agent_config, model_size, serve_app, serve_real_retriever, wait_dead
-from searchr1.engines import GenerationOutput, GenerationRequest
+from helpers import (EngineCrash, FakeRetriever, ScriptedEngine, agent_config, serve_app, serve_real_retriever,
+                     tiny_model, wait_dead)
+from searchr1.engines import GenerationRequest
 from searchr1.evaluate import (
     JSONL_KEYS,
     append_curve_point,
@@ -137,7 +138,7 @@ def test_curve_points_append(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# a split, a tokenizer, a scripted engine and a fake retriever
+# a split, a tokenizer, a scripted engine (a policy of the text it reads) and a fake retriever
 
 CAPITALS = [
     ("france", "paris"),
@@ -179,41 +180,30 @@ TEXTS = [f"{_question(i)} {c} {city} london" for i, (c, city) in enumerate(CAPIT
 TOKENIZER = build_tokenizer(TEXTS)
 
 
-class Crash(RuntimeError):
-    pass
+def question_in(prompt: str) -> str:
+    return prompt.split("question :")[-1].split("?")[0].strip()
 
 
-class ScriptedEngine:
-    """Test double of the Engine protocol, deterministic in the text it is given."""
+def capitals_policy(context: str) -> str:
+    """The scripted model: an even question ("search the capital of X") searches X and answers the city its
+    passage names; an odd one ("guess ...") answers "london" at once."""
+    prompt, response = context.rsplit("<|im_start|> assistant", 1)
+    if "<information>" in response:
+        city = response.split("</information>")[0].split()[-2]  # "... the capital is paris . </information>"
+        return f"<think> found it </think> <answer> {city} </answer>"
+    question = question_in(prompt)
+    if question.startswith("search"):
+        return f"<think> look it up </think> <search> {question.split()[-1]} </search>"
+    return "<think> i know </think> <answer> london </answer>"
 
-    def __init__(self, tokenizer, crash_on_call: int | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.crash_on_call = crash_on_call
-        self.calls = 0
-        self.first_turn_questions: list[str] = []
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        self.calls += 1
-        if self.calls == self.crash_on_call:
-            raise Crash(f"simulated crash on call {self.calls}")
-        outputs = []
-        for request in requests:
-            text = self.tokenizer.decode(request.input_ids, skip_special_tokens=False)
-            prompt, response = text.rsplit("<|im_start|> assistant", 1)
-            if "<information>" in response:
-                # "... the capital is paris . </information>"
-                city = response.split("</information>")[0].split()[-2]
-                out = f"<think> found it </think> <answer> {city} </answer>"
-            else:
-                question = prompt.split("question :")[-1].split("?")[0].strip()
-                self.first_turn_questions.append(question)
-                if question.startswith("search"):
-                    out = f"<think> look it up </think> <search> {question.split()[-1]} </search>"
-                else:
-                    out = "<think> i know </think> <answer> london </answer>"
-            ids = self.tokenizer.encode(out, add_special_tokens=False)
-            outputs.append(GenerationOutput(ids, [-0.5] * len(ids), self.tokenizer.decode(ids), "stop"))
-        return outputs
+def capitals_engine(crash_on_call: int | None = None) -> ScriptedEngine:
+    return ScriptedEngine(TOKENIZER, capitals_policy, crash_on_call=crash_on_call)
+
+
+def first_turn_questions(engine: ScriptedEngine) -> list[str]:
+    """The questions the engine was asked for a first turn, in order."""
+    return [question_in(context.rsplit("<|im_start|> assistant", 1)[0]) for turn, context in engine.turns if turn == 0]
 
 
 def capital_retriever() -> FakeRetriever:
@@ -255,7 +245,7 @@ def test_load_split_reads_the_row_schema(tmp_path: Path) -> None:
 
 def test_evaluate_rows_and_summary(tmp_path: Path) -> None:
     split = write_split(tmp_path / "s.parquet")
-    summary = run_eval(tmp_path, split, ScriptedEngine(TOKENIZER))
+    summary = run_eval(tmp_path, split, capitals_engine())
     rows = read_jsonl(tmp_path / "eval" / "nq_test.jsonl")
     assert [r["id"] for r in rows] == [f"test_{i}" for i in range(7)]
     assert all(tuple(r) == JSONL_KEYS for r in rows)
@@ -277,9 +267,9 @@ def test_evaluate_rows_and_summary(tmp_path: Path) -> None:
 
 def test_in_memory_records_equal_the_file(tmp_path: Path) -> None:
     split = write_split(tmp_path / "s.parquet")
-    run_eval(tmp_path, split, ScriptedEngine(TOKENIZER))
+    run_eval(tmp_path, split, capitals_engine())
     records = asyncio.run(
-        evaluate_rows(ScriptedEngine(TOKENIZER), capital_retriever(), TOKENIZER, load_split(split), CFG, 2)
+        evaluate_rows(capitals_engine(), capital_retriever(), TOKENIZER, load_split(split), CFG, 2)
     )
     assert records == read_jsonl(tmp_path / "eval" / "nq_test.jsonl")
     assert summarize_rows(records)["em"] == pytest.approx(4 / 7)
@@ -291,20 +281,20 @@ def _strip(summary: dict) -> dict:
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     split = write_split(tmp_path / "s.parquet")
-    straight = run_eval(tmp_path / "a", split, ScriptedEngine(TOKENIZER))
+    straight = run_eval(tmp_path / "a", split, capitals_engine())
 
     # batch 1 (questions 0-2) takes two calls (turn 1, turn 2); the crash hits batch 2's first call
-    with pytest.raises(Crash):
-        run_eval(tmp_path / "b", split, ScriptedEngine(TOKENIZER, crash_on_call=3))
+    with pytest.raises(EngineCrash):
+        run_eval(tmp_path / "b", split, capitals_engine(crash_on_call=3))
     work = partial_path(tmp_path / "b" / "eval" / "nq_test.jsonl")
     assert [r["id"] for r in read_jsonl(work)] == ["test_0", "test_1", "test_2"]
     assert not (tmp_path / "b" / "eval" / "nq_test.json").exists()
     with open(work, "ab") as fh:  # and the process died in the middle of the next write
         fh.write(b'{"id": "test_3", "index": 3, "data_s')
 
-    engine = ScriptedEngine(TOKENIZER)
+    engine = capitals_engine()
     resumed = run_eval(tmp_path / "b", split, engine)
-    assert engine.first_turn_questions == [_question(i) for i in range(3, 7)]  # nothing done twice
+    assert first_turn_questions(engine) == [_question(i) for i in range(3, 7)]  # nothing done twice
     assert (tmp_path / "b" / "eval" / "nq_test.jsonl").read_bytes() == (
         tmp_path / "a" / "eval" / "nq_test.jsonl"
     ).read_bytes()
@@ -315,20 +305,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path) -> None:
 
 def test_progress_of_another_model_is_discarded(tmp_path: Path) -> None:
     split = write_split(tmp_path / "s.parquet")
-    with pytest.raises(Crash):
-        run_eval(tmp_path, split, ScriptedEngine(TOKENIZER, crash_on_call=3), fingerprint={"model": "old"})
-    engine = ScriptedEngine(TOKENIZER)
+    with pytest.raises(EngineCrash):
+        run_eval(tmp_path, split, capitals_engine(crash_on_call=3), fingerprint={"model": "old"})
+    engine = capitals_engine()
     run_eval(tmp_path, split, engine, fingerprint={"model": "new"})
-    assert len(engine.first_turn_questions) == 7
+    assert len(first_turn_questions(engine)) == 7
 
 
 def test_extending_max_questions_reuses_done_rows(tmp_path: Path) -> None:
     split = write_split(tmp_path / "s.parquet")
-    with pytest.raises(Crash):
-        run_eval(tmp_path, split, ScriptedEngine(TOKENIZER, crash_on_call=3))
-    engine = ScriptedEngine(TOKENIZER)
+    with pytest.raises(EngineCrash):
+        run_eval(tmp_path, split, capitals_engine(crash_on_call=3))
+    engine = capitals_engine()
     summary = run_eval(tmp_path, split, engine, max_rows=5)
-    assert summary["n"] == 5 and engine.first_turn_questions == [_question(3), _question(4)]
+    assert summary["n"] == 5 and first_turn_questions(engine) == [_question(3), _question(4)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,18 +333,26 @@ def retriever_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path, monkeypatch, retriever_url: str) -> None:
-    from searchr1.toy.model import make_model
+class Killed(RuntimeError):
+    pass
 
+
+def evaluate_one_split(**settings) -> dict:
+    """evaluate_split on the nq_test split, with the retriever client's limits and the seed fixed here."""
+    return evaluate_split(**{"split_label": "nq_test", "max_questions": None, "retriever_timeout_s": 60.0,
+                             "retriever_max_retries": 3, "retriever_concurrency": 256, "seed": 0, "progress": False,
+                             **settings})  # fmt: skip
+
+
+def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path, monkeypatch, retriever_url: str) -> None:
     model_dir = tmp_path / "model"
-    model = make_model(TOKENIZER, model_size(hidden=32, layers=1, heads=2, intermediate=64, max_positions=512))
-    model.save_pretrained(str(model_dir))
+    tiny_model(TOKENIZER, layers=1, heads=2, max_positions=512).save_pretrained(str(model_dir))
     TOKENIZER.save_pretrained(str(model_dir))
     split = write_split(tmp_path / "s.parquet", n=5)
     cfg = agent_config(max_turns=2, topk=1, max_new_tokens=6, temperature=0.0)
 
     def run(out: Path) -> dict:
-        return evaluate_split(
+        return evaluate_one_split(
             model_dir=model_dir,
             split_parquet=split,
             out_jsonl=out / "rl" / "nq_test.jsonl",
@@ -364,13 +362,6 @@ def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path,
             engine="hf",
             batch_size=2,
             model_label="rl",
-            split_label="nq_test",
-            max_questions=None,
-            retriever_timeout_s=60.0,
-            retriever_max_retries=3,
-            retriever_concurrency=256,
-            seed=0,
-            progress=False,
         )
 
     real_run_agent = searchr1.agent.run_agent
@@ -379,12 +370,12 @@ def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path,
     async def crashing_run_agent(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise Crash("killed during batch 2")
+            raise Killed("killed during batch 2")
         return await real_run_agent(*args, **kwargs)
 
     straight = run(tmp_path / "a")
     monkeypatch.setattr(searchr1.agent, "run_agent", crashing_run_agent)
-    with pytest.raises(Crash):
+    with pytest.raises(Killed):
         run(tmp_path / "b")
     monkeypatch.setattr(searchr1.agent, "run_agent", real_run_agent)
     resumed = run(tmp_path / "b")
@@ -399,7 +390,7 @@ def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path,
 
 def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path, retriever_url: str) -> None:
     """engine="sglang" against an SGLang-shaped /generate double, and our real retriever server."""
-    scripted = ScriptedEngine(TOKENIZER)
+    scripted = capitals_engine()
     policy = FastAPI()
 
     @policy.post("/generate")
@@ -417,7 +408,7 @@ def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path, re
     TOKENIZER.save_pretrained(str(model_dir))
     split = write_split(tmp_path / "s.parquet")
     with serve_app(policy) as sglang:
-        summary = evaluate_split(
+        summary = evaluate_one_split(
             model_dir=model_dir,
             split_parquet=split,
             out_jsonl=tmp_path / "out.jsonl",
@@ -428,13 +419,6 @@ def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path, re
             sglang_url=sglang,
             batch_size=4,
             model_label="base",
-            split_label="nq_test",
-            max_questions=None,
-            retriever_timeout_s=60.0,
-            retriever_max_retries=3,
-            retriever_concurrency=256,
-            seed=0,
-            progress=False,
         )
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert [r["em"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
@@ -500,9 +484,9 @@ def test_sglang_server_that_dies_is_reported_with_its_log(tmp_path: Path, fake_s
 
 def test_lowering_max_questions_leaves_extra_done_rows_out(tmp_path: Path) -> None:
     split = write_split(tmp_path / "s.parquet")
-    with pytest.raises(Crash):
-        run_eval(tmp_path, split, ScriptedEngine(TOKENIZER, crash_on_call=3))  # questions 0-2 done
-    engine = ScriptedEngine(TOKENIZER)
+    with pytest.raises(EngineCrash):
+        run_eval(tmp_path, split, capitals_engine(crash_on_call=3))  # questions 0-2 done
+    engine = capitals_engine()
     summary = run_eval(tmp_path, split, engine, max_rows=2)
-    assert summary["n"] == 2 and engine.first_turn_questions == []
+    assert summary["n"] == 2 and first_turn_questions(engine) == []
     assert [r["id"] for r in read_jsonl(tmp_path / "eval" / "nq_test.jsonl")] == ["test_0", "test_1"]

@@ -14,9 +14,8 @@ import pytest
 import slime_standin
 from fastapi import FastAPI, Request
 from test_agent import chat
-from test_engines import build_tokenizer
 
-from helpers import config, free_port, serve_app, serve_real_retriever
+from helpers import bpe_tokenizer, config, free_port, serve_app, serve_real_retriever
 from searchr1.slime_launch import custom_config
 from searchr1 import slime_plugin
 from searchr1.agent import observation_text
@@ -36,7 +35,7 @@ GOLDEN = {"ground_truth": {"target": ["J. R. R. Tolkien", "Tolkien"]}}
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
-    build_tokenizer().save_pretrained(path)
+    bpe_tokenizer().save_pretrained(path)
     return path
 
 
