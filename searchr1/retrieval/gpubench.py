@@ -217,7 +217,14 @@ _WORDS = ("query passage who what when where which how is was the of in a an to 
 
 
 def make_e5_shaped_encoder(workdir: Path, device: str, layers: int = 12):
-    """Our ``Encoder`` over a randomly initialised BertModel with e5-base-v2's config, saved locally.
+    """Our ``Encoder`` over ``make_e5_shaped_model`` (in fp16 on CUDA)."""
+    from searchr1.retrieval.encoder import Encoder
+
+    return Encoder(make_e5_shaped_model(workdir, layers), query_prefix="query: ", passage_prefix="passage: ", device=device)
+
+
+def make_e5_shaped_model(workdir: Path, layers: int = 12) -> Path:
+    """A randomly initialised BertModel with e5-base-v2's config, saved as a Hugging Face model directory.
 
     The tokenizer is a WordPiece over a synthetic 30,522-entry vocabulary (e5-base-v2's size) with
     the words of the synthetic queries, so queries tokenize to a realistic ~10-16 tokens.
@@ -225,9 +232,7 @@ def make_e5_shaped_encoder(workdir: Path, device: str, layers: int = 12):
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from searchr1.retrieval.encoder import Encoder
-
-    model_dir = workdir / "e5-base-shaped-random"
+    model_dir = workdir / ("e5-base-shaped-random" if layers == 12 else f"e5-base-shaped-random-{layers}-layers")
     if not (model_dir / "config.json").exists():
         model_dir.mkdir(parents=True, exist_ok=True)
         chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(i) for i in range(10)] + list(":?,.'-")
@@ -239,24 +244,7 @@ def make_e5_shaped_encoder(workdir: Path, device: str, layers: int = 12):
                             intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)  # fmt: skip
         torch.manual_seed(0)
         BertModel(config).save_pretrained(model_dir)
-    return Encoder(model_dir, query_prefix="query: ", passage_prefix="passage: ", device=device)
-
-
-class _CyclicCorpus:
-    """A real ``CorpusStore`` of m rows presented as n rows (row i is stored row i % m).
-
-    The server needs one passage per index row; writing 21M synthetic lines would cost minutes,
-    while the lookup cost (pread + JSON parse per hit) is the same for any m.
-    """
-
-    def __init__(self, store, n: int) -> None:
-        self.store, self.n, self.path = store, n, store.path
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get(self, i: int) -> dict:
-        return self.store.get(i % len(self.store))
+    return model_dir
 
 
 _LOADGEN = r"""
@@ -273,60 +261,98 @@ with open(out, "w") as f:
 """
 
 
-def e2e(backend, encoder, corpus, *, concurrency: int, duration_s: float, procs: int, pipeline: int | None = None,
-        switch_ms: float | None = None) -> dict:
-    """QPS and latency of the HTTP server at ``concurrency`` requests in flight (``procs`` load processes)."""
+def e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: float, procs: int, http_workers: int = 1,
+        pipeline: int | None = None, switch_ms: float | None = None) -> dict:
+    """QPS and latency of the HTTP server at ``concurrency`` requests in flight (``procs`` load processes).
+
+    ``http_workers`` 1: the single-process server (``create_app`` + ``RetrieverServer``) in a thread of
+    this process; N > 1: the multi-process server (``MultiProcessServer``, as ``serve --http-workers N``
+    runs it), whose worker is this process and whose N HTTP front ends are real processes.
+    """
     old_switch = sys.getswitchinterval()
     if switch_ms is not None:
         sys.setswitchinterval(switch_ms / 1000)
     try:
-        return _e2e(backend, encoder, corpus, concurrency=concurrency, duration_s=duration_s, procs=procs, pipeline=pipeline)
+        return _e2e(backend, encoder, corpus_path, concurrency=concurrency, duration_s=duration_s, procs=procs,
+                    http_workers=http_workers, pipeline=pipeline)  # fmt: skip
     finally:
         sys.setswitchinterval(old_switch)
 
 
-def _e2e(backend, encoder, corpus, *, concurrency: int, duration_s: float, procs: int, pipeline: int | None) -> dict:
-    from searchr1.process import free_port
-    from searchr1.retrieval.server import RetrieverServer, bind_socket, create_app
+def _start_server(backend, encoder, corpus_path: Path, http_workers: int, pipeline: int | None):
+    """(url, worker, stop) of a server over the in-memory backend, one process or N front ends + this one."""
+    from searchr1.retrieval.corpus import CorpusStore
+    from searchr1.retrieval.frontends import MultiProcessServer, bind_group
+    from searchr1.retrieval.server import BatchingWorker, HttpLimits, Limits, RetrieverServer, create_app, index_info
 
-    app = create_app(corpus, encoder, backend, max_batch_size=256, max_wait_ms=1.0)
-    worker = app.state.worker
-    if pipeline is not None:
-        worker.pipeline = pipeline  # before start(): how many batches may be in flight
-    port = free_port()
-    server = RetrieverServer(app, bind_socket("127.0.0.1", port), log_level="warning")
+    corpus = CorpusStore(corpus_path)
+    sockets = bind_group("127.0.0.1", 0, http_workers)
+    port = sockets[0].getsockname()[1]
+    if http_workers == 1:
+        app = create_app(corpus, encoder, backend, max_batch_size=256, max_wait_ms=1.0, pipeline=pipeline)
+        worker = app.state.worker
+        server = RetrieverServer(app, sockets[0], log_level="warning")
+        started = lambda: server.started  # noqa: E731
+    else:
+        worker = BatchingWorker(None, encoder, backend, max_batch_size=256, max_wait_ms=1.0, pipeline=pipeline)
+        server = MultiProcessServer(worker, corpus_path=corpus_path, info=index_info(corpus, encoder, backend),
+                                    limits=Limits(), http_limits=HttpLimits(), sockets=sockets, log_level="warning")  # fmt: skip
+        started = server.started.is_set
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
+    url = f"http://127.0.0.1:{port}/retrieve"
+    deadline = time.monotonic() + 120
+    while not (started() and _healthy(url)):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("benchmark server did not start")
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}/retrieve"
-    start_at = time.time() + 8.0  # after the load processes have started and warmed up
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.request_exit()
+        thread.join(60)
+        corpus.close()
+
+    return url, worker, stop
+
+
+def _healthy(url: str) -> bool:
+    from searchr1.process import http_ok
+
+    return http_ok(url.replace("/retrieve", "/health"), timeout_s=2.0)
+
+
+def _e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: float, procs: int, http_workers: int,
+         pipeline: int | None) -> dict:  # fmt: skip
+    url, worker, stop = _start_server(backend, encoder, corpus_path, http_workers, pipeline)
+    start_at = time.time() + 6.0  # after the load processes have started and warmed up
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     tmp = Path(tempfile.mkdtemp(prefix="gpu_bench_load_"))
     files = [tmp / f"load{i}.json" for i in range(procs)]
-    ps = [subprocess.Popen([sys.executable, "-c", _LOADGEN, url, str(c), "3", str(start_at), str(duration_s), str(i + 1),
-                            str(files[i])], env=env) for i, c in enumerate(per)]  # fmt: skip
-    while time.time() < start_at:
-        time.sleep(0.005)
-    before = worker.stats()
-    time.sleep(duration_s)
-    after = worker.stats()
-    runs = []
-    for p, f in zip(ps, files):
-        p.wait(timeout=120)
-        runs.append(json.loads(f.read_text()))
-    server.request_exit()
-    thread.join(30)
+    try:
+        ps = [subprocess.Popen([sys.executable, "-c", _LOADGEN, url, str(c), "3", str(start_at), str(duration_s), str(i + 1),
+                                str(files[i])], env=env) for i, c in enumerate(per)]  # fmt: skip
+        while time.time() < start_at:
+            time.sleep(0.005)
+        before = worker.stats()
+        cpu0 = _server_cpu(url)
+        time.sleep(duration_s)
+        after = worker.stats()
+        cpu1 = _server_cpu(url)
+        runs = []
+        for p, f in zip(ps, files):
+            p.wait(timeout=120)
+            runs.append(json.loads(f.read_text()))
+    finally:
+        stop()
     lat = np.concatenate([r["lat"] for r in runs]) * 1000
     reqs = sum(r["requests"] for r in runs)
     qps = sum(r["requests"] / r["wall_s"] for r in runs)
     d = {key: after[key] - before[key] for key in ("batches", "queries", "encode_s", "search_s", "lookup_s", "busy_s")}
     return {
         "concurrency": concurrency,
+        "http_workers": http_workers,
+        "server": "one process" if http_workers == 1 else f"{http_workers} HTTP front-end processes + the worker process",
         "load_processes": procs,
         "pipeline_batches_in_flight": worker.pipeline,
         "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
@@ -337,22 +363,35 @@ def _e2e(backend, encoder, corpus, *, concurrency: int, duration_s: float, procs
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "mean_batch_queries": round(d["queries"] / max(d["batches"], 1), 1),
+        "worker_busy_fraction": round(d["busy_s"] / duration_s, 3),
         "worker_encode_ms_per_batch": round(1000 * d["encode_s"] / max(d["batches"], 1), 2),
         "worker_search_ms_per_batch": round(1000 * d["search_s"] / max(d["batches"], 1), 2),
         "worker_lookup_ms_per_batch": round(1000 * d["lookup_s"] / max(d["batches"], 1), 2),
+        "server_cpu_cores": round((cpu1 - cpu0) / duration_s, 2) if cpu0 is not None and cpu1 is not None else None,
         "load_generator_cpu_ms_per_request": round(1000 * sum(r["cpu_s"] for r in runs) / max(reqs, 1), 3),
     }
 
 
-def worker_only(backend, encoder, corpus, *, concurrency: int, duration_s: float) -> dict:
-    """QPS of the batching worker driven directly (no HTTP): what encode + search + lookups allow."""
+def _server_cpu(url: str) -> float | None:
+    """CPU seconds used so far by the server's processes (/health process_cpu_s: all of them)."""
+    import httpx
+
+    try:
+        return float(httpx.get(url.replace("/retrieve", "/health"), timeout=10).json()["process_cpu_s"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
+def worker_only(backend, encoder, *, concurrency: int, duration_s: float, pipeline: int) -> dict:
+    """QPS of the batching worker driven directly (no HTTP), in raw mode (scores and ids, no lookups) as
+    the multi-process server's worker runs: what encode + search allow."""
     import asyncio
 
     from searchr1.retrieval.bench import synthetic_queries
     from searchr1.retrieval.server import BatchingWorker
 
     texts = synthetic_queries(60000, seed=99)
-    worker = BatchingWorker(corpus, encoder, backend, max_batch_size=256, max_wait_ms=1.0)
+    worker = BatchingWorker(None, encoder, backend, max_batch_size=256, max_wait_ms=1.0, pipeline=pipeline)
 
     async def drive(seconds: float) -> tuple[int, float]:
         worker.start()
@@ -374,9 +413,11 @@ def worker_only(backend, encoder, corpus, *, concurrency: int, duration_s: float
         return done, wall
 
     asyncio.run(drive(2.0))
+    b0, q0 = worker.batches, worker.queries
     done, wall = asyncio.run(drive(duration_s))
     return {"concurrency": concurrency, "requests": done, "qps": round(done / wall, 1), "pipeline_batches_in_flight": worker.pipeline,
-            "mean_batch_queries": round(worker.queries / max(worker.batches, 1), 1), "path": "BatchingWorker.submit directly (no HTTP)"}
+            "mean_batch_queries": round((worker.queries - q0) / max(worker.batches - b0, 1), 1),
+            "path": "BatchingWorker.submit directly (no HTTP), raw hits"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +425,9 @@ def worker_only(backend, encoder, corpus, *, concurrency: int, duration_s: float
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_store, cpu_check: bool) -> dict:
+def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_for, cpu_check: bool, save) -> dict:
+    """One (size, GPU count): ``corpus_for(n)`` gives an n-row corpus file for the HTTP runs, ``save(cell)``
+    records a partial cell (a run cut short keeps its HTTP measurements)."""
     import torch
 
     from searchr1.retrieval.index import TorchBackend
@@ -445,23 +488,20 @@ def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_st
         enc = _median_ms(lambda: encoder.encode_queries(texts), devices[:1], a.reps)
         tok = encoder.tokenizer(["query: " + t for t in texts], padding=True)["input_ids"]
         out["encoder"] = {"batch": a.batch, **enc, "qps": round(a.batch / enc["median_ms"] * 1000), "padded_tokens": len(tok[0])}
-        corpus = _CyclicCorpus(corpus_store, n)
-        out["e2e"] = e2e(backend, encoder, corpus, concurrency=a.concurrency, duration_s=a.duration, procs=a.load_procs,
-                         switch_ms=a.switch_ms[0])  # fmt: skip
-        print(f"[gpu-bench] {n_gpus} GPU, {n:,}: e2e {out['e2e']}", flush=True)
-        out["worker_only"] = worker_only(backend, encoder, corpus, concurrency=a.concurrency, duration_s=a.duration)
+        corpus_path = corpus_for(n)
+        # The first configuration is the server's default; the others, side by side, at the largest size.
+        configs = a.e2e_configs if n == max(a.e2e_sizes) else a.e2e_configs[:1]
+        out["e2e_runs"] = []
+        for workers, pipe in configs:
+            r = e2e(backend, encoder, corpus_path, concurrency=a.concurrency, duration_s=a.duration, procs=a.load_procs,
+                    http_workers=workers, pipeline=pipe, switch_ms=a.switch_ms)  # fmt: skip
+            out["e2e_runs"].append(r)
+            out["e2e"] = out["e2e_runs"][0]
+            save(out)
+            print(f"[gpu-bench] {n_gpus} GPU, {n:,}: e2e {r}", flush=True)
+        out["worker_only"] = [worker_only(backend, encoder, concurrency=a.concurrency, duration_s=a.duration, pipeline=p)
+                              for p in (1, 2)]  # fmt: skip
         print(f"[gpu-bench] {n_gpus} GPU, {n:,}: worker only {out['worker_only']}", flush=True)
-        if n == max(a.e2e_sizes) and a.serial_baseline:
-            # Side by side: one batch in flight vs two, and the GIL switch intervals asked for.
-            out["e2e_matrix"] = []
-            for si in a.switch_ms:
-                for pipe in (None, 1):
-                    if si == a.switch_ms[0] and pipe is None:
-                        continue  # that is out["e2e"]
-                    r = e2e(backend, encoder, corpus, concurrency=a.concurrency, duration_s=a.duration,
-                            procs=a.load_procs, pipeline=pipe, switch_ms=si)  # fmt: skip
-                    out["e2e_matrix"].append(r)
-                    print(f"[gpu-bench] {n_gpus} GPU, {n:,}: e2e {r}", flush=True)
     del backend, shard_list
     torch.cuda.empty_cache()
     return out
@@ -485,6 +525,28 @@ def markdown_table(report: dict) -> str:
                 f"| {e_qps} | {e_lat} "
                 f"| {'ok' if c['check']['ok'] else 'FAIL'} ({c['check']['id_sets_equal']}/{c['check']['queries']} id sets equal) |"
             )
+    return "\n".join(lines)
+
+
+def e2e_table(report: dict) -> str:
+    """The HTTP runs side by side: server configuration, QPS, latency, batch, worker load, server CPU."""
+    lines = [
+        "| GPUs | passages | HTTP processes | batches in flight | QPS | p50 / p99 ms | mean batch | worker busy "
+        "| server CPU cores | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for _, sizes in sorted(report["results"].items()):
+        for n, c in sorted(sizes.items(), key=lambda kv: int(kv[0])):
+            for r in c.get("e2e_runs", []):
+                cpu = "-" if r.get("server_cpu_cores") is None else f"{r['server_cpu_cores']:.1f}"
+                lines.append(
+                    f"| {c['gpus']} | {int(n):,} | {r['http_workers']} | {r['pipeline_batches_in_flight']} | {r['qps']:,.0f} "
+                    f"| {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {r['mean_batch_queries']:.0f} "
+                    f"| {100 * r['worker_busy_fraction']:.0f}% | {cpu} | {r['errors']} |"
+                )
+            for w in c.get("worker_only", []) if isinstance(c.get("worker_only"), list) else []:
+                lines.append(f"| {c['gpus']} | {int(n):,} | worker alone (no HTTP) | {w['pipeline_batches_in_flight']} "
+                             f"| {w['qps']:,.0f} | - | {w['mean_batch_queries']:.0f} | - | - | - |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -529,25 +591,47 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     report.setdefault("results", {})
-    encoder = store = None
+    machine = f"{n_visible}x {gpu_name}"
+    encoder = None
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
+    corpora: dict[int, Path] = {}
+
+    def corpus_for(n: int) -> Path:
+        """An n-row synthetic corpus (row i for index row i), written once per size."""
+        if n not in corpora:
+            for old in corpora.values():  # one at a time: 21M rows are ~2 GB
+                old.unlink(missing_ok=True)
+            corpora.clear()
+            corpora[n] = work / f"corpus_{n}.jsonl"
+            write_synthetic_corpus(corpora[n], n)
+            build_offsets(corpora[n])
+        return corpora[n]
+
     if a.e2e_sizes:
         encoder = make_e5_shaped_encoder(work, "cuda:0" if a.device_type == "cuda" else "cpu", layers=a.encoder_layers)
-        write_synthetic_corpus(work / "corpus.jsonl", 100_000)
-        build_offsets(work / "corpus.jsonl")
-        store = CorpusStore(work / "corpus.jsonl")
     first = True
     for n in a.sizes:
         for g in gpu_counts:
-            cell = bench_cell(n, g, a, encoder=encoder, corpus_store=store, cpu_check=first and a.cpu_check_queries > 0)
-            cell["gpu_model"] = gpu_name
+            def save(cell: dict, g: int = g, n: int = n) -> None:
+                cell["gpu_model"], cell["machine"] = gpu_name, machine
+                report["results"].setdefault(f"{g}gpu", {})[str(n)] = cell
+                write_json_atomic(out_path, report)  # a run cut short keeps what it measured
+
+            cell = bench_cell(n, g, a, encoder=encoder, corpus_for=corpus_for,
+                              cpu_check=first and a.cpu_check_queries > 0, save=save)  # fmt: skip
             first = False
-            report["results"].setdefault(f"{g}gpu", {})[str(n)] = cell
-            write_json_atomic(out_path, report)  # after every cell: a run cut short keeps what it measured
+            save(cell)
     print(markdown_table(report))
+    print(e2e_table(report))
     print(out_path)
     ok = all(c["check"]["ok"] for s in report["results"].values() for c in s.values())
     return 0 if ok else 1
+
+
+def _e2e_config(text: str) -> tuple[int, int]:
+    """WORKERS:PIPELINE, e.g. 4:2 (four HTTP front ends, two batches in flight)."""
+    workers, _, pipeline = text.partition(":")
+    return int(workers), int(pipeline or 1)
 
 
 def _variant(text: str) -> tuple[int, int]:
@@ -573,10 +657,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--duration", type=float, default=10.0, help="seconds of HTTP load per measurement")
     p.add_argument("--load-procs", type=int, default=4, help="load-generator processes")
-    p.add_argument("--serial-baseline", action="store_true",
-                   help="at the largest e2e size, also one batch in flight, and every --switch-ms")  # fmt: skip
-    p.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
-                   help="GIL switch interval(s) of the server process during e2e runs (first: the main run)")  # fmt: skip
+    p.add_argument("--e2e-configs", type=_e2e_config, nargs="+", default=[(4, 2), (1, 1), (1, 2), (2, 2), (4, 1), (8, 2)],
+                   help="HTTP_WORKERS:PIPELINE server configurations measured side by side at the largest e2e size "
+                        "(the first also at the other sizes; make it the serve default)")  # fmt: skip
+    p.add_argument("--switch-ms", type=float, default=5.0, help="GIL switch interval of the worker process during e2e runs")
     p.add_argument("--encoder-layers", type=int, default=12, help=argparse.SUPPRESS)  # smoke tests only
     p.add_argument("--device-type", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test of the code paths
     p.set_defaults(func=cmd_gpu_bench)

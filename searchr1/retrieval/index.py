@@ -520,6 +520,17 @@ class TorchBackend:
         default_chunk = (1 << 22 if method == "grouped" else 1 << 20) if cuda else (1 << 17)
         self.chunk_rows = chunk_rows or default_chunk
         self._streams = [torch.cuda.Stream(device=d) if d.type == "cuda" else None for d in self.devices]
+        # The fp32 host vectors for the single-query scan (CPU, one shard, fp32, faiss importable).
+        self._host = None
+        self._pool = None
+        self._scan_threads = max(1, torch.get_num_threads())
+        if method == "plain" and not cuda and len(shards) == 1 and dtype == torch.float32:
+            try:
+                import faiss  # noqa: F401
+
+                self._host = shards[0][1].numpy()
+            except ImportError:
+                pass
         self._buffers: list[object | None] = [None] * len(shards)
         # Whether the server should keep two batches in flight (encode one while this searches on
         # its own streams). Off: measured through HTTP on H200s it lowered QPS (GIL contention
@@ -531,8 +542,39 @@ class TorchBackend:
         queries = _check_queries(queries, self.dim, k)
         k = min(k, self.ntotal)
         if self.method == "plain":
+            if len(queries) <= self.SCAN_MAX_QUERIES and self._host is not None:
+                return self._search_scan(queries, k)
             return self._search_plain(queries, k)
         return self._search_grouped(queries, k)
+
+    # One or two queries on a CPU: a scan, not a matrix product. Measured on 2 AVX-512 cores, 1M x 768
+    # fp32, one query: faiss's SIMD inner-product loop reads 18.7 GB/s on one thread, torch's mv (MKL
+    # sgemv) 8.6 GB/s; so single queries go to faiss's kernel, over row ranges on every thread.
+    SCAN_MAX_QUERIES = 2
+
+    def _search_scan(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by ``faiss.knn`` (inner product) over ``threads`` row ranges in parallel (it releases
+        the GIL and scans a range single-threaded for so few queries), merged; no copy of the vectors."""
+        import faiss
+
+        x = self._host
+        parts = np.linspace(0, len(x), self._scan_threads * 2 + 1).astype(np.int64)
+        ranges = [(int(lo), int(hi)) for lo, hi in zip(parts[:-1], parts[1:]) if hi > lo]
+
+        def scan(r: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+            lo, hi = r
+            d, i = faiss.knn(queries, x[lo:hi], min(k, hi - lo), metric=faiss.METRIC_INNER_PRODUCT)
+            return d, i + lo
+
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self._scan_threads, thread_name_prefix="scan")
+        found = list(self._pool.map(scan, ranges))
+        all_s = np.concatenate([d for d, _ in found], axis=1)
+        all_i = np.concatenate([i for _, i in found], axis=1)
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(all_s, order, 1).astype(np.float32), np.take_along_axis(all_i, order, 1).astype(np.int64)
 
     def _search_plain(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
