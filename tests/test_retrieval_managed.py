@@ -70,3 +70,23 @@ def test_given_url_is_only_health_checked() -> None:
     with pytest.raises(RetrieverStartError, match="not healthy"):
         with managed_server(url=dead):
             pytest.fail("must not yield a dead server")
+
+
+def test_cli_multiprocess_server_serves_and_its_whole_group_stops(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    import subprocess
+
+    from helpers import alive
+
+    corpus, index = pair
+    with managed_server(corpus=corpus, index=index, encoder=MINILM, log_path=tmp_path / "r.log", startup_timeout_s=120,
+                        extra_args=[*PREFIXES, "--http-workers", "2"]) as url:  # fmt: skip
+        r = httpx.post(url, json={"queries": ["Which river flows through Africa?", "highest mountain"], "topk": 1})
+        assert r.status_code == 200 and [hits[0]["id"] for hits in r.json()["result"]] == ["1", "3"]
+        info = check_health(url)
+        assert info["http_workers"] == 2 and info["passages"] == 4 and info["frontend_pid"] != info["pid"]
+        ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(info["pid"])], capture_output=True, text=True)
+        pids = {int(p) for p in ps.stdout.split()} | {info["pid"]}
+        assert len(pids) == 3
+    assert not any(alive(p) for p in pids)
+    with pytest.raises(RetrieverStartError):
+        check_health(url, timeout_s=2)

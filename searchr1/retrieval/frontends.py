@@ -339,6 +339,7 @@ class RemoteWorker:
 
 def frontend_main(config: dict) -> int:
     """One HTTP front end: the app over a RemoteWorker, on the listening socket it inherited."""
+    _die_with(config["parent_pid"])
     from searchr1.retrieval.corpus import CorpusStore
 
     logging.basicConfig(level=config["log_level"].upper(),
@@ -358,12 +359,18 @@ def frontend_main(config: dict) -> int:
 # --- the main process ------------------------------------------------------------------------------
 
 
-def _frontend_preexec() -> None:
-    """In a front end before exec: SIGKILL when the main process dies (it holds no state of its own)."""
+def _die_with(parent_pid: int) -> None:
+    """In a front end, first thing: SIGKILL when the main process dies (it holds no state of its own).
+
+    Set here rather than in a ``preexec_fn``, which would run Python between fork and exec of a parent
+    with CUDA and worker threads. A parent that died before this line is caught by the pid check.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -464,6 +471,7 @@ class MultiProcessServer:
         listen = self.sockets[i]
         config = {
             "index": i,
+            "parent_pid": os.getpid(),
             "listen_fd": listen.fileno(),
             "ipc_fd": theirs.fileno(),
             "corpus": self.corpus_path,
@@ -477,7 +485,6 @@ class MultiProcessServer:
             [sys.executable, "-m", "searchr1.retrieval.frontends", json.dumps(config)],
             pass_fds=(listen.fileno(), theirs.fileno()),
             stdin=subprocess.DEVNULL,
-            preexec_fn=_frontend_preexec,
             env=env,
         )
         theirs.close()
