@@ -15,12 +15,13 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from searchr1.fsutil import atomic_path, write_json_atomic
 from searchr1.prompt import make_messages
+
+if TYPE_CHECKING:  # pandas is imported where parquet files are made: a download job does not need it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,8 @@ def flashrag_rows(records: Iterable[Mapping[str, Any]], data_source: str) -> pd.
         row = make_row(record["question"], list(record["golden_answers"]), data_source=data_source, split="test",
                        index=index, qid="")  # fmt: skip
         rows.append({c: row[c] for c in ROW_COLUMNS})
+    import pandas as pd
+
     return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
 
 
@@ -307,6 +310,8 @@ def prepare_data(
     differs from the expected one is an error naming the split (a silently smaller eval set would make the
     headline table incomparable with the published numbers).
     """
+    import pandas as pd
+
     train = pd.read_parquet(train_raw)
     _check_columns(train, Path(train_raw))
     test = pd.read_parquet(test_raw)

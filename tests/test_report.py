@@ -49,6 +49,12 @@ def _render(
     return results
 
 
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixtures' report at full scale with the learning curve, rendered once for the tests that read it."""
+    return _render(tmp_path_factory.mktemp("report"))
+
+
 def _table_row(md: str, first_cell: str) -> list[str]:
     for line in md.splitlines():
         if line.startswith(f"| {first_cell} |"):
@@ -56,8 +62,8 @@ def _table_row(md: str, first_cell: str) -> list[str]:
     raise AssertionError(f"no table row {first_cell!r} in:\n{md}")
 
 
-def test_headline_numbers_full_scale(tmp_path: Path) -> None:
-    md = (_render(tmp_path) / "headline.md").read_text()
+def test_headline_numbers_full_scale(full: Path) -> None:
+    md = (full / "headline.md").read_text()
     assert md.startswith("# Search-R1 on slime")
     assert REPORT_RECORD["settings_hash"] in md and REPORT_RECORD["code"]["source_sha"] in md and "**full**" in md
     # base NQ: 4/10 -> 0.400, Wilson 95% [0.168, 0.687]; HotpotQA: 1/5 -> 0.200 [0.036, 0.624]
@@ -75,8 +81,8 @@ def test_headline_numbers_full_scale(tmp_path: Path) -> None:
                      "+0.400", "+0.268", "+0.132"]  # fmt: skip
 
 
-def test_behaviour_table(tmp_path: Path) -> None:
-    md = (_render(tmp_path) / "headline.md").read_text()
+def test_behaviour_table(full: Path) -> None:
+    md = (full / "headline.md").read_text()
     # columns: NQ base, NQ RL, HotpotQA base, HotpotQA RL
     assert _table_row(md, "searched at least once")[1:] == ["40.0%", "100.0%", "0.0%", "100.0%"]
     assert _table_row(md, "mean searches")[1:] == ["0.50", "1.10", "0.00", "1.20"]
@@ -94,9 +100,8 @@ def test_behaviour_table(tmp_path: Path) -> None:
     ]
 
 
-def test_training_summary_and_links(tmp_path: Path) -> None:
-    results = _render(tmp_path)
-    md = (results / "headline.md").read_text()
+def test_training_summary_and_links(full: Path) -> None:
+    md = (full / "headline.md").read_text()
     assert "rollout steps: 20 (steps 0–19)" in md
     # first 0.000, last 0.950; the first/last 2 steps average 0.025 and 0.925; 20 x 2.5 s = 50 s
     assert "first step 0.000, last step 0.950" in md
@@ -115,8 +120,8 @@ def test_toy_scale_marks_published_as_not_comparable(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["reward", "response_length", "searches", "em_curve"])
-def test_plots_are_real_images(tmp_path: Path, name: str) -> None:
-    path = _render(tmp_path) / "plots" / f"{name}.png"
+def test_plots_are_real_images(full: Path, name: str) -> None:
+    path = full / "plots" / f"{name}.png"
     with Image.open(path) as img:
         assert img.size == (840, 480)  # 7 x 4 in at 120 dpi
         pixels = np.asarray(img.convert("L"), dtype=np.float64)
@@ -129,10 +134,9 @@ def test_no_curve_no_em_plot(tmp_path: Path) -> None:
     assert "em_curve.png" not in (results / "headline.md").read_text()
 
 
-def test_examples_are_deterministic_and_right(tmp_path: Path) -> None:
-    results = _render(tmp_path)
-    text = (results / "examples.md").read_text()
-    again = (_render(tmp_path / "again") / "examples.md").read_text()
+def test_examples_are_deterministic_and_right(full: Path, tmp_path: Path) -> None:
+    text = (full / "examples.md").read_text()
+    again = (_render(tmp_path) / "examples.md").read_text()
     assert text == again
     # NQ: base wrong & RL right = nq_2, nq_3, nq_6, nq_7 (4); RL wrong = nq_4, nq_5 (2)
     assert "### Base wrong, RL right (2 of 4)" in text
@@ -300,8 +304,8 @@ def test_headline_with_named_models_in_config_order_and_any_compared_pair(tmp_pa
         )  # fmt: skip
 
 
-def test_learning_curve_summary_in_headline(tmp_path: Path) -> None:
-    md = (_render(tmp_path) / "headline.md").read_text()
+def test_learning_curve_summary_in_headline(full: Path) -> None:
+    md = (full / "headline.md").read_text()
     assert "- learning curve (greedy EM" in md
     assert "  - NQ: " in md and " → step " in md
 
