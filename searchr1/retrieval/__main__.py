@@ -31,6 +31,9 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
                    help="auto: fp16 on CUDA only")  # fmt: skip
     p.add_argument("--device", default=None, help="torch device for the encoder (default: cuda if present)")
     p.add_argument("--encoder-batch-size", type=int, default=256)
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="encode by replaying CUDA graphs of the forward (auto: on CUDA; falls back to eager if a "
+                        "capture fails)")  # fmt: skip
     p.add_argument("--cpu-bf16", action="store_true",
                    help="encode under bf16 autocast on CPU (faster on avx512_bf16 CPUs; default exact fp32)")  # fmt: skip
 
@@ -49,6 +52,7 @@ def _make_encoder(a: argparse.Namespace):
         device=a.device,
         batch_size=a.encoder_batch_size,
         cpu_bf16=a.cpu_bf16,
+        cuda_graphs={"auto": None, "on": True, "off": False}[a.cuda_graphs],
     )
 
 

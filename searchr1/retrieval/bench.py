@@ -115,7 +115,8 @@ class LoadResult:
             "requests": self.requests,
             "errors": self.errors,
             "wall_s": round(self.wall_s, 3),
-            "qps": round(self.requests / self.wall_s, 2) if self.wall_s > 0 else 0.0,
+            # answered requests per second: a request that failed or timed out counts as nothing
+            "qps": round((self.requests - self.errors) / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
             "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
             "load_generator_cpu_s": round(self.client_cpu_s, 3),
@@ -315,6 +316,7 @@ def bench_size(
     peer_source: Path | None = None,
     peer_name: str = "minilm",
     return_scores: bool = False,
+    client_timeout_s: float = 600.0,
 ) -> dict:
     """One index size: every server in ``modes`` started over the same synthetic index and corpus, all up
     at once, and for each concurrency level driven one after the other (levels interleaved, the order
@@ -377,7 +379,7 @@ def bench_size(
                 before = _health(url) if mode != "peer" else None
                 # Every server of a level gets the same queries, starting where the last level stopped.
                 res = run_load_sync(url, queries[offset:span] + queries[:offset], c, duration_s=duration_s,
-                                    return_scores=return_scores)  # fmt: skip
+                                    return_scores=return_scores, timeout_s=client_timeout_s)  # fmt: skip
                 used = max(used, res.requests)
                 summary = res.summary()
                 if before is not None:
@@ -439,6 +441,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         "encoder": a.encoder if a.encoder in ("minilm", "e5-base-shaped") else str(encoder),
         "encoder_dir": str(encoder),
         "duration_s_per_run": a.duration,
+        "client_timeout_s": a.client_timeout,
+        "qps": "answered requests (HTTP 200 with a result) per second of the run, in-flight requests waited for",
         "max_wait_ms": a.max_wait_ms,
         "backend": a.backend,
         "modes": list(modes),
@@ -465,6 +469,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 warmup_requests=16, log_dir=Path(a.log_dir), max_wait_ms=a.max_wait_ms,
                 backend=a.backend, cpu_bf16=precision == "bf16", modes=modes, query_prefix=query_prefix,
                 peer_source=peer_source, peer_name=peer_name, return_scores=return_scores,
+                client_timeout_s=a.client_timeout,
             )  # fmt: skip
             report["total_s"] = round(time.perf_counter() - t0, 1)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -707,6 +712,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="a checkout of Search-R1: compare against its own search_r1/search/retrieval_server.py")  # fmt: skip
     p.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="servers to compare (default: batching and peer with --peer-source, else per_request and batching)")  # fmt: skip
+    p.add_argument("--client-timeout", type=float, default=600.0,
+                   help="seconds a client waits for an answer before it counts the request as an error (slime: 60)")  # fmt: skip
     p.add_argument("--merge", action="store_true", help="add the sizes measured to an existing --out report")
     p.add_argument("--workdir", default=None, help="where the synthetic data goes (default: a temp dir)")
     p.add_argument("--keep-data", action="store_true")

@@ -382,6 +382,30 @@ def _server_cpu(url: str) -> float | None:
         return None
 
 
+def encoder_check(encoder, texts: list[str], devices: list, reps: int) -> dict:
+    """The encoder with CUDA graphs (the default on a GPU) and eagerly: time per batch and per query, and
+    how far the graph embeddings are from the eager ones."""
+    graphs = encoder.graphs
+    out: dict = {"batch": len(texts), "padded_tokens": len(encoder.tokenizer(["query: " + t for t in texts], padding=True)["input_ids"][0])}
+    runs = {}
+    for mode in ("graphs", "eager"):
+        encoder.graphs = graphs if mode == "graphs" else None
+        if mode == "graphs" and graphs is None:
+            continue
+        batch = _median_ms(lambda: encoder.encode_queries(texts), devices, reps)
+        single = _median_ms(lambda: encoder.encode_queries(texts[:1]), devices, reps)
+        runs[mode] = encoder.encode_queries(texts)
+        out[mode] = {**batch, "qps": round(len(texts) / batch["median_ms"] * 1000), "one_query_ms": single["median_ms"]}
+    encoder.graphs = graphs
+    if graphs is not None:
+        a, b = runs["graphs"], runs["eager"]
+        out["graphs_state"] = "on" if graphs.disabled is None else f"off: {graphs.disabled}"
+        out["graphs_captured"] = sorted(graphs.graphs)
+        out["graphs_vs_eager_max_abs_diff"] = float(np.abs(a - b).max())
+        out["graphs_vs_eager_min_cosine"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+    return out
+
+
 def worker_only(backend, encoder, *, concurrency: int, duration_s: float, pipeline: int) -> dict:
     """QPS of the batching worker driven directly (no HTTP), in raw mode (scores and ids, no lookups) as
     the multi-process server's worker runs: what encode + search allow."""
@@ -485,9 +509,8 @@ def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_fo
         from searchr1.retrieval.bench import synthetic_queries
 
         texts = synthetic_queries(a.batch, seed=1)
-        enc = _median_ms(lambda: encoder.encode_queries(texts), devices[:1], a.reps)
-        tok = encoder.tokenizer(["query: " + t for t in texts], padding=True)["input_ids"]
-        out["encoder"] = {"batch": a.batch, **enc, "qps": round(a.batch / enc["median_ms"] * 1000), "padded_tokens": len(tok[0])}
+        out["encoder"] = encoder_check(encoder, texts, devices[:1], a.reps)
+        print(f"[gpu-bench] encoder {out['encoder']}", flush=True)
         corpus_path = corpus_for(n)
         # The first configuration is the server's default; the others, side by side, at the largest size.
         configs = a.e2e_configs if n == max(a.e2e_sizes) else a.e2e_configs[:1]
