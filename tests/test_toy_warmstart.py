@@ -9,10 +9,12 @@ from transformers import AutoTokenizer
 
 from helpers import model_size, warm_start_config
 from searchr1.agent import observation_text, parse_action
+from searchr1.prompt import make_messages
 from searchr1.reward import em_score
 from searchr1.toy.model import write_model
 from searchr1.toy.tokenizer import write_tokenizer
-from searchr1.toy.warmstart import make_demos, tokenize_demo, warm_start
+from searchr1.toy.warmstart import (TokenizedDemo, collate, make_demos, masked_lm_loss, shared_prefix_length,
+                                   shared_prefix_loss, tokenize_demo, warm_start)
 from searchr1.toy.world import WorldSizes, load_world, write_world
 
 TINY = WorldSizes(n_couples=40, n_test_couples=8, n_rl_couples=12, test_per_split=5, rl_questions=20)
@@ -137,6 +139,48 @@ def test_warm_start_is_deterministic(toy):
     b = warm_start(root / "model", world, gold_first_retriever(world, rows, []), root / "b", cfg)
     assert [e["loss"] for e in a.loss_log] == [e["loss"] for e in b.loss_log]
     assert (root / "a/model.safetensors").read_bytes() == (root / "b/model.safetensors").read_bytes()
+
+
+def test_shared_prefix_loss_equals_the_full_forward(toy):
+    """Running the common instruction prefix once and repeating its cache gives the full forward's loss and
+    gradients (fp32), on a batch of demos of different lengths (right padding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root, world, rows, tok = toy
+    demos, _ = make_demos(world, tok, gold_first_retriever(world, rows, []), warm_start_config(n_demos=40, seed=3))
+    batch = [tokenize_demo(tok, d) for d in demos][:6]
+    assert len({len(d.input_ids) for d in batch}) > 1
+    prefix = shared_prefix_length(batch)
+    instruction = tok.encode(tok.apply_chat_template(make_messages("who"), tokenize=False),
+                             add_special_tokens=False)
+    assert 50 < prefix < min(d.n_prompt for d in batch)
+    assert batch[0].input_ids[:prefix] == instruction[:prefix]  # the chat template and instruction text
+    model = AutoModelForCausalLM.from_pretrained(str(root / "model"), dtype=torch.float32)
+
+    def loss_and_grads(compute):
+        model.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    full, full_grads = loss_and_grads(lambda: masked_lm_loss(model, *collate(batch, tok.pad_token_id), False))
+    shared, shared_grads = loss_and_grads(lambda: shared_prefix_loss(model, batch, prefix, tok.pad_token_id, False))
+    assert shared == pytest.approx(full, rel=1e-6)
+    for a, b in zip(full_grads, shared_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # the prefix's own parameters get gradient only through the repeated cache: it must not be zero
+    assert model.model.embed_tokens.weight.grad[batch[0].input_ids[0]].abs().sum() > 0
+
+
+def test_shared_prefix_stays_inside_every_prompt():
+    a = TokenizedDemo([1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 1], n_prompt=4)
+    b = TokenizedDemo([1, 2, 3, 9, 5], [0, 0, 0, 0, 1], n_prompt=4)
+    assert shared_prefix_length([a, b]) == 3
+    assert shared_prefix_length([a, TokenizedDemo([1, 2, 3, 4, 7], [0, 0, 1, 1, 1], n_prompt=2)]) == 1
+    assert shared_prefix_length([a, TokenizedDemo([8, 2], [0, 1], n_prompt=1)]) == 0
+    with pytest.raises(ValueError, match="same 3 prompt tokens"):
+        shared_prefix_loss(None, [a, TokenizedDemo([1, 2, 7, 4, 5], [0, 0, 0, 0, 1], n_prompt=4)], 3, 0, False)
 
 
 def test_bad_config_is_named():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,22 @@ def toy_warm_start(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_
 
     set_threads(threads)
     out = Path(outputs["_list"][0])
-    with retriever(cfg, inputs, log_path) as url:
+    with ExitStack() as server:
+        url = server.enter_context(retriever(cfg, inputs, log_path))
+        search = http_retriever(url, timeout_s=cfg["retriever"]["timeout_s"])
+
+        def retrieve_then_stop_server(queries: list[str], topk: int) -> list[list[dict]]:
+            # make_demos retrieves every demo's passages in this one call; stopping the server before the
+            # training loop gives its memory and threads back for the rest of the step.
+            try:
+                return search(queries, topk)
+            finally:
+                server.close()
+
         result = warm_start(
             inputs["model"],
             load_world(Path(inputs["world"]).parent),
-            http_retriever(url, timeout_s=cfg["retriever"]["timeout_s"]),
+            retrieve_then_stop_server,
             out,
             WarmStartConfig.from_config(cfg),
             stderr_progress,

@@ -152,7 +152,8 @@ def make_demos(world: World, tokenizer, retrieve: Retrieve, cfg: WarmStartConfig
     """Demonstrations over the warm-start couples; returns (demos, number dropped for a missed gold passage).
 
     Retrieved passages of people outside the warm-start couples are dropped from the observation, so that
-    RL and test facts never appear in the demos, even in masked context.
+    RL and test facts never appear in the demos, even in masked context. ``retrieve`` is called once, for
+    every searching demo together (the warm-start step stops its retriever server after that call).
     """
     rng = random.Random(f"{cfg.seed}/demos")
     couples = world.splits["warmstart"]
@@ -239,12 +240,16 @@ def collate(batch: list[TokenizedDemo], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, attn, loss
 
 
-def masked_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor, bf16: bool
+def masked_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor | None, loss_mask: torch.Tensor, bf16: bool
                    ) -> torch.Tensor:
     """Mean next-token cross entropy over the tokens whose loss_mask is 1."""
     # Autocast around the forward pass only: weights, optimizer state and the loss stay fp32.
     with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    return _head_loss(model, hidden, ids, loss_mask, bf16)
+
+
+def _head_loss(model, hidden: torch.Tensor, ids: torch.Tensor, loss_mask: torch.Tensor, bf16: bool) -> torch.Tensor:
     targets_mask = loss_mask[:, 1:] > 0
     # The head only on positions that predict a target: most of the sequence is masked prompt/context.
     h = hidden[:, :-1][targets_mask]
@@ -252,6 +257,40 @@ def masked_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torc
         logits = model.lm_head(h)
     targets = ids[:, 1:][targets_mask]
     return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def shared_prefix_length(demos: list[TokenizedDemo]) -> int:
+    """Length of the token prefix every demo starts with, kept inside every prompt (so no target lies in it).
+
+    Every warm-start demo opens with the same chat-templated instruction (about 110 of ~240 tokens).
+    """
+    first = demos[0].input_ids
+    n = min(d.n_prompt for d in demos) - 1
+    for d in demos:
+        n = min(n, next((i for i, (a, b) in enumerate(zip(first, d.input_ids)) if a != b), n))
+    return max(n, 0)
+
+
+def shared_prefix_loss(model, batch: list[TokenizedDemo], prefix_len: int, pad_id: int, bf16: bool
+                       ) -> torch.Tensor:
+    """``masked_lm_loss`` of ``batch``, computing the shared first ``prefix_len`` tokens once.
+
+    The prefix runs once (batch 1); its key/value cache is repeated over the batch and the rest of each
+    demo runs on top of it. The math is the same as the full forward (causal attention; right padding sits
+    after every real token, so no mask is needed); gradients reach the prefix through the repeated cache.
+    """
+    if prefix_len <= 0:
+        return masked_lm_loss(model, *collate(batch, pad_id), bf16)
+    prefix = batch[0].input_ids[:prefix_len]
+    if any(d.input_ids[:prefix_len] != prefix or d.n_prompt <= prefix_len for d in batch):
+        raise ValueError(f"every demo must start with the same {prefix_len} prompt tokens")
+    ids, _, loss_mask = collate([TokenizedDemo(d.input_ids[prefix_len:], d.loss_mask[prefix_len:],
+                                               d.n_prompt - prefix_len) for d in batch], pad_id)
+    with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        cache = model.model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(batch))
+        hidden = model.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+    return _head_loss(model, hidden, ids, loss_mask, bf16)
 
 
 def train(model, tokenizer, demos: list[TokenizedDemo], cfg: WarmStartConfig,
@@ -269,6 +308,7 @@ def train(model, tokenizer, demos: list[TokenizedDemo], cfg: WarmStartConfig,
         return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    prefix_len = shared_prefix_length(demos)
     order: list[int] = []
     loss_log, window = [], []
     start = time.perf_counter()
@@ -279,8 +319,7 @@ def train(model, tokenizer, demos: list[TokenizedDemo], cfg: WarmStartConfig,
             order.extend(epoch)
         batch = [demos[i] for i in order[:cfg.batch_size]]
         del order[:cfg.batch_size]
-        ids, attn, loss_mask = collate(batch, tokenizer.pad_token_id)
-        loss = masked_lm_loss(model, ids, attn, loss_mask, cfg.bf16)
+        loss = shared_prefix_loss(model, batch, prefix_len, tokenizer.pad_token_id, cfg.bf16)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"warm-start loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
