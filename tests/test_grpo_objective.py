@@ -136,3 +136,41 @@ def test_grpo_loss_entropy_term_and_requirements():
     with pytest.raises(ValueError, match="rollout"):
         grpo_loss(log_probs=lp, old_log_probs=lp.detach(), advantages=torch.zeros(2), sample_lengths=[2],
                   step_num_samples=1, settings=objective(use_kl_loss=False, use_tis=True))
+
+
+def test_token_logprobs_with_a_shared_prompt_prefix_equal_one_forward_per_sequence():
+    """token_logprobs runs the prefix all sequences share once (repeated key/value cache): every scored
+    token's logprob, entropy and gradient equal those of each sequence run alone, at any scored position."""
+    from helpers import tiny_model
+    from searchr1.grpo.logprobs import TokenBatch, common_prefix_length, token_logprobs
+
+    model = tiny_model(_word_tokenizer(), seed=3, sharpen=2.0)
+    shared = [5, 9, 2, 7, 7, 3]
+    sequences = [shared + [4, 8, 1, 6], shared + [4, 2], shared + [6, 6, 6, 1, 2, 9, 3]]
+    positions = [[7, 8, 9], [7], [8, 10, 12]]
+    assert common_prefix_length(sequences, 6) == 6 and common_prefix_length(sequences, 3) == 3
+    batch = TokenBatch(sequences=sequences, positions=positions)
+
+    def run(b):
+        model.zero_grad(set_to_none=True)
+        lp, ent = token_logprobs(model, b, temperature=0.7, with_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+        return lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
+
+    together = run(batch)
+    alone = [run(TokenBatch(sequences=[s], positions=[p])) for s, p in zip(sequences, positions)]
+    torch.testing.assert_close(together[0], torch.cat([a[0] for a in alone]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[1], torch.cat([a[1] for a in alone]), rtol=1e-5, atol=1e-6)
+    for i, grad in enumerate(together[2]):
+        torch.testing.assert_close(grad, sum(a[2][i] for a in alone), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        token_logprobs(model, TokenBatch(sequences=[shared, shared], positions=[[6], [2]]))
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", *(f"w{i}" for i in range(2, 12))])}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+                                   pad_token="<pad>", eos_token="<eos>")

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from searchr1.agent import observation_text
 from searchr1.config import FromConfig
+from searchr1.grpo.logprobs import common_prefix_length, shared_prefix_hidden
 from searchr1.prompt import make_messages
 from searchr1.toy.world import (SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, Question, World, article,
                                 make_question)
@@ -264,21 +265,13 @@ def shared_prefix_length(demos: list[TokenizedDemo]) -> int:
 
     Every warm-start demo opens with the same chat-templated instruction (about 110 of ~240 tokens).
     """
-    first = demos[0].input_ids
-    n = min(d.n_prompt for d in demos) - 1
-    for d in demos:
-        n = min(n, next((i for i, (a, b) in enumerate(zip(first, d.input_ids)) if a != b), n))
-    return max(n, 0)
+    return common_prefix_length([d.input_ids for d in demos], min(d.n_prompt for d in demos) - 1)
 
 
 def shared_prefix_loss(model, batch: list[TokenizedDemo], prefix_len: int, pad_id: int, bf16: bool
                        ) -> torch.Tensor:
-    """``masked_lm_loss`` of ``batch``, computing the shared first ``prefix_len`` tokens once.
-
-    The prefix runs once (batch 1); its key/value cache is repeated over the batch and the rest of each
-    demo runs on top of it. The math is the same as the full forward (causal attention; right padding sits
-    after every real token, so no mask is needed); gradients reach the prefix through the repeated cache.
-    """
+    """``masked_lm_loss`` of ``batch``, computing the shared first ``prefix_len`` tokens once
+    (``shared_prefix_hidden``: same loss and gradients as the full forward)."""
     if prefix_len <= 0:
         return masked_lm_loss(model, *collate(batch, pad_id), bf16)
     prefix = batch[0].input_ids[:prefix_len]
@@ -287,9 +280,7 @@ def shared_prefix_loss(model, batch: list[TokenizedDemo], prefix_len: int, pad_i
     ids, _, loss_mask = collate([TokenizedDemo(d.input_ids[prefix_len:], d.loss_mask[prefix_len:],
                                                d.n_prompt - prefix_len) for d in batch], pad_id)
     with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        cache = model.model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True).past_key_values
-        cache.batch_repeat_interleave(len(batch))
-        hidden = model.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = shared_prefix_hidden(model.model, prefix, ids)
     return _head_loss(model, hidden, ids, loss_mask, bf16)
 
 
