@@ -154,7 +154,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def _serve_multiprocess(a, sock, corpus, encoder, backend, http_limits, http_workers: int, pipeline: int | None) -> int:
     """``--http-workers N`` > 1: N HTTP front-end processes, this process encodes and searches."""
-    from searchr1.retrieval.frontends import MultiProcessServer, on_gpu, rebind_group
+    from searchr1.retrieval.frontends import MultiProcessServer, rebind_group
     from searchr1.retrieval.server import BatchingWorker, Limits, index_info
 
     if len(corpus) != backend.ntotal:
@@ -167,8 +167,8 @@ def _serve_multiprocess(a, sock, corpus, encoder, backend, http_limits, http_wor
     except OSError as e:
         log.error("refusing to start: %s", e)
         return 2
-    if pipeline is None:  # measured: with HTTP off this process, encode of one batch overlapping the
-        pipeline = 2 if on_gpu(backend) else 1  # search of the other pays on GPUs (docs/retriever.md)
+    if pipeline is None:  # measured on an H200 at 21M: two batches in flight were 6% slower (docs/retriever.md)
+        pipeline = 1
     worker = BatchingWorker(None, encoder, backend, max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms,
                             batching=not a.no_batching, max_batch_chars=a.max_batch_chars, pipeline=pipeline)  # fmt: skip
     limits = Limits(a.topk_max, a.max_queries, a.max_query_chars, a.max_body_bytes, a.topk)
@@ -264,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP front-end processes feeding this process's encoder and index (N > 1: the "
                         "multi-process server); auto: 1 when the index is searched on the CPU, 4 on GPUs")  # fmt: skip
     p.add_argument("--pipeline", choices=["auto", "1", "2"], default="auto",
-                   help="batches in flight (2: encode one while the other searches); auto: 2 with several "
-                        "HTTP front ends on GPUs, else 1")  # fmt: skip
+                   help="batches in flight (2: encode one while the other searches); auto: 1 (measured faster)")
     p.add_argument("--topk", type=int, default=ret["topk"], help="passages for a request that names no topk (Search-R1's --topk)")
     p.add_argument("--topk-max", type=int, default=ret["topk_max"])
     p.add_argument("--max-queries", type=int, default=1024, help="most queries per request")

@@ -388,9 +388,27 @@ def bench_size(
                     out["modes"][mode].update(backend=after["backend"], server_batching=after["batching"])
                 out["modes"][mode]["runs"].append(summary)
                 print(f"[bench] n={n} {mode} c={c}: {summary}", flush=True)
+                if mode == "peer" and "died" not in out["modes"][mode] and not _peer_alive(url):
+                    log = log_dir / f"bench_{n}_{mode}.log"
+                    out["modes"][mode]["died"] = {"during_concurrency": c, "log_tail": _last_lines(log)}
+                    print(f"[bench] n={n} {mode} is down after c={c}: {out['modes'][mode]['died']}", flush=True)
             offset = (offset + used) % span
     out["ratios"] = _ratios(out, concurrencies)
     return out
+
+
+def _peer_alive(retrieve_url: str) -> bool:
+    from searchr1.process import http_ok
+
+    return http_ok(retrieve_url.replace("/retrieve", "/openapi.json"), timeout_s=10.0)
+
+
+def _last_lines(log: Path, n: int = 6) -> list[str]:
+    """The last lines of a server log, progress bars (carriage-return lines) dropped."""
+    from searchr1.process import log_tail
+
+    lines = log_tail(log, 20000).replace("\r", "\n").splitlines()
+    return [x for x in lines if x.strip() and "Retrieval process" not in x and "more hidden" not in x][-n:]
 
 
 def _ratios(size: dict, concurrencies: list[int]) -> dict:
@@ -406,6 +424,9 @@ def _ratios(size: dict, concurrencies: list[int]) -> dict:
             if other == "batching":
                 continue
             them = by_c[other][c]
+            if them["qps"] <= 0:  # it answered nothing (see its "died"): no ratio
+                row[f"qps_batching_over_{other}"] = row[f"p50_batching_over_{other}"] = row[f"p99_batching_over_{other}"] = None
+                continue
             row[f"qps_batching_over_{other}"] = round(ours["qps"] / max(them["qps"], 1e-9), 2)
             row[f"p50_batching_over_{other}"] = round(ours["p50_ms"] / max(them["p50_ms"], 1e-9), 3)
             row[f"p99_batching_over_{other}"] = round(ours["p99_ms"] / max(them["p99_ms"], 1e-9), 3)
@@ -503,6 +524,10 @@ def markdown_table(report: dict) -> str:
             bt = {r["concurrency"]: r for r in size["modes"]["batching"]["runs"]}
             for c in pr:
                 if c not in bt:
+                    continue
+                if pr[c]["qps"] <= 0:
+                    lines.append(f"| {precision} | {int(n):,} | {c} | 0 (crashed) | {bt[c]['qps']:.1f} | - | - "
+                                 f"| {bt[c]['p50_ms']:.0f} / {bt[c]['p99_ms']:.0f} | - | - | {pr[c]['errors']} + {bt[c]['errors']} |")  # fmt: skip
                     continue
                 lines.append(
                     f"| {precision} | {int(n):,} | {c} | {pr[c]['qps']:.1f} | {bt[c]['qps']:.1f} "

@@ -612,6 +612,7 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d"),
+        "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (the tokenizer's own threads)"),
     }
     report.setdefault("results", {})
     machine = f"{n_visible}x {gpu_name}"
