@@ -70,6 +70,7 @@ ENCODER_SETTINGS = [
         "normalize",
         "max_length",
         "fp16",
+        "cpu_bf16",
     )
 ]
 RETRIEVER_SETTINGS = ENCODER_SETTINGS + [

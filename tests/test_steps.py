@@ -286,6 +286,23 @@ def test_slime_preview_is_built_from_the_declared_train_settings():
     assert "--num-rollout 3000" in preview and "pkill" not in preview
 
 
+def test_encoder_precision_reaches_the_index_build_and_every_server(monkeypatch):
+    """retriever.encoder.cpu_bf16: exact fp32 at full scale, bf16 autocast in the toy world; the index build's
+    encoder and the servers of later jobs get the same setting."""
+    from searchr1.steps.retrieval import encoder_server_args, make_encoder
+
+    build = StepSettings.from_params(rule_params("build_index", *TOY), step="build_index")
+    assert build["retriever"]["encoder"]["cpu_bf16"] is True
+    for configs, bf16 in ((FULL, False), (TOY, True)):
+        for rule in ("retriever_check", "train", "evaluate"):
+            job = StepSettings.from_params(rule_params(rule, *configs), step=rule)
+            assert ("--cpu-bf16" in encoder_server_args(job)) is bf16, (rule, configs)
+    import searchr1.retrieval.encoder
+
+    monkeypatch.setattr(searchr1.retrieval.encoder, "Encoder", lambda path, **kw: kw)  # records the arguments
+    assert make_encoder(build, "encoder-dir")["cpu_bf16"] is True
+
+
 def test_sglang_eval_server_runs_in_the_slime_image(tmp_path):
     from searchr1.steps.evaluate import sglang_in_container
 

@@ -37,6 +37,7 @@ def make_encoder(cfg: StepSettings, encoder_dir: str | Path):
         normalize=enc["normalize"],
         max_length=enc["max_length"],
         fp16=None if enc["fp16"] else False,  # None: fp16 on CUDA only
+        cpu_bf16=enc["cpu_bf16"],
     )
 
 
@@ -52,6 +53,8 @@ def encoder_server_args(cfg: StepSettings) -> list[str]:
     ]  # fmt: skip
     if not enc["normalize"]:
         args.append("--no-normalize")
+    if enc["cpu_bf16"]:
+        args.append("--cpu-bf16")
     return args
 
 
