@@ -56,13 +56,13 @@ class Encoder(HashEncoder):  # "fail ...": a server fault; per_call/per_text: a 
 
 logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
 root, port, n, grace, batch = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
-per_call, per_text = float(sys.argv[7]), float(sys.argv[8])
+per_call, per_text, body_timeout = float(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9])
 sockets = bind_group("127.0.0.1", port, n)
 world = World(root)
 encoder, backend = Encoder(per_call, per_text), NumpyBackend(world.vectors)
 worker = BatchingWorker(None, encoder, backend, max_batch_size=batch, max_wait_ms=1.0)
 limits = HttpLimits(max_header_bytes=4096, max_headers=20, keep_alive_timeout_s=5.0, header_timeout_s=0.5,
-                    body_timeout_s=0.6, shutdown_grace_s=grace)
+                    body_timeout_s=body_timeout, shutdown_grace_s=grace)
 server = MultiProcessServer(worker, corpus_path=world.corpus_path, info=index_info(CorpusStore(world.corpus_path), encoder, backend),
                             limits=Limits(topk_max=10, max_queries=300), http_limits=limits, sockets=sockets)
 sys.exit(server.run())
@@ -73,7 +73,7 @@ class Multi:
     """A multi-process server started through managed_process (its own process group), as jobs start one."""
 
     def __init__(self, tmp: Path, n: int = 3, grace_s: float = 1.0, batch: int = 256, per_call_s: float = 0.0,
-                 per_text_s: float = 0.0) -> None:  # fmt: skip
+                 per_text_s: float = 0.0, body_timeout_s: float = 0.6) -> None:  # fmt: skip
         self.tmp, self.n = tmp, n
         self.port = bind_socket("127.0.0.1", 0).getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
@@ -81,7 +81,7 @@ class Multi:
         self.world = World(tmp / "world")
         self.log = tmp / "server.log"
         self.cmd = [sys.executable, "-c", SERVE_SCRIPT, str(TESTS_DIR), str(tmp / "world"), str(self.port), str(n),
-                    str(grace_s), str(batch), str(per_call_s), str(per_text_s)]  # fmt: skip
+                    str(grace_s), str(batch), str(per_call_s), str(per_text_s), str(body_timeout_s)]  # fmt: skip
         self._cm = managed_process(self.cmd, name="multi-process retriever", log_path=self.log, healthy=self._healthy,
                                    startup_timeout_s=60, stop_grace_s=10)  # fmt: skip
 
@@ -238,9 +238,13 @@ def test_leaving_the_managed_block_stops_the_group_without_waiting_for_sigkill(t
 
 
 def test_second_signal_exits_at_once(tmp_path: Path) -> None:
-    with Multi(tmp_path, n=2, grace_s=30.0) as m:
+    # The half-sent body must outlive the test's windows: with the other tests' 0.6 s body deadline the
+    # front end answers it 408 and closes, and the first signal's shutdown then ends at ~0.65 s (a race
+    # with the 0.7 s window below).
+    with Multi(tmp_path, n=2, grace_s=30.0, body_timeout_s=60.0) as m:
         pids = m.frontend_pids() | {m.proc.pid}
         s = _half_body(m.port)
+        time.sleep(0.2)  # the front end reads the head: an unparsed connection is idle and is closed at once
         m.proc.send_signal(signal.SIGINT)
         assert exit_time(m.proc, 0.7) is None  # the first waits (up to 30 s) for the half-sent body ...
         m.proc.send_signal(signal.SIGINT)
