@@ -43,8 +43,10 @@ def test_rl_beats_base_by_searching(toy_run):
         base = load_json(toy_run / f"results/eval/base/{split}.json")
         rl = load_json(toy_run / f"results/eval/rl/{split}.json")
         assert base["n"] == rl["n"] > 0
-        assert rl["em"] >= base["em"] + 0.20, (split, base["em"], rl["em"])
-        assert rl["searched_at_least_once"] > base["searched_at_least_once"], split
+        # The toy's promise (README): RL at least 0.40 above the base on both splits, by learning to search
+        # (measured: +0.725 single-hop, +0.455 two-entity; search rate 0% -> 100%).
+        assert rl["em"] >= base["em"] + 0.40, (split, base["em"], rl["em"])
+        assert base["searched_at_least_once"] <= 0.1 and rl["searched_at_least_once"] >= 0.9, split
 
 
 def test_reward_curve_rises(toy_run):
