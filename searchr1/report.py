@@ -186,35 +186,25 @@ def plot_curve(curve: Mapping[str, list[tuple[int, float]]], path: Path) -> None
     _save(fig, path)
 
 
+# (plot name, metrics key, title, y label) of the per-rollout training plots
+_TRAIN_PLOTS = (
+    ("reward", "reward_mean", "Mean reward (exact match) per rollout step", "mean raw reward"),
+    ("response_length", "response_len_mean", "Mean response length per rollout step", "model tokens per response"),
+    ("searches", "searches_mean", "Mean searches per response per rollout step", "searches per response"),
+)
+
+
 def render_plots(
     metrics: Sequence[Mapping[str, Any]], plots_dir: Path, curve: Mapping[str, list[tuple[int, float]]] | None
 ) -> dict[str, Path]:
     """Write the PNGs; returns {name: path}."""
     steps = [r["step"] for r in metrics]
-    paths = {"reward": plots_dir / "reward.png", "response_length": plots_dir / "response_length.png"}
-    plot_series(
-        steps,
-        [r["reward_mean"] for r in metrics],
-        paths["reward"],
-        title="Mean reward (exact match) per rollout step",
-        ylabel="mean raw reward",
-    )
-    plot_series(
-        steps,
-        [r["response_len_mean"] for r in metrics],
-        paths["response_length"],
-        title="Mean response length per rollout step",
-        ylabel="model tokens per response",
-    )
-    if all("searches_mean" in r for r in metrics):
-        paths["searches"] = plots_dir / "searches.png"
-        plot_series(
-            steps,
-            [r["searches_mean"] for r in metrics],
-            paths["searches"],
-            title="Mean searches per response per rollout step",
-            ylabel="searches per response",
-        )
+    paths: dict[str, Path] = {}
+    for name, key, title, ylabel in _TRAIN_PLOTS:
+        if name == "searches" and not all(key in r for r in metrics):
+            continue  # metrics of a run that did not record searches
+        paths[name] = plots_dir / f"{name}.png"
+        plot_series(steps, [r[key] for r in metrics], paths[name], title=title, ylabel=ylabel)
     if curve is not None:  # a curve file without points yet (num_rollout below eval.interval): an empty plot
         paths["em_curve"] = plots_dir / "em_curve.png"
         plot_curve(curve, paths["em_curve"])
