@@ -36,7 +36,9 @@ def test_without_the_guard_the_child_would_be_orphaned():
     try:
         parent.kill()
         parent.wait()
-        time.sleep(1.0)
+        # A parent-death signal is sent while the parent exits, before wait() returns: a guarded child would
+        # be gone within milliseconds of being scheduled.
+        time.sleep(0.5)
         assert alive(child)
     finally:
         os.kill(child, signal.SIGKILL)
@@ -47,11 +49,18 @@ def test_stop_process_group_stops_the_whole_tree():
         [sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"],
         start_new_session=True,
     )
-    time.sleep(0.5)
+
+    def group() -> list[int]:
+        out = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+    deadline = time.monotonic() + 30
+    while len(members := group()) < 2:  # the child has started its own child
+        assert time.monotonic() < deadline, members
+        time.sleep(0.02)
     stop_process_group(proc, grace_s=5)
     assert proc.poll() is not None
-    out = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
-    assert all(wait_dead(int(pid)) for pid in out.stdout.split())
+    assert all(wait_dead(pid) for pid in members)
 
 
 def test_free_port_is_bindable():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi import FastAPI, Request
@@ -16,16 +17,18 @@ def corpus_row(query: str, rank: int) -> dict:
     return {"id": f"{query}-{rank}", "contents": f'"Title {query} {rank}"\ntext about {query}'}
 
 
-def make_retriever_app(behaviour: dict) -> FastAPI:
-    """Search-R1's /retrieve reply shapes, plus scripted failures and delays."""
+def make_retriever_app(script: dict) -> FastAPI:
+    """Search-R1's /retrieve reply shapes, plus scripted failures and delays: a request follows the behaviour
+    ``script["behaviour"]`` holds when it arrives (a test's own dict, which records what reached it)."""
     app = FastAPI()
-    behaviour.setdefault("payloads", [])
-    state = behaviour.setdefault("state", {"in_flight": 0, "max_in_flight": 0})
 
     @app.post("/retrieve")
     async def retrieve(request: Request):
+        behaviour = script["behaviour"]
+        payloads = behaviour.setdefault("payloads", [])
+        state = behaviour.setdefault("state", {"in_flight": 0, "max_in_flight": 0})
         payload = await request.json()
-        behaviour["payloads"].append(payload)
+        payloads.append(payload)
         state["in_flight"] += 1
         state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
         try:
@@ -49,6 +52,27 @@ def make_retriever_app(behaviour: dict) -> FastAPI:
     return app
 
 
+@pytest.fixture(scope="module")
+def scripted_server() -> Iterator[tuple[str, dict]]:
+    """One scripted server for the module (a server per test cost about 0.15 s to start and stop)."""
+    script: dict = {}
+    with serve_app(make_retriever_app(script)) as base:
+        yield base, script
+
+
+@pytest.fixture
+def serve(scripted_server: tuple[str, dict]) -> Iterator[Callable[[dict], str]]:
+    """``serve(behaviour)``: the module's server follows ``behaviour`` from now on; returns its base URL."""
+    base, script = scripted_server
+
+    def follow(behaviour: dict) -> str:
+        script["behaviour"] = behaviour
+        return base
+
+    yield follow
+    script.pop("behaviour", None)
+
+
 def run_search(url: str, queries, topk: int = 2, **kwargs):
     async def main():
         async with RetrievalClient(url, **kwargs) as client:
@@ -63,10 +87,10 @@ def run_search(url: str, queries, topk: int = 2, **kwargs):
         run_search.stats = main.stats
 
 
-def test_one_query_per_request_by_default():
+def test_one_query_per_request_by_default(serve):
     behaviour: dict = {}
-    with serve_app(make_retriever_app(behaviour)) as base:
-        hits = run_search(base + "/retrieve", ["alpha", "beta", "gamma"], topk=3)
+    base = serve(behaviour)
+    hits = run_search(base + "/retrieve", ["alpha", "beta", "gamma"], topk=3)
     assert [[h["id"] for h in hs] for hs in hits] == [[f"{q}-{r}" for r in range(3)] for q in ["alpha", "beta", "gamma"]]
     assert hits[0][0] == corpus_row("alpha", 0)
     assert sorted(p["queries"][0] for p in behaviour["payloads"]) == ["alpha", "beta", "gamma"]
@@ -75,18 +99,18 @@ def test_one_query_per_request_by_default():
     assert run_search.stats == {"requests": 3, "retries": 0, "failures": 0}
 
 
-def test_batch_mode_sends_one_request():
+def test_batch_mode_sends_one_request(serve):
     behaviour: dict = {}
-    with serve_app(make_retriever_app(behaviour)) as base:
-        hits = run_search(base + "/retrieve", ["alpha", "beta"], batch=True)
+    base = serve(behaviour)
+    hits = run_search(base + "/retrieve", ["alpha", "beta"], batch=True)
     assert [hs[1]["id"] for hs in hits] == ["alpha-1", "beta-1"]
     assert behaviour["payloads"] == [{"queries": ["alpha", "beta"], "topk": 2, "return_scores": False}]
 
 
-def test_scored_hits_are_unwrapped_to_rows():
+def test_scored_hits_are_unwrapped_to_rows(serve):
     behaviour = {"reply": {"result": [[{"document": corpus_row("q", 0), "score": 0.5}]]}}
-    with serve_app(make_retriever_app(behaviour)) as base:
-        assert run_search(base + "/retrieve", ["q"]) == [[corpus_row("q", 0)]]
+    base = serve(behaviour)
+    assert run_search(base + "/retrieve", ["q"]) == [[corpus_row("q", 0)]]
 
 
 def test_no_queries_no_request():
@@ -96,28 +120,28 @@ def test_no_queries_no_request():
         run_search(f"http://127.0.0.1:{free_port()}/retrieve", "alpha")
 
 
-def test_5xx_is_retried_with_backoff():
+def test_5xx_is_retried_with_backoff(serve):
     behaviour = {"fail_first": [500, 503]}
-    with serve_app(make_retriever_app(behaviour)) as base:
-        hits = run_search(base + "/retrieve", ["alpha"], backoff_s=0.01)
+    base = serve(behaviour)
+    hits = run_search(base + "/retrieve", ["alpha"], backoff_s=0.01)
     assert hits[0][0]["id"] == "alpha-0"
     assert run_search.stats == {"requests": 3, "retries": 2, "failures": 0}
 
 
-def test_persistent_5xx_raises_after_retries():
+def test_persistent_5xx_raises_after_retries(serve):
     behaviour = {"fail_first": [500] * 10}
-    with serve_app(make_retriever_app(behaviour)) as base:
-        with pytest.raises(RetrievalError, match=r"HTTP 500.*scripted failure 500.*after 3 attempts") as info:
-            run_search(base + "/retrieve", ["alpha"], max_retries=2, backoff_s=0.01)
+    base = serve(behaviour)
+    with pytest.raises(RetrievalError, match=r"HTTP 500.*scripted failure 500.*after 3 attempts") as info:
+        run_search(base + "/retrieve", ["alpha"], max_retries=2, backoff_s=0.01)
     assert info.value.status_code == 500
     assert run_search.stats == {"requests": 3, "retries": 2, "failures": 1}
 
 
-def test_4xx_raises_at_once_with_server_message():
+def test_4xx_raises_at_once_with_server_message(serve):
     behaviour = {"fail_first": [422]}
-    with serve_app(make_retriever_app(behaviour)) as base:
-        with pytest.raises(RetrievalError, match="HTTP 422.*scripted failure 422") as info:
-            run_search(base + "/retrieve", ["alpha"], backoff_s=0.01)
+    base = serve(behaviour)
+    with pytest.raises(RetrievalError, match="HTTP 422.*scripted failure 422") as info:
+        run_search(base + "/retrieve", ["alpha"], backoff_s=0.01)
     assert info.value.status_code == 422
     assert run_search.stats == {"requests": 1, "retries": 0, "failures": 1}
 
@@ -129,14 +153,14 @@ def test_unreachable_server_raises_after_retries():
     assert run_search.stats == {"requests": 2, "retries": 1, "failures": 1}
 
 
-def test_timeouts_are_retried_then_raised():
+def test_timeouts_are_retried_then_raised(serve):
     # The server answers after 1 s, the client gives up after 0.3 s. Which phase times out (a read, or the
-    # connect on a loaded 2-core machine) does not matter: a timeout is retried, then raised. (The server's
-    # shutdown waits for the delayed answers: a longer delay only makes the test slower.)
+    # connect on a loaded 2-core machine) does not matter: a timeout is retried, then raised. (The delayed
+    # handlers end a second later, answering clients that have gone, with this test's behaviour.)
     behaviour = {"delay_s": 1.0}
-    with serve_app(make_retriever_app(behaviour)) as base:
-        with pytest.raises(RetrievalError, match=r"(Read|Connect)Timeout"):
-            run_search(base + "/retrieve", ["alpha"], timeout_s=0.3, max_retries=1, backoff_s=0.01)
+    base = serve(behaviour)
+    with pytest.raises(RetrievalError, match=r"(Read|Connect)Timeout"):
+        run_search(base + "/retrieve", ["alpha"], timeout_s=0.3, max_retries=1, backoff_s=0.01)
     assert run_search.stats["retries"] == 1
 
 
@@ -149,29 +173,29 @@ def test_timeouts_are_retried_then_raised():
         ({"result": [[{"id": "x"}]]}, "no 'contents'"),
     ],
 )
-def test_malformed_replies_raise(reply, message):
-    with serve_app(make_retriever_app({"reply": reply})) as base:
-        with pytest.raises(RetrievalError, match=message):
-            run_search(base + "/retrieve", ["alpha"])
+def test_malformed_replies_raise(reply, message, serve):
+    base = serve({"reply": reply})
+    with pytest.raises(RetrievalError, match=message):
+        run_search(base + "/retrieve", ["alpha"])
     assert run_search.stats["failures"] == 1
 
 
-def test_concurrency_is_bounded():
+def test_concurrency_is_bounded(serve):
     behaviour = {"delay_s": 0.05}
-    with serve_app(make_retriever_app(behaviour)) as base:
-        hits = run_search(base + "/retrieve", [f"q{i}" for i in range(12)], concurrency=4)
+    base = serve(behaviour)
+    hits = run_search(base + "/retrieve", [f"q{i}" for i in range(12)], concurrency=4)
     assert [hs[0]["id"] for hs in hits] == [f"q{i}-0" for i in range(12)]
     assert 1 <= behaviour["state"]["max_in_flight"] <= 4
 
 
-def test_health():
-    with serve_app(make_retriever_app({})) as base:
+def test_health(serve):
+    base = serve({})
 
-        async def main():
-            async with RetrievalClient(base + "/retrieve") as client:
-                return await client.health()
+    async def main():
+        async with RetrievalClient(base + "/retrieve") as client:
+            return await client.health()
 
-        assert asyncio.run(main()) == {"status": "ok"}
+    assert asyncio.run(main()) == {"status": "ok"}
 
     async def down():
         async with RetrievalClient(f"http://127.0.0.1:{free_port()}/retrieve") as client:

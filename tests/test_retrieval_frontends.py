@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import alive
+from retriever_world import HashEncoder, World
 from test_retrieval_hostile import (
-    World,
     assert_serves,
     closed_within,
     connect,
@@ -43,23 +43,25 @@ SERVE_SCRIPT = """
 import logging, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from test_retrieval_hostile import World, HashEncoder, NumpyBackend
+from retriever_world import World, HashEncoder, NumpyBackend
 from searchr1.retrieval.corpus import CorpusStore
 from searchr1.retrieval.frontends import MultiProcessServer, bind_group
 from searchr1.retrieval.server import BatchingWorker, HttpLimits, Limits, index_info
 
-class Encoder(HashEncoder):  # "fail ...": a server fault; per_call/per_text: a real encoder's cost
+class Encoder(HashEncoder):  # "fail ...": a server fault; "timed ...": a real encoder's cost, 20 ms a call + 2 ms a query
     def encode_queries(self, texts):
         if any(t.startswith("fail") for t in texts):
             raise RuntimeError("encoder fault")
+        if any(t.startswith("timed") for t in texts):
+            time.sleep(0.02 + 0.002 * len(texts))
         return super().encode_queries(texts)
 
 logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
 root, port, n, grace, batch = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
-per_call, per_text, body_timeout = float(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9])
+body_timeout = float(sys.argv[7])
 sockets = bind_group("127.0.0.1", port, n)
 world = World(root)
-encoder, backend = Encoder(per_call, per_text), NumpyBackend(world.vectors)
+encoder, backend = Encoder(), NumpyBackend(world.vectors)
 worker = BatchingWorker(None, encoder, backend, max_batch_size=batch, max_wait_ms=1.0)
 limits = HttpLimits(max_header_bytes=4096, max_headers=20, keep_alive_timeout_s=5.0, header_timeout_s=0.5,
                     body_timeout_s=body_timeout, shutdown_grace_s=grace)
@@ -72,8 +74,7 @@ sys.exit(server.run())
 class Multi:
     """A multi-process server started through managed_process (its own process group), as jobs start one."""
 
-    def __init__(self, tmp: Path, n: int = 3, grace_s: float = 1.0, batch: int = 256, per_call_s: float = 0.0,
-                 per_text_s: float = 0.0, body_timeout_s: float = 0.6) -> None:  # fmt: skip
+    def __init__(self, tmp: Path, n: int = 3, grace_s: float = 1.0, batch: int = 256, body_timeout_s: float = 0.6) -> None:
         self.tmp, self.n = tmp, n
         self.port = bind_socket("127.0.0.1", 0).getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
@@ -81,9 +82,9 @@ class Multi:
         self.world = World(tmp / "world")
         self.log = tmp / "server.log"
         self.cmd = [sys.executable, "-c", SERVE_SCRIPT, str(TESTS_DIR), str(tmp / "world"), str(self.port), str(n),
-                    str(grace_s), str(batch), str(per_call_s), str(per_text_s), str(body_timeout_s)]  # fmt: skip
+                    str(grace_s), str(batch), str(body_timeout_s)]  # fmt: skip
         self._cm = managed_process(self.cmd, name="multi-process retriever", log_path=self.log, healthy=self._healthy,
-                                   startup_timeout_s=60, stop_grace_s=10)  # fmt: skip
+                                   startup_timeout_s=60, poll_interval_s=0.05, stop_grace_s=10)  # fmt: skip
 
     def _healthy(self) -> bool:
         try:
@@ -109,19 +110,20 @@ class Multi:
 
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Multi]:
-    with Multi(tmp_path_factory.mktemp("multi")) as m:
+    """The module's server: 3 front ends, batches of at most 16 queries (a large request is served in slices)."""
+    with Multi(tmp_path_factory.mktemp("multi"), batch=16) as m:
         yield m
 
 
 def test_answers_equal_brute_force_under_256_in_flight_over_every_front_end(multi: Multi) -> None:
     before = multi.health()["batching"]["requests"]
-    queries = [f"load query {i}" for i in range(1500)]
+    queries = [f"load query {i}" for i in range(768)]  # three requests per client, 256 in flight throughout
     res = run_load_sync(multi.url, queries, 256, topk=3, keep_results=True)
     assert res.errors == 0
     assert res.results == [multi.world.expected(q, 3) for q in queries]
     info = multi.health()
     assert info["http_workers"] == 3 and info["pid"] == multi.proc.pid
-    assert info["batching"]["requests"] - before == 1500  # every request went through the one worker ...
+    assert info["batching"]["requests"] - before == 768  # every request went through the one worker ...
     assert info["batching"]["mean_batch_queries"] > 1  # ... which batched them
     # New connections are spread over the front ends (SO_REUSEPORT), each a process of its own.
     answered_by = {httpx.get(multi.base + "/health", timeout=5).json()["frontend_pid"] for _ in range(40)}
@@ -131,8 +133,6 @@ def test_answers_equal_brute_force_under_256_in_flight_over_every_front_end(mult
 
 def test_scores_and_many_queries_per_request(multi: Multi) -> None:
     import numpy as np
-
-    from test_retrieval_hostile import HashEncoder
 
     queries = [f"multi {i}" for i in range(40)]
     r = httpx.post(multi.url, json={"queries": queries, "topk": 5, "return_scores": True}, timeout=10)
@@ -205,18 +205,18 @@ def _half_body(port: int) -> socket.socket:
 
 
 def test_sigterm_of_the_main_process_answers_in_flight_requests_and_stops_every_process(tmp_path: Path) -> None:
-    with Multi(tmp_path, n=2, grace_s=1.0, per_call_s=0.3) as m:
+    with Multi(tmp_path, n=2, grace_s=1.0) as m:
         pids = m.frontend_pids() | {m.proc.pid}
         hostile = [_half_body(m.port) for _ in range(4)]  # on whichever front ends: none may hold the exit up
         assert_serves(m.world, m.url)
         out: dict = {}
-        t = threading.Thread(target=lambda: out.update(r=httpx.post(m.url, json={"queries": ["in flight"]}, timeout=10)))
+        t = threading.Thread(target=lambda: out.update(r=httpx.post(m.url, json={"queries": ["slow in flight"]}, timeout=10)))
         t.start()
         time.sleep(0.1)  # the worker is computing it (0.3 s)
         t0 = time.monotonic()
         m.proc.send_signal(signal.SIGTERM)  # the main process alone, as a parent-death signal would
         t.join()
-        assert out["r"].status_code == 200 and out["r"].json()["result"] == [m.world.expected("in flight", 3)]
+        assert out["r"].status_code == 200 and out["r"].json()["result"] == [m.world.expected("slow in flight", 3)]
         assert _all_gone(pids, 1.0 + 3.0), m.log.read_text()
         assert m.proc.wait() == 0 and time.monotonic() - t0 < 1.0 + 3.0
         log = m.log.read_text()
@@ -226,14 +226,14 @@ def test_sigterm_of_the_main_process_answers_in_flight_requests_and_stops_every_
 
 
 def test_leaving_the_managed_block_stops_the_group_without_waiting_for_sigkill(tmp_path: Path) -> None:
-    m = Multi(tmp_path, n=2, grace_s=1.0)
+    m = Multi(tmp_path, n=2, grace_s=0.5)
     with m:
         pids = m.frontend_pids() | {m.proc.pid}
         _half_body(m.port)
         t0 = time.monotonic()
     # managed_process's stop: SIGTERM to the whole group (front ends ignore it, the main process
     # stops them), SIGKILL only after stop_grace_s=10 s, which must not be needed.
-    assert time.monotonic() - t0 < 1.0 + 3.0
+    assert time.monotonic() - t0 < 0.5 + 3.0
     assert not any(alive(p) for p in pids)
 
 
@@ -254,25 +254,25 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
         s.close()
 
 
-def test_a_huge_request_on_one_front_end_does_not_hold_back_a_small_one(tmp_path: Path) -> None:
-    # Encoder cost 20 ms per call + 2 ms per query; batches of 16: the 256-query request takes 16 batches.
-    with Multi(tmp_path, n=2, batch=16, per_call_s=0.02, per_text_s=0.002) as m:
-        def small(q: str) -> float:
-            t = time.perf_counter()
-            assert httpx.post(m.url, json={"queries": [q], "topk": 2}, timeout=30).status_code == 200
-            return time.perf_counter() - t
+def test_a_huge_request_on_one_front_end_does_not_hold_back_a_small_one(multi: Multi) -> None:
+    # "timed" queries cost the encoder 20 ms per call + 2 ms per query; batches of 16: the 256-query request
+    # takes 16 batches.
+    def small(q: str) -> float:
+        t = time.perf_counter()
+        assert httpx.post(multi.url, json={"queries": [q], "topk": 2}, timeout=30).status_code == 200
+        return time.perf_counter() - t
 
-        alone = sorted(small(f"alone {i}") for i in range(5))[2]
-        huge = [f"huge query {i}" for i in range(256)]
-        out: dict = {}
-        t = threading.Thread(target=lambda: out.update(r=httpx.post(m.url, json={"queries": huge, "topk": 2}, timeout=60)))
-        t.start()
-        time.sleep(0.1)
-        # Fresh connections: some land on the other front end; all wait for at most the batch in flight.
-        waits = [small(f"small {i}") / alone for i in range(4)]
-        t.join()
-        assert out["r"].status_code == 200 and out["r"].json()["result"] == [m.world.expected(q, 2) for q in huge]
-        assert max(waits) < 5.0, waits  # the whole huge request takes ~16 batches (~25x a small one alone)
+    alone = sorted(small(f"timed alone {i}") for i in range(5))[2]
+    huge = [f"timed huge query {i}" for i in range(256)]
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(r=httpx.post(multi.url, json={"queries": huge, "topk": 2}, timeout=60)))
+    t.start()
+    time.sleep(0.1)
+    # Fresh connections: some land on other front ends; all wait for at most the batch in flight.
+    waits = [small(f"timed small {i}") / alone for i in range(4)]
+    t.join()
+    assert out["r"].status_code == 200 and out["r"].json()["result"] == [multi.world.expected(q, 2) for q in huge]
+    assert max(waits) < 5.0, waits  # the whole huge request takes ~16 batches (~25x a small one alone)
 
 
 def test_bind_group_refuses_a_busy_port() -> None:

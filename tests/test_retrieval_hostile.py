@@ -8,7 +8,6 @@ so a server subprocess starts in well under a second.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,79 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from helpers import alive
+from retriever_world import HashEncoder, NumpyBackend, World
 
 from searchr1.retrieval.corpus import CorpusStore
-from searchr1.retrieval.server import HttpLimits, RetrieverServer, bind_socket, create_app
+from searchr1.retrieval.server import HttpLimits, RetrieverServer, bind_socket
 
 TESTS_DIR = Path(__file__).parent
-N_PASSAGES = 40
-DIM = 16
-
-
-class HashEncoder:
-    """A deterministic unit vector per text. Test hooks: a text starting with ``slow`` makes the call
-    take 0.3 s; ``per_call_s`` / ``per_text_s`` model an encoder's cost (fixed + per query)."""
-
-    name = "hash-encoder"
-    dim = DIM
-
-    def __init__(self, per_call_s: float = 0.0, per_text_s: float = 0.0) -> None:
-        self.per_call_s, self.per_text_s = per_call_s, per_text_s
-        self.calls: list[list[str]] = []
-
-    @staticmethod
-    def vec(text: str) -> np.ndarray:
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-        v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
-        return v / np.linalg.norm(v)
-
-    def encode_queries(self, texts: list[str]) -> np.ndarray:
-        self.calls.append(list(texts))
-        cost = self.per_call_s + self.per_text_s * len(texts) + (0.3 if any(t.startswith("slow") for t in texts) else 0)
-        if cost:
-            time.sleep(cost)
-        return np.stack([self.vec(t) for t in texts])
-
-    encode_passages = encode_queries
-
-
-class NumpyBackend:
-    """Exact inner-product search in numpy (no faiss/torch import: subprocesses start fast)."""
-
-    name = "numpy"
-    dim = DIM
-
-    def __init__(self, vectors: np.ndarray) -> None:
-        self.vectors = vectors
-        self.ntotal = len(vectors)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = queries @ self.vectors.T
-        ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, ids, 1), ids
-
-
-class World:
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.corpus_path = root / "corpus.jsonl"
-        rows = [
-            {"id": f"doc{i}", "contents": f'"Title {i}"\nPassage {i} about topic {i % 7}.'} for i in range(N_PASSAGES)
-        ]
-        if not self.corpus_path.exists():
-            self.corpus_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.rows = rows
-        self.vectors = np.stack([HashEncoder.vec(r["contents"]) for r in rows])
-
-    def app(self, encoder: HashEncoder | None = None, **kwargs):
-        return create_app(CorpusStore(self.corpus_path), encoder or HashEncoder(), NumpyBackend(self.vectors), **kwargs)
-
-    def expected(self, query: str, k: int) -> list[dict]:
-        ids = np.argsort(-(self.vectors @ HashEncoder.vec(query)), kind="stable")[:k]
-        return [self.rows[i] for i in ids]
 
 
 class LogRecords(logging.Handler):
@@ -282,7 +216,7 @@ SERVE_SCRIPT = """
 import logging, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from test_retrieval_hostile import World
+from retriever_world import World
 from searchr1.retrieval.server import HttpLimits, RetrieverServer, bind_socket
 
 logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -352,12 +286,12 @@ def half_body_client() -> Iterator:
 
 
 def test_sigterm_stops_within_grace_despite_a_half_sent_body(tmp_path: Path, half_body_client) -> None:
-    srv = ServerProcess(tmp_path, grace_s=1.0)
+    srv = ServerProcess(tmp_path, grace_s=0.5)
     try:
         half_body_client(srv.port)
         assert_serves(srv.world, srv.url)  # others are served while the hostile client holds its connection
         srv.proc.send_signal(signal.SIGTERM)
-        took = exit_time(srv.proc, 1.0 + 3.0)
+        took = exit_time(srv.proc, 0.5 + 3.0)
         assert took is not None, srv.log.read_text()
         log = srv.log.read_text()
         assert "Traceback" not in log and "Exception in ASGI" not in log, log
@@ -381,7 +315,7 @@ def test_second_signal_stops_at_once(tmp_path: Path, half_body_client, sig: int)
 
 
 def test_watchdog_ends_a_shutdown_stuck_in_the_event_loop(tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path, grace_s=1.0)
+    srv = ServerProcess(tmp_path, grace_s=0.3)  # the watchdog fires 1.5 s after the grace period
     try:
         assert_serves(srv.world, srv.url)
 
@@ -394,7 +328,7 @@ def test_watchdog_ends_a_shutdown_stuck_in_the_event_loop(tmp_path: Path) -> Non
         threading.Thread(target=block, daemon=True).start()
         time.sleep(0.3)  # the event loop is now blocked for 60 s
         srv.proc.send_signal(signal.SIGTERM)
-        took = exit_time(srv.proc, 1.0 + 3.0)
+        took = exit_time(srv.proc, 0.3 + 3.0)
         assert took is not None, srv.log.read_text()
         assert "exiting hard" in srv.log.read_text()
     finally:
@@ -413,7 +347,7 @@ def serve_command(*, port, extra_args, **_):  # the light test server instead of
     return [sys.executable, "-c", sys.argv[3], tests, world, str(port), grace]
 managed.serve_command = serve_command
 with managed.managed_server(corpus="-", index="-", encoder="-", log_path=sys.argv[4], startup_timeout_s=60,
-                            shutdown_grace_s=1.0) as url:
+                            shutdown_grace_s=0.5) as url:
     print(url, flush=True)
     time.sleep(120)
 """
@@ -436,7 +370,7 @@ def test_managed_server_dies_with_its_sigkilled_job_despite_a_half_sent_body(tmp
         assert_serves(world, url)
         parent.kill()  # SIGKILL: no cleanup code of the job runs
         parent.wait()
-        took = exit_time(pid, 1.0 + 3.0)
+        took = exit_time(pid, 0.5 + 3.0)
         assert took is not None, f"the retriever outlived its SIGKILLed job:\n{log.read_text()}"
     finally:
         parent.kill()
@@ -454,14 +388,15 @@ def _small_latency(url: str, query: str) -> float:
     return time.perf_counter() - t
 
 
-def _small_vs_huge(world: World, max_batch_size: int) -> float:
-    """Latency of a one-query request sent 0.1 s after a 256-query one, over its latency alone (a ratio)."""
+def _small_vs_huge(world: World, max_batch_size: int, tries: int = 1, enough=lambda ratio: True) -> float:
+    """Latency of a one-query request sent 0.1 s after a 256-query one, over its latency alone (a ratio): the
+    least of up to ``tries`` tries, stopping at the first for which ``enough(ratio)`` holds."""
     # Encoder cost: 20 ms per call + 2 ms per query, like a real encoder's fixed and per-query cost.
     app = world.app(HashEncoder(per_call_s=0.02, per_text_s=0.002), max_batch_size=max_batch_size, max_wait_ms=1.0)
     with ThreadServer(app) as srv:
         alone = sorted(_small_latency(srv.url, f"alone {i}") for i in range(5))[2]
-        with_huge = []
-        for rep in range(2):
+        with_huge: list[float] = []
+        for rep in range(tries):
             huge = [f"huge {rep} query {i}" for i in range(256)]
             out: dict = {}
             t = threading.Thread(
@@ -473,14 +408,21 @@ def _small_vs_huge(world: World, max_batch_size: int) -> float:
             t.join()
             assert out["r"].status_code == 200  # the huge request is right too, slices reassembled in order
             assert out["r"].json()["result"] == [world.expected(q, 2) for q in huge]
+            if enough(min(with_huge) / alone):
+                break
         assert srv.logs.tracebacks() == []
         assert_serves(world, srv.url)
     return min(with_huge) / alone
 
 
 def test_huge_request_does_not_hold_back_a_small_one(world: World) -> None:
-    fair = _small_vs_huge(world, max_batch_size=16)  # the huge request is served in 16 slices
-    one_batch = _small_vs_huge(world, max_batch_size=256)  # control: the huge request is a single batch
+    # Control: the huge request is a single batch. One try: noise lengthens the small request's wait, which
+    # raises this ratio; the least of several tries could only make the control harder to pass.
+    one_batch = _small_vs_huge(world, max_batch_size=256)
+    # Fair: the huge request is served in 16 slices. A second try only when noise on a loaded machine spoilt
+    # the first, the least of the two counting: the verdict of always taking the least of two tries, without
+    # the second try's 0.8 s when the first passes.
+    fair = _small_vs_huge(world, max_batch_size=16, tries=2, enough=lambda ratio: ratio < 5.0 and one_batch > 2 * ratio)
     # Fair: the small request waits for at most the batch in flight (~52 ms) plus its own; as one
     # batch, it waits for the rest of the whole huge request (~530 ms in all).
     assert fair < 5.0, (fair, one_batch)
@@ -534,9 +476,14 @@ def _stalled_headers(s: socket.socket) -> tuple[int, bytes]:
 
 
 def _slowloris_headers(s: socket.socket) -> tuple[int, bytes]:
-    # A header byte every 50 ms: the deadline runs from the first byte, bytes do not extend it.
+    # A header byte every 50 ms until the answer comes: the deadline runs from the first byte, bytes do not
+    # extend it. (Sending on after the answer only kept the server's lingering close busy for its second.)
+    import select
+
     try:
         for b in b"POST /retrieve HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"z" * 100:
+            if select.select([s], [], [], 0)[0]:  # the server answered
+                break
             s.sendall(bytes([b]))
             time.sleep(0.05)
     except (BrokenPipeError, ConnectionResetError):

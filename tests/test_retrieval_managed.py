@@ -1,6 +1,8 @@
 """managed_server with the real CLI: it starts, serves, refuses bad pairs, and is gone after an exception.
 
-Every exit path of it (and of the other managed_process users) is tested in test_process.py."""
+Every exit path of it (and of the other managed_process users) is tested in test_process.py. The two tests that
+serve with the real encoder are in the slow tier: the CLI's fresh interpreter imports torch and transformers and
+loads the model, ~4.5 s before its first answer."""
 
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return corpus, index
 
 
+# Slow tier: the real CLI in a fresh interpreter imports torch and transformers and loads the encoder before it
+# answers, ~4.5 s whatever the test does. The fast tier keeps the CLI up to its pair check (below), the real
+# encoder behind the real app (test_retriever_check.py) and every exit path of managed_server (test_process.py).
+@pytest.mark.slow
 def test_managed_server_serves_and_is_stopped_on_exception(pair: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, index = pair
     log = tmp_path / "retriever.log"
@@ -72,6 +78,10 @@ def test_given_url_is_only_health_checked() -> None:
             pytest.fail("must not yield a dead server")
 
 
+# Slow tier, like the test above: two front ends more, and about a second of the main process's interpreter
+# teardown (torch and transformers loaded) at the stop: ~6 s. The multi-process server itself is tested on every
+# exit path in the fast tier (test_retrieval_frontends.py).
+@pytest.mark.slow
 def test_cli_multiprocess_server_serves_and_its_whole_group_stops(pair: tuple[Path, Path], tmp_path: Path) -> None:
     import subprocess
 

@@ -19,13 +19,15 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from searchr1.fsutil import atomic_path, open_atomic, write_json_atomic
 from searchr1.retrieval.corpus import CorpusStore, corpus_fingerprint, count_rows
-from searchr1.retrieval.encoder import TextEncoder
+
+if TYPE_CHECKING:  # an annotation only: checking an index/corpus pair or searching must not import torch
+    from searchr1.retrieval.encoder import TextEncoder
 
 META_FORMAT = "searchr1-index-meta/1"
 # faiss fourccs of the flat indexes whose float vectors lie contiguously in the file.
