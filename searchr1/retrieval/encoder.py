@@ -79,8 +79,9 @@ class Encoder:
         except OSError as e:
             raise FileNotFoundError(f"cannot load encoder from {model_path}: {e}") from e
         model.eval()
-        if self.fp16:
-            model = model.half()
+        # fp16 when asked; otherwise fp32 whatever dtype the checkpoint was saved in (transformers keeps a
+        # half-precision checkpoint in half, which on a CPU is slow and not the exact encoding promised).
+        model = model.half() if self.fp16 else model.float()
         self.model = model.to(self.device)
         self.dim = int(self.model.config.hidden_size)
         use_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
