@@ -80,7 +80,7 @@ def test_three_models_and_a_learning_curve(toy_run):
         init = load_json(results / f"eval/init/{split}.json")
         assert init["n"] == load_json(results / f"eval/base/{split}.json")["n"]
     points = load_metrics(results / "train/eval_curve.jsonl")
-    assert sorted((p["step"], p["split"]) for p in points) == sorted((s, sp) for s in (19, 39, 59) for sp in SPLITS)
+    assert sorted((p["step"], p["split"]) for p in points) == sorted((s, sp) for s in (9, 19, 29) for sp in SPLITS)
     assert all(p["n"] == 30 and p["ci95_low"] <= p["em"] <= p["ci95_high"] for p in points)
     assert (results / "plots/em_curve.png").stat().st_size > 5_000
     assert "(plots/em_curve.png)" in headline and "- learning curve (greedy EM on the first 30 questions" in headline

@@ -13,7 +13,8 @@ from searchr1.prompt import make_messages
 from searchr1.reward import em_score
 from searchr1.toy.model import write_model
 from searchr1.toy.tokenizer import write_tokenizer
-from searchr1.toy.warmstart import (TokenizedDemo, collate, make_demos, masked_lm_loss, shared_prefix_length,
+from searchr1.toy.warmstart import (PASSAGE, TARGET, TokenizedDemo, collate, make_demos, masked_lm_loss,
+                                   shared_prefix_length,
                                    shared_prefix_loss, tokenize_demo, warm_start)
 from searchr1.toy.world import WorldSizes, load_world, write_world
 
@@ -82,13 +83,18 @@ def test_demos_follow_the_protocol_and_mask(toy):
             continue
         assert decision_text == "<search>"
         obs_text, obs_mask = demo.segments[3]
-        assert obs_mask == 0 and obs_text.startswith("\n\n<information>Doc 1(Title: \"")
+        assert obs_mask == PASSAGE and obs_text.startswith("\n\n<information>Doc 1(Title: \"")
         ids_in_obs = {r["id"] for r in rows if r["contents"].split("\n", 1)[1] in obs_text}
         assert ids_in_obs <= warm_ids and len(ids_in_obs) == cfg.topk  # the test person was filtered out
         # The final answer is right under the faithful EM of prompt + response.
         assert em_score(demo.prompt_text + demo.response_text, [demo.question.answer]) == 1.0
         answer_turn = demo.segments[4][0]
         assert answer_turn.startswith("<think> ") and f"<answer> {demo.question.answer} </answer>" in answer_turn
+        # The restated evidence is copied from the observation, sentence by sentence (so reading is copying).
+        evidence = answer_turn.removeprefix("<think> ").split(" </think>")[0]
+        for sentence in evidence.split(". "):
+            assert sentence in obs_text, (demo.question.template, sentence)
+        assert demo.question.answer in evidence
 
 
 def test_observation_is_rendered_exactly_as_the_agent(toy):
@@ -186,3 +192,27 @@ def test_shared_prefix_stays_inside_every_prompt():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="decision_answer"):
         warm_start_config(decision_answer=0.9, decision_search=0.2).validate()
+
+
+def test_passage_loss_is_added_as_its_own_mean(toy):
+    """passage_weight w: mean CE over model-written tokens + w x mean CE over the passages' tokens, each by
+    hand from the full logits (with w = 0 the passages cost nothing, not even the head)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    root, world, rows, tok = toy
+    demos, _ = make_demos(world, tok, gold_first_retriever(world, rows, []), warm_start_config(n_demos=30, seed=4))
+    batch = [tokenize_demo(tok, d) for d in demos if d.kind == "search"][:4]
+    model = AutoModelForCausalLM.from_pretrained(str(root / "model"), dtype=torch.float32)
+    ids, attn, mask = collate(batch, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        kinds = mask[:, 1:].reshape(-1)
+        target_mean, passage_mean = ce[kinds == TARGET].mean(), ce[kinds == PASSAGE].mean()
+        assert (kinds == PASSAGE).sum() > 2 * (kinds == TARGET).sum()  # passages are most of a search demo
+        assert masked_lm_loss(model, ids, attn, mask, False).item() == pytest.approx(target_mean.item(), rel=1e-5)
+        with_passages = masked_lm_loss(model, ids, attn, mask, False, passage_weight=0.5).item()
+        assert with_passages == pytest.approx(target_mean.item() + 0.5 * passage_mean.item(), rel=1e-5)
+

@@ -53,7 +53,9 @@ def cmd_warmstart(args: argparse.Namespace) -> None:
         sys.exit("warmstart needs --retriever-url, or --index and --encoder (with --corpus) for an "
                  "in-process retriever")
     cfg = WarmStartConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          n_demos=args.demos, topk=args.topk, log_every=args.log_every)
+                          n_demos=args.demos, topk=args.topk, log_every=args.log_every,
+                          attn_implementation=args.attn_implementation,
+                          passage_loss_weight=args.passage_loss_weight)
     result = warm_start(args.model, load_world(args.world), retrieve, args.out_dir, cfg, stderr_progress)
     summary = {k: v for k, v in asdict(result).items() if k not in ("loss_log", "config")}
     stderr_progress("warmstart done: " + json.dumps(summary))
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=w.topk)
     p.add_argument("--log-every", type=int, default=w.log_every)
     p.add_argument("--seed", type=int, default=w.seed)
+    p.add_argument("--attn-implementation", choices=["sdpa", "eager"], default=w.attn_implementation)
+    p.add_argument("--passage-loss-weight", type=float, default=w.passage_loss_weight)
     p.set_defaults(func=cmd_warmstart)
     return parser
 
