@@ -113,7 +113,6 @@ TRAIN_SETTINGS = settings(
         if key not in ("slime", "torch", "resources")
     ),
     f"train.{TRAIN_BACKEND}",
-    *(["policy.attn_implementation"] if TRAIN_BACKEND == "torch" else []),
     "agent.max_turns",
     "agent.on_retrieval_error",
     *(["agent.sglang_input"] if TRAIN_BACKEND == "slime" else []),

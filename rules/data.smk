@@ -110,13 +110,7 @@ else:
         resources:
             **job_resources("toy_warm_start"),
         params:
-            **settings(
-                "seed",
-                "toy.warm_start",
-                "retriever.topk",
-                "policy.attn_implementation",
-                *RETRIEVER_SETTINGS,
-            ),
+            **settings("seed", "toy.warm_start", "retriever.topk", *RETRIEVER_SETTINGS),
         script:
             "../scripts/toy_warm_start.py"
 

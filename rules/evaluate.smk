@@ -47,7 +47,7 @@ rule evaluate:
                     "train.slime.image",
                 ]
                 if EVAL_SGLANG
-                else ["policy.attn_implementation"]  # the HF engine's attention kernel
+                else []
             ),
         ),
     script:

@@ -109,17 +109,6 @@ def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
     return ids
 
 
-def load_causal_lm(path: str | Path, *, attn_implementation: str, dtype: torch.dtype = torch.float32) -> Any:
-    """A transformers causal LM from ``path`` with the attention kernel ``policy.attn_implementation`` names.
-
-    The kernel is not stored in a saved checkpoint's config.json (transformers drops it), so every place
-    that loads a policy passes it here.
-    """
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
-
-
 class HFEngine:
     """Batched sampling from a transformers causal LM with a KV cache.
 
@@ -165,18 +154,12 @@ class HFEngine:
 
     @classmethod
     def from_pretrained(
-        cls,
-        path: str | Path,
-        device: str | torch.device = "cpu",
-        *,
-        attn_implementation: str,
-        dtype: torch.dtype = torch.float32,
-        **kw: Any,
+        cls, path: str | Path, device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32, **kw: Any
     ) -> HFEngine:
-        from transformers import AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = load_causal_lm(path, attn_implementation=attn_implementation, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         return cls(model, tokenizer, device=device, **kw)
 
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:

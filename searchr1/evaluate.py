@@ -401,7 +401,6 @@ def evaluate_split(
     retriever_concurrency: int,
     seed: int,
     device: str = "cpu",
-    attn_implementation: str | None = None,  # the HF engine's (policy.attn_implementation); required for "hf"
     sglang_url: str | None = None,
     sglang_input_mode: str = "text",
     sglang_skip_special_tokens: bool = False,  # slime's default; the workflow passes agent.skip_special_tokens
@@ -425,8 +424,6 @@ def evaluate_split(
 
     if engine not in ("hf", "sglang"):
         raise ValueError(f"engine must be 'hf' or 'sglang', got {engine!r}")
-    if engine == "hf" and attn_implementation is None:
-        raise ValueError("engine 'hf' needs attn_implementation (policy.attn_implementation)")
     if agent_cfg.temperature != 0.0:
         logger.warning("evaluating at temperature %s (not greedy)", agent_cfg.temperature)
     rows = load_split(split_parquet, max_questions)
@@ -440,8 +437,6 @@ def evaluate_split(
     }
     if engine == "sglang":
         fingerprint["skip_special_tokens"] = sglang_skip_special_tokens
-    else:
-        fingerprint["attn_implementation"] = attn_implementation
     info = {
         **dict(info or {}),
         "model_label": model_label,
@@ -483,8 +478,7 @@ def evaluate_split(
 
     if engine == "hf":
         return asyncio.run(
-            run(HFEngine.from_pretrained(model_dir, device=device, attn_implementation=attn_implementation,
-                                         max_batch_size=batch_size, seed=seed))
+            run(HFEngine.from_pretrained(model_dir, device=device, max_batch_size=batch_size, seed=seed))
         )
     if sglang_url is not None:
         engine_ = SGLangEngine(sglang_url, input_mode=sglang_input_mode, skip_special_tokens=sglang_skip_special_tokens)

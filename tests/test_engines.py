@@ -212,7 +212,7 @@ def test_bad_requests_are_rejected(tokenizer, request_kwargs, message):
 def test_hf_engine_satisfies_protocol_and_loads_from_disk(tmp_path, model, tokenizer):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    engine = HFEngine.from_pretrained(tmp_path, seed=0, attn_implementation="eager")
+    engine = HFEngine.from_pretrained(tmp_path, seed=0)
     assert isinstance(engine, Engine)
     engine.eos_token_ids = set()
     prompt = tokenizer.encode(PROMPTS[0])

@@ -340,7 +340,7 @@ class Killed(RuntimeError):
 def evaluate_one_split(**settings) -> dict:
     """evaluate_split on the nq_test split, with the retriever client's limits and the seed fixed here."""
     return evaluate_split(**{"split_label": "nq_test", "max_questions": None, "retriever_timeout_s": 60.0,
-                             "retriever_max_retries": 3, "retriever_concurrency": 256, "seed": 0, "progress": False, "attn_implementation": "sdpa",
+                             "retriever_max_retries": 3, "retriever_concurrency": 256, "seed": 0, "progress": False,
                              **settings})  # fmt: skip
 
 

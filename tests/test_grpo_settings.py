@@ -52,7 +52,6 @@ RECIPE = {
     "retriever.timeout_s": ("retrieval_timeout_s", 12.0),
     "retriever.max_retries": ("retrieval_max_retries", 1),
     "eval.interval": ("eval_interval", 4),
-    "policy.attn_implementation": ("attn_implementation", "sdpa"),
 }
 OBJECTIVE_FIELDS = {"eps_clip", "eps_clip_high", "use_kl_loss", "kl_loss_type", "kl_loss_coef", "entropy_coef", "use_tis"}
 

@@ -31,7 +31,7 @@ EVERYTHING_BUT_ENCODER = {
 CASES = {
     # train
     "train.lr": ({"train": {"lr": 5.0e-4}}, RL_DOWNSTREAM),
-    "train.num_rollout": ({"train": {"num_rollout": 30}}, RL_DOWNSTREAM),
+    "train.num_rollout": ({"train": {"num_rollout": 20}}, RL_DOWNSTREAM),
     "train.save_interval (operational)": ({"train": {"save_interval": 5}}, {}),
     "train.keep_checkpoints (operational)": ({"train": {"keep_checkpoints": 1}}, {}),
     "train.save_hf_interval (operational)": ({"train": {"save_hf_interval": 20}}, {}),
@@ -63,6 +63,10 @@ CASES = {
         {"retriever": {"encoder": {"max_length": 64}}},
         {**FROM_WARM_START, "evaluate": 6, "build_index": 1, "retriever_check": 1},
     ),
+    "retriever.encoder.cpu_bf16": (
+        {"retriever": {"encoder": {"cpu_bf16": False}}},
+        {**FROM_WARM_START, "evaluate": 6, "build_index": 1, "retriever_check": 1},
+    ),
     "retriever.port (operational)": ({"retriever": {"port": 9999}}, {}),
     "retriever.index.build_shard_size (operational)": ({"retriever": {"index": {"build_shard_size": 500}}}, {}),
     # data
@@ -73,6 +77,8 @@ CASES = {
     "toy.n_couples": ({"toy": {"n_couples": 2000}}, EVERYTHING_BUT_ENCODER),
     "seed": ({"seed": 7}, EVERYTHING_BUT_ENCODER),
     "toy.warm_start.steps": ({"toy": {"warm_start": {"steps": 10}}}, FROM_WARM_START),
+    "toy.warm_start.passage_loss_weight": ({"toy": {"warm_start": {"passage_loss_weight": 0.5}}}, FROM_WARM_START),
+    "toy.warm_start.attn_implementation": ({"toy": {"warm_start": {"attn_implementation": "sdpa"}}}, FROM_WARM_START),
     # report
     "published.rl.nq_test": ({"published": {"rl": {"nq_test": 0.5}}}, {"report": 1}),
     "resources.report.mem_mb (operational)": ({"resources": {"report": {"mem_mb": 3000}}}, {}),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,13 @@ def test_every_rule_has_a_step_and_the_scripts_name_it():
         script = (ROOT / "scripts" / f"{rule}.py").read_text()
         assert f'run_step(snakemake, "{step}")' in script, rule
         resolve(step)
+
+
+def test_single_malloc_arena_is_set_on_glibc():
+    """Jobs ask glibc for one malloc arena (generation thread and training thread reuse each other's frees)."""
+    import platform
+
+    from searchr1.steps import single_malloc_arena
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert single_malloc_arena() is glibc

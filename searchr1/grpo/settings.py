@@ -52,7 +52,6 @@ class GRPOSettings(FromConfig):
     device: str
     micro_batch_size: int
     bf16_autocast: bool
-    attn_implementation: str  # policy.attn_implementation
     checkpoint_interval: int  # train.save_interval (both backends)
     keep_checkpoints: int  # train.keep_checkpoints
     save_hf_interval: int | None  # train.save_hf_interval: HF exports kept under <work>/hf/iter_<done>
@@ -83,7 +82,6 @@ class GRPOSettings(FromConfig):
         "retrieval_timeout_s": "retriever.timeout_s",
         "retrieval_max_retries": "retriever.max_retries",
         "eval_interval": "eval.interval",
-        "attn_implementation": "policy.attn_implementation",
     }
 
     @property

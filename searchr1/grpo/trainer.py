@@ -60,11 +60,11 @@ def lr_at(settings: GRPOSettings, optimizer_step: int, total_optimizer_steps: in
     return settings.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def _load_model(path: str | Path, device: torch.device, attn_implementation: str):
-    from searchr1.engines import load_causal_lm
+def _load_model(path: str | Path, device: torch.device):
+    from transformers import AutoModelForCausalLM
 
     # fp32 weights (the optimizer's master copy); bf16 only inside autocast.
-    return load_causal_lm(path, attn_implementation=attn_implementation, dtype=torch.float32).to(device)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
 
 
 def build_optimizer(model: torch.nn.Module, settings: GRPOSettings) -> torch.optim.Optimizer:
@@ -264,10 +264,10 @@ def train_grpo(
 
     ckpt = load_latest_checkpoint(work_dir)
     start_step = ckpt.completed_steps if ckpt else 0
-    policy = _load_model(ckpt.model_dir if ckpt else policy_dir, device, s.attn_implementation)
+    policy = _load_model(ckpt.model_dir if ckpt else policy_dir, device)
     reference = None
     if s.use_kl_loss:
-        reference = _load_model(policy_dir, device, s.attn_implementation).eval()
+        reference = _load_model(policy_dir, device).eval()
         reference.requires_grad_(False)
     optimizer = build_optimizer(policy, s)
     if ckpt:

@@ -50,6 +50,7 @@ def run_step(smk: Any, name: str) -> None:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr, force=True
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per retrieval request would drown the log
+    single_malloc_arena()
     step = resolve(name)
     settings = StepSettings.from_params(dict(smk.params.items()), step=smk.rule)
     start = time.time()
@@ -63,6 +64,27 @@ def run_step(smk: Any, name: str) -> None:
         log_path=log_path,
     )
     log.info("step %s: done in %.1f s", name, time.time() - start)
+
+
+def single_malloc_arena() -> bool:
+    """Have glibc's malloc serve every thread from one arena (``mallopt(M_ARENA_MAX, 1)``); False elsewhere.
+
+    A job's generation runs in a worker thread (``HFEngine.generate``: ``asyncio.to_thread``) and its
+    training passes in the main thread; with an arena per thread, memory one frees is not reused by the
+    other. Measured on the toy's GRPO rollouts + passes: peak RSS 2.3 -> 2.0 GB, no slower. Must run before
+    worker threads exist (first thing in a job).
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_arena_max = -8  # <malloc.h>
+        return bool(libc.mallopt(m_arena_max, 1))
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
 
 
 def set_threads(threads: int) -> None:

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from searchr1.agent import observation_text
 from searchr1.config import FromConfig
-from searchr1.engines import load_causal_lm
 from searchr1.grpo.logprobs import common_prefix_length, shared_prefix_hidden
 from searchr1.prompt import make_messages
 from searchr1.toy.world import (SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, Question, World, article,
@@ -73,7 +72,7 @@ class WarmStartConfig(FromConfig):
         "passage_loss_weight": "toy.warm_start.passage_loss_weight",
         "topk": "retriever.topk",
         "seed": "seed",
-        "attn_implementation": "policy.attn_implementation",
+        "attn_implementation": "toy.warm_start.attn_implementation",
     }
 
 
@@ -358,7 +357,8 @@ def warm_start(model_dir: str | Path, world: World, retrieve: Retrieve, out_dir:
     cfg.validate()
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = load_causal_lm(model_dir, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                 attn_implementation=cfg.attn_implementation)
     demos, dropped = make_demos(world, tokenizer, retrieve, cfg)
     if not demos:
         raise RuntimeError("no warm-start demos left (the retriever missed every gold passage)")
