@@ -2,7 +2,8 @@
 
 The demonstrations are written in the exact agent protocol: the chat-templated prompt, then what the
 agent's response would hold (observations rendered by searchr1.agent itself). Most demos (85% by default) search with a query that names the people of the
-question, read the observation (rendered as searchr1.agent renders it; no loss), restate the evidence in
+question, read the observation (rendered as searchr1.agent renders it; its passages carry only the
+optional language-model loss of ``passage_loss_weight``), restate the evidence in
 the passage's own order and answer; restating turns reading into copying after a prefix the model can
 rebuild. In those demos the single search-or-answer decision token after turn 1's `</think>` carries no
 loss, so whether to search is taught only by the remaining demos: mostly a low-entropy guess answered at
