@@ -253,7 +253,7 @@ def collate(batch: list[TokenizedDemo], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, attn, loss
 
 
-def masked_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor | None, loss_mask: torch.Tensor, bf16: bool,
+def masked_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor, bf16: bool,
                    passage_weight: float = 0.0) -> torch.Tensor:
     """Mean next-token cross entropy over the TARGET tokens, plus ``passage_weight`` x that over PASSAGE tokens."""
     # Autocast around the forward pass only: weights, optimizer state and the loss stay fp32.
