@@ -72,8 +72,7 @@ def single_malloc_arena() -> bool:
     A job's generation runs in a worker thread (``HFEngine.generate``: ``asyncio.to_thread``) and its
     training passes in the main thread; with an arena per thread, memory one frees is not reused by the
     other. Measured on four toy GRPO steps in one process: peak RSS 1.72 -> 1.57 GB (2.32 -> 1.97 GB with
-    eager attention), no slower. Must run before
-    worker threads exist (first thing in a job).
+    eager attention), no slower. Must run before worker threads exist (first thing in a job).
     """
     import ctypes
     import ctypes.util

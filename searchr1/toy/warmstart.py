@@ -204,22 +204,22 @@ def make_demos(world: World, tokenizer, retrieve: Retrieve, cfg: WarmStartConfig
                                                     add_generation_prompt=True)
         names = " and ".join(question.names)
         think = f"<think> about {names} </think> "
-        decision_loss = 0 if kind == "search" else 1
+        decision_loss = 0 if kind == "search" else TARGET
         if kind == "decide_answer":
             pool = guesses["spouse" if question.template == "spouse" else
                            "born" if question.template == "born" else "occupation"]
             guess = pool[int(guess_draw * len(pool))]
-            segments = [(think, 1), ("<answer>", 1), (f" {guess} </answer>", 1)]
+            segments = [(think, TARGET), ("<answer>", TARGET), (f" {guess} </answer>", TARGET)]
         elif kind == "decide_invalid":
-            segments = [(think, 1), (f"{question.question}?", 1), (tokenizer.eos_token, 1)]
+            segments = [(think, TARGET), (f"{question.question}?", TARGET), (tokenizer.eos_token, TARGET)]
         else:
             hits = hits_of[i]
             if not gold_passage_ids(world, question) <= {str(h["id"]) for h in hits}:
                 dropped += 1
                 continue
-            segments = [(think, 1), ("<search>", decision_loss), (f" {queries[i]} </search>", 1),
+            segments = [(think, TARGET), ("<search>", decision_loss), (f" {queries[i]} </search>", TARGET),
                         (observation_text(hits), PASSAGE),
-                        (f"<think> {evidence_for(world, question)} </think> <answer> {question.answer} </answer>", 1)]
+                        (f"<think> {evidence_for(world, question)} </think> <answer> {question.answer} </answer>", TARGET)]
         demos.append(Demo(prompt_text, segments, kind, question))
     return demos, dropped
 
