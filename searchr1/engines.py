@@ -230,22 +230,37 @@ class HFEngine:
 
         past = None
         step_ids, step_positions = input_ids, position_ids
+        live = list(range(n))  # the request row of each row of the cache; finished rows leave it
         for _ in range(budget):
-            if all(f is not None for f in finish):
+            if all(finish[row] is not None for row in live):
                 break
             logits, past = self._forward(step_ids, attention_mask, step_positions, past)
+            if len(live) < n:
+                # Sample over all n rows as if every row were still decoding (finished ones on a dummy
+                # distribution, their tokens ignored): the generator's stream, and so every live row's
+                # token, is the one the full batch would draw.
+                full = logits.new_zeros((n, logits.shape[1]))
+                full[live] = logits
+                logits = full
             tokens, logprobs = self._pick(logits, temperature, top_p, top_k)
             token_list, logprob_list = tokens.tolist(), logprobs.tolist()
-            for row, request in enumerate(requests):
-                if finish[row] is not None:
+            for row in live:
+                if finish[row] is not None:  # max_new_tokens 0: never decodes
                     continue
                 new_tokens[row].append(token_list[row])
                 new_logprobs[row].append(logprob_list[row])
-                finish[row] = self._finish_reason(request, new_tokens[row])
-            # Finished rows keep decoding (their tokens are ignored): simpler than shrinking the cache.
-            step_ids = tokens.unsqueeze(1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((n, 1))], dim=1)
+                finish[row] = self._finish_reason(requests[row], new_tokens[row])
+            step_ids = tokens[live].unsqueeze(1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=1)
             step_positions = step_positions[:, -1:] + 1
+            keep = [i for i, row in enumerate(live) if finish[row] is None]
+            if len(keep) < len(live) and keep:
+                # Finished rows leave the batch (and the KV cache): each row's numbers do not depend on
+                # the others, and late decode steps often carry a few long rows among many done ones.
+                index = torch.tensor(keep, device=self.device)
+                past.batch_select_indices(index)
+                step_ids, attention_mask, step_positions = step_ids[index], attention_mask[index], step_positions[index]
+            live = [live[i] for i in keep]
 
         return [
             GenerationOutput(

@@ -118,6 +118,39 @@ def test_batches_larger_than_max_batch_size_keep_order(model, tokenizer):
         assert out.token_ids == reference_greedy(model, prompt, 3)[0]
 
 
+def test_finished_rows_leave_the_batch_with_the_same_tokens(model, tokenizer):
+    """A row that finishes leaves the decode batch (and its KV cache); the rows still decoding get the
+    tokens and logprobs they get when every row decodes to the end (same sampling stream, bit for bit)."""
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+
+    def run(budgets):
+        engine = HFEngine(model, tokenizer, seed=5)
+        engine.eos_token_ids = set()
+        rows = []
+        forward = engine._forward
+        engine._forward = lambda ids, *a: (rows.append(ids.shape[0]), forward(ids, *a))[1]
+        outs = engine.generate_sync([GenerationRequest(p, b, temperature=1.0) for p, b in zip(prompts, budgets)])
+        return outs, rows
+
+    full, full_rows = run([6, 6, 6])
+    short, short_rows = run([1, 3, 6])
+    assert full_rows == [3] * 6
+    assert short_rows == [3, 2, 2, 1, 1, 1]  # the budget-1 row leaves after step 1, the budget-3 row after 3
+    for out, ref, budget in zip(short, full, [1, 3, 6]):
+        assert out.token_ids == ref.token_ids[:budget]
+        assert out.logprobs == ref.logprobs[:budget]  # exact: the row's numbers do not depend on the others
+
+
+class _StepCache:
+    """ScriptedLM's KV cache: only the decode step, plus the rows the engine kept (``batch_select_indices``)."""
+
+    def __init__(self, step: int, rows: int):
+        self.step, self.rows = step, rows
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.rows = len(indices)
+
+
 class ScriptedLM(torch.nn.Module):
     """Test double: emits a fixed token script whatever the input (to test stopping rules exactly)."""
 
@@ -130,10 +163,12 @@ class ScriptedLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
         self.seen_inputs.append(input_ids.clone())
-        step = past_key_values or 0
+        step = past_key_values.step if past_key_values is not None else 0
+        if past_key_values is not None:
+            assert past_key_values.rows == input_ids.shape[0], "cache rows and input rows disagree"
         logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab_size), -10.0)
         logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 10.0
-        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+        return SimpleNamespace(logits=logits, past_key_values=_StepCache(step + 1, input_ids.shape[0]))
 
 
 def _ids(tokenizer, text):

@@ -98,3 +98,31 @@ def test_cpu_default_stays_plain_and_bad_method_is_refused() -> None:
     assert be.method == "plain" and be.name == "torch-cpux1" and not be.overlaps_encode
     with pytest.raises(ValueError, match="method"):
         TorchBackend(x, device="cpu", method="fast")
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_every_stage_on_the_cpu(tmp_path) -> None:
+    """`gpu-bench --device-type cpu` at toy size: the code paths the H200 run takes (fp32 check, floors,
+    variants, encoder, HTTP end to end with front-end processes, worker alone) and the report's shape,
+    including a per-configuration batch wait (WORKERS:PIPELINE:WAIT)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "-m", "searchr1.retrieval", "--log-level", "warning", "gpu-bench", "--device-type", "cpu",
+           "--out", str(out), "--sizes", "5000", "--gpus", "1", "--reps", "2", "--batch", "8", "--check-queries", "8",
+           "--cpu-check-queries", "4", "--variants", "65536:128", "--e2e-sizes", "5000", "--duration", "1",
+           "--load-procs", "1", "--concurrency", "8", "--e2e-configs", "2:1", "2:1:7.5", "--encoder-layers", "1"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cell = json.loads(out.read_text())["results"]["1gpu"]["5000"]
+    assert cell["check"]["ok"] and cell["reference_vs_cpu_fp32"]["ok"]
+    assert set(cell["variants"]) == {"chunk65536_group128"}
+    runs = cell["e2e_runs"]
+    assert [(r["http_workers"], r["pipeline_batches_in_flight"]) for r in runs] == [(2, 1), (2, 1)]
+    from searchr1.retrieval.__main__ import recipe
+
+    assert [r["max_wait_ms"] for r in runs] == [recipe()["max_wait_ms"], 7.5]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs)
+    assert "| 1 | 5,000 | 2 | 1 | 7.5 |" in run.stdout

@@ -329,6 +329,32 @@ def test_duplicate_queries_in_a_batch_are_encoded_once(world: World) -> None:
             assert hits == docs
 
 
+def test_batch_under_load_waits_until_full_or_max_wait(world: World) -> None:
+    """Under load a batch waits for more queries, but only until it is full: a long max_wait_ms costs
+    nothing when the clients come back in time, and the whole wait when they do not."""
+    from searchr1.retrieval.server import BatchingWorker
+
+    async def drive(max_wait_ms: float, late: int) -> tuple[float, list[int]]:
+        worker = BatchingWorker(world.corpus, HashEncoder(), world.backend, max_batch_size=4, max_wait_ms=max_wait_ms)
+        worker.start()
+        await asyncio.gather(*(worker.submit([f"first {i}"], 3, False) for i in range(2)))  # a batch of 2: load
+        sizes = [worker.queries]
+        t = time.perf_counter()
+        first = asyncio.ensure_future(worker.submit(["one"], 3, False))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, *(worker.submit([f"late {i}"], 3, False) for i in range(late)))
+        wall = time.perf_counter() - t
+        sizes.append(worker.queries - sizes[0])
+        batches = worker.batches
+        await worker.stop()
+        return wall, [sizes[0], sizes[1], batches]
+
+    wall, (first, then, batches) = asyncio.run(drive(max_wait_ms=10_000, late=3))
+    assert (first, then, batches) == (2, 4, 2) and wall < 2.0  # full after 50 ms: no 10 s wait
+    wall, (first, then, batches) = asyncio.run(drive(max_wait_ms=300, late=1))
+    assert (first, then, batches) == (2, 2, 2) and wall >= 0.29  # never full: the whole wait, one batch
+
+
 def test_bench_tables_show_ratio_and_stages() -> None:
     from searchr1.retrieval.bench import markdown_table, stage_table
 

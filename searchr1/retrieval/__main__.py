@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_subcommands(sub)
     from searchr1.retrieval import gpubench
 
-    gpubench.add_subcommands(sub)
+    gpubench.add_subcommands(sub, recipe())
     return parser
 
 

@@ -262,7 +262,7 @@ with open(out, "w") as f:
 
 
 def e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: float, procs: int, http_workers: int = 1,
-        pipeline: int | None = None, switch_ms: float | None = None) -> dict:
+        pipeline: int | None = None, switch_ms: float | None = None, max_wait_ms: float = 1.0) -> dict:
     """QPS and latency of the HTTP server at ``concurrency`` requests in flight (``procs`` load processes).
 
     ``http_workers`` 1: the single-process server (``create_app`` + ``RetrieverServer``) in a thread of
@@ -274,12 +274,12 @@ def e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: fl
         sys.setswitchinterval(switch_ms / 1000)
     try:
         return _e2e(backend, encoder, corpus_path, concurrency=concurrency, duration_s=duration_s, procs=procs,
-                    http_workers=http_workers, pipeline=pipeline)  # fmt: skip
+                    http_workers=http_workers, pipeline=pipeline, max_wait_ms=max_wait_ms)  # fmt: skip
     finally:
         sys.setswitchinterval(old_switch)
 
 
-def _start_server(backend, encoder, corpus_path: Path, http_workers: int, pipeline: int | None):
+def _start_server(backend, encoder, corpus_path: Path, http_workers: int, pipeline: int | None, max_wait_ms: float):
     """(url, worker, stop) of a server over the in-memory backend, one process or N front ends + this one."""
     from searchr1.retrieval.corpus import CorpusStore
     from searchr1.retrieval.frontends import MultiProcessServer, bind_group
@@ -289,12 +289,12 @@ def _start_server(backend, encoder, corpus_path: Path, http_workers: int, pipeli
     sockets = bind_group("127.0.0.1", 0, http_workers)
     port = sockets[0].getsockname()[1]
     if http_workers == 1:
-        app = create_app(corpus, encoder, backend, max_batch_size=256, max_wait_ms=1.0, pipeline=pipeline)
+        app = create_app(corpus, encoder, backend, max_batch_size=256, max_wait_ms=max_wait_ms, pipeline=pipeline)
         worker = app.state.worker
         server = RetrieverServer(app, sockets[0], log_level="warning")
         started = lambda: server.started  # noqa: E731
     else:
-        worker = BatchingWorker(None, encoder, backend, max_batch_size=256, max_wait_ms=1.0, pipeline=pipeline)
+        worker = BatchingWorker(None, encoder, backend, max_batch_size=256, max_wait_ms=max_wait_ms, pipeline=pipeline)
         server = MultiProcessServer(worker, corpus_path=corpus_path, info=index_info(corpus, encoder, backend),
                                     limits=Limits(), http_limits=HttpLimits(), sockets=sockets, log_level="warning")  # fmt: skip
         started = server.started.is_set
@@ -322,8 +322,8 @@ def _healthy(url: str) -> bool:
 
 
 def _e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: float, procs: int, http_workers: int,
-         pipeline: int | None) -> dict:  # fmt: skip
-    url, worker, stop = _start_server(backend, encoder, corpus_path, http_workers, pipeline)
+         pipeline: int | None, max_wait_ms: float) -> dict:  # fmt: skip
+    url, worker, stop = _start_server(backend, encoder, corpus_path, http_workers, pipeline, max_wait_ms)
     start_at = time.time() + 6.0  # after the load processes have started and warmed up
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
@@ -355,6 +355,7 @@ def _e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: f
         "server": "one process" if http_workers == 1 else f"{http_workers} HTTP front-end processes + the worker process",
         "load_processes": procs,
         "pipeline_batches_in_flight": worker.pipeline,
+        "max_wait_ms": max_wait_ms,
         "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
         "duration_s": duration_s,
         "requests": reqs,
@@ -515,9 +516,10 @@ def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_fo
         # The first configuration is the server's default; the others, side by side, at the largest size.
         configs = a.e2e_configs if n == max(a.e2e_sizes) else a.e2e_configs[:1]
         out["e2e_runs"] = []
-        for workers, pipe in configs:
+        for workers, pipe, wait in configs:
             r = e2e(backend, encoder, corpus_path, concurrency=a.concurrency, duration_s=a.duration, procs=a.load_procs,
-                    http_workers=workers, pipeline=pipe, switch_ms=a.switch_ms)  # fmt: skip
+                    http_workers=workers, pipeline=pipe, switch_ms=a.switch_ms,
+                    max_wait_ms=a.max_wait_ms if wait is None else wait)  # fmt: skip
             out["e2e_runs"].append(r)
             out["e2e"] = out["e2e_runs"][0]
             save(out)
@@ -554,21 +556,22 @@ def markdown_table(report: dict) -> str:
 def e2e_table(report: dict) -> str:
     """The HTTP runs side by side: server configuration, QPS, latency, batch, worker load, server CPU."""
     lines = [
-        "| GPUs | passages | HTTP processes | batches in flight | QPS | p50 / p99 ms | mean batch | worker busy "
-        "| server CPU cores | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GPUs | passages | HTTP processes | batches in flight | max wait ms | QPS | p50 / p99 ms | mean batch "
+        "| worker busy | server CPU cores | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for _, sizes in sorted(report["results"].items()):
         for n, c in sorted(sizes.items(), key=lambda kv: int(kv[0])):
             for r in c.get("e2e_runs", []):
                 cpu = "-" if r.get("server_cpu_cores") is None else f"{r['server_cpu_cores']:.1f}"
                 lines.append(
-                    f"| {c['gpus']} | {int(n):,} | {r['http_workers']} | {r['pipeline_batches_in_flight']} | {r['qps']:,.0f} "
+                    f"| {c['gpus']} | {int(n):,} | {r['http_workers']} | {r['pipeline_batches_in_flight']} "
+                    f"| {r.get('max_wait_ms', 1.0):g} | {r['qps']:,.0f} "
                     f"| {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {r['mean_batch_queries']:.0f} "
                     f"| {100 * r['worker_busy_fraction']:.0f}% | {cpu} | {r['errors']} |"
                 )
             for w in c.get("worker_only", []) if isinstance(c.get("worker_only"), list) else []:
-                lines.append(f"| {c['gpus']} | {int(n):,} | worker alone (no HTTP) | {w['pipeline_batches_in_flight']} "
+                lines.append(f"| {c['gpus']} | {int(n):,} | worker alone (no HTTP) | {w['pipeline_batches_in_flight']} | 1 "
                              f"| {w['qps']:,.0f} | - | {w['mean_batch_queries']:.0f} | - | - | - |")  # fmt: skip
     return "\n".join(lines)
 
@@ -652,10 +655,12 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _e2e_config(text: str) -> tuple[int, int]:
-    """WORKERS:PIPELINE, e.g. 4:2 (four HTTP front ends, two batches in flight)."""
-    workers, _, pipeline = text.partition(":")
-    return int(workers), int(pipeline or 1)
+def _e2e_config(text: str) -> tuple[int, int, float | None]:
+    """WORKERS:PIPELINE[:MAX_WAIT_MS], e.g. 4:2 (four HTTP front ends, two batches in flight, --max-wait-ms)
+    or 4:1:6 (one batch in flight that waits up to 6 ms to fill up)."""
+    workers, _, rest = text.partition(":")
+    pipeline, _, wait = rest.partition(":")
+    return int(workers), int(pipeline or 1), (float(wait) if wait else None)
 
 
 def _variant(text: str) -> tuple[int, int]:
@@ -663,7 +668,8 @@ def _variant(text: str) -> tuple[int, int]:
     return int(chunk), int(group)
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
+def add_subcommands(sub: argparse._SubParsersAction, recipe: dict) -> None:
+    """``recipe``: config.yaml's retriever section (the server defaults the HTTP runs use)."""
     p = sub.add_parser("gpu-bench", help="GPU backend vs matmul/read floors, fp32 check and HTTP end to end (CUDA)")
     p.add_argument("--out", default="benchmarks/retriever_gpu.json", help="JSON report (cells are merged into it)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, WIKI18_ROWS])
@@ -681,8 +687,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--duration", type=float, default=10.0, help="seconds of HTTP load per measurement")
     p.add_argument("--load-procs", type=int, default=4, help="load-generator processes")
-    p.add_argument("--e2e-configs", type=_e2e_config, nargs="+", default=[(4, 2), (1, 1), (1, 2), (2, 2), (4, 1), (8, 2)],
-                   help="HTTP_WORKERS:PIPELINE server configurations measured side by side at the largest e2e size "
+    p.add_argument("--max-wait-ms", type=float, default=recipe["max_wait_ms"],
+                   help="the server's batch wait in the HTTP runs (default: config.yaml's retriever.max_wait_ms)")
+    p.add_argument("--e2e-configs", type=_e2e_config, nargs="+", default=[(4, 1, None), (1, 1, None), (4, 2, None), (6, 1, None)],
+                   help="HTTP_WORKERS:PIPELINE[:MAX_WAIT_MS] server configurations measured side by side at the largest e2e size "
                         "(the first also at the other sizes; make it the serve default)")  # fmt: skip
     p.add_argument("--switch-ms", type=float, default=5.0, help="GIL switch interval of the worker process during e2e runs")
     p.add_argument("--encoder-layers", type=int, default=12, help=argparse.SUPPRESS)  # smoke tests only
