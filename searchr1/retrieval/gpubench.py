@@ -194,7 +194,7 @@ def floors(backend, q: np.ndarray, reps: int) -> dict:
         mm_chunked = _median_ms(matmul_chunked, devices, reps)
         mm = min(mm_full, mm_chunked, key=lambda m: m["median_ms"])
         rd = _median_ms(read, devices, reps)
-    del outs
+    outs.clear()  # free the score buffers before the next measurement
     torch.cuda.empty_cache()
     n_rows = sum(s.shape[0] for s in shards)
     flops = 2.0 * len(q) * n_rows * backend.dim
@@ -580,7 +580,7 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
     import torch
 
     from searchr1.retrieval.bench import write_synthetic_corpus
-    from searchr1.retrieval.corpus import CorpusStore, build_offsets
+    from searchr1.retrieval.corpus import build_offsets
 
     if a.device_type == "cuda" and not torch.cuda.is_available():
         print("gpu-bench needs a CUDA GPU", file=sys.stderr)
