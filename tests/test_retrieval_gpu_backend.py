@@ -126,3 +126,6 @@ def test_gpu_bench_runs_every_stage_on_the_cpu(tmp_path) -> None:
     assert [r["max_wait_ms"] for r in runs] == [recipe()["max_wait_ms"], 7.5]
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs)
     assert "| 1 | 5,000 | 2 | 1 | 7.5 |" in run.stdout
+    report = json.loads(out.read_text())
+    assert report["targets"] == {"exact_topk_up_to_ties_all_cells": {"met": True}}  # the 21M targets need 21M cells
+    assert list(report["machines"]) == [cell["machine"]]

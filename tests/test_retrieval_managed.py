@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from searchr1.retrieval.managed import RetrieverStartError, check_health, free_port, managed_server
@@ -94,6 +95,18 @@ def test_cli_multiprocess_server_serves_and_its_whole_group_stops(pair: tuple[Pa
         assert r.status_code == 200 and [hits[0]["id"] for hits in r.json()["result"]] == ["1", "3"]
         info = check_health(url)
         assert info["http_workers"] == 2 and info["passages"] == 4 and info["frontend_pid"] != info["pid"]
+        # The front ends tokenized the queries (the worker only encoded them), with the same hits and scores
+        # as the encoder's own tokenization gives.
+        assert info["batching"]["pretokenized_queries"] >= 2
+        from searchr1.retrieval.encoder import Encoder
+        from searchr1.retrieval.index import load_backend
+
+        enc = Encoder(MINILM, query_prefix="", passage_prefix="", device="cpu")
+        queries = ["Which river flows through Africa?", "highest mountain", "capital of France"]
+        want_s, want_i = load_backend(index).search(enc.encode_queries(queries), 2)
+        got = httpx.post(url, json={"queries": queries, "topk": 2, "return_scores": True}).json()["result"]
+        assert [[int(h["document"]["id"]) for h in hits] for hits in got] == want_i.tolist()
+        np.testing.assert_allclose([[h["score"] for h in hits] for hits in got], want_s, atol=1e-6)
         ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(info["pid"])], capture_output=True, text=True)
         pids = {int(p) for p in ps.stdout.split()} | {info["pid"]}
         assert len(pids) == 3

@@ -355,6 +355,47 @@ def test_batch_under_load_waits_until_full_or_max_wait(world: World) -> None:
     assert (first, then, batches) == (2, 2, 2) and wall >= 0.29  # never full: the whole wait, one batch
 
 
+def test_a_batch_whose_queries_all_come_tokenized_skips_the_tokenizer(world: World) -> None:
+    """Token ids sent with the queries (a front end's) are encoded as they are when the whole batch has them;
+    a batch with any query without them is encoded from the texts."""
+    from searchr1.retrieval.server import BatchingWorker
+
+    class Tokenized(HashEncoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.from_ids: list[list[list[int]]] = []
+
+        def encode_query_ids(self, ids: list[list[int]]) -> np.ndarray:
+            self.from_ids.append(ids)
+            return self.encode_queries([f"query {seq[0]}" for seq in ids])
+
+    enc = Tokenized()
+    worker = BatchingWorker(world.corpus, enc, world.backend, max_batch_size=64, max_wait_ms=20)
+
+    async def drive(with_ids: list[bool]) -> list:
+        worker.start()
+        out = await asyncio.gather(*(worker.submit([f"query {i}"], 3, False) if not w else
+                                     _submit_ids(worker, [f"query {i}"], [[i]]) for i, w in enumerate(with_ids)))  # fmt: skip
+        await worker.stop()
+        return out
+
+    async def _submit_ids(w, queries, ids):
+        return await w.enqueue(queries, 3, False, ids).future
+
+    out = asyncio.run(drive([True, True, True]))
+    assert enc.from_ids == [[[0], [1], [2]]] and worker.pretokenized_queries == 3
+    for i, (hits,) in enumerate(out):
+        assert hits == world.expected(f"query {i}", 3)[0]
+    asyncio.run(drive([True, False]))
+    assert len(enc.from_ids) == 1 and worker.pretokenized_queries == 3  # mixed: from the texts
+    with pytest.raises(ValueError, match="2 token id lists for 1 queries"):
+        asyncio.run(_enqueue_bad(worker))
+
+
+async def _enqueue_bad(worker) -> None:
+    worker.enqueue(["q"], 3, False, [[1], [2]])
+
+
 def test_bench_tables_show_ratio_and_stages() -> None:
     from searchr1.retrieval.bench import markdown_table, stage_table
 

@@ -36,6 +36,11 @@ def _auto_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def query_token_ids(tokenizer, texts: list[str], *, query_prefix: str, max_length: int) -> list[list[int]]:
+    """Token ids of queries as ``Encoder.encode_queries`` tokenizes them (prefix, truncation), unpadded."""
+    return tokenizer([query_prefix + t for t in texts], max_length=max_length, truncation=True)["input_ids"]
+
+
 class Encoder:
     """Encode queries and passages to float32 ``(n, dim)`` arrays."""
 
@@ -93,32 +98,56 @@ class Encoder:
     def encode_passages(self, texts: list[str]) -> np.ndarray:
         return self._encode([self.passage_prefix + t for t in texts])
 
-    @torch.inference_mode()
+    def query_tokenizer_spec(self) -> dict:
+        """What another process needs to tokenize queries exactly as ``encode_queries`` does
+        (``query_token_ids``): the multi-process server's front ends tokenize, its worker only encodes."""
+        return {"path": self.name, "query_prefix": self.query_prefix, "max_length": self.max_length}
+
+    def query_token_ids(self, texts: list[str]) -> list[list[int]]:
+        return query_token_ids(self.tokenizer, texts, query_prefix=self.query_prefix, max_length=self.max_length)
+
+    def encode_query_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """``encode_queries`` of queries already tokenized by ``query_token_ids``: the same embeddings."""
+        vocab = int(self.model.config.vocab_size)
+        for seq in ids:
+            if not seq or min(seq) < 0 or max(seq) >= vocab:
+                raise ValueError(f"token ids must be a non-empty list within the vocabulary (0..{vocab - 1})")
+        return self._encode_ids(ids)
+
     def _encode(self, texts: list[str]) -> np.ndarray:
-        if not texts:
+        return self._encode_ids(self.tokenizer(texts, max_length=self.max_length, truncation=True)["input_ids"])
+
+    def _encode_ids(self, ids: list[list[int]]) -> np.ndarray:
+        if not ids:
             return np.zeros((0, self.dim), dtype=np.float32)
         # Encode in length order so each batch pads to similar lengths; restore the order at the end.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        pad = self.tokenizer.pad_token_id or 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for start in range(0, len(ids), self.batch_size):
             idx = order[start : start + self.batch_size]
-            batch = self.tokenizer(
-                [texts[i] for i in idx],
-                max_length=self.max_length,
-                padding=True,
-                truncation=True,
-                return_tensors="pt",
-            )
-            if self.graphs is not None:
-                emb = self.graphs.run(batch["input_ids"], batch["attention_mask"])
-                if emb is not None:
-                    out[idx] = emb.cpu().numpy()
-                    continue
-            batch = batch.to(self.device)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16):
-                hidden = self.model(**batch).last_hidden_state
-            out[idx] = self._pool(hidden, batch["attention_mask"]).cpu().numpy()
+            width = max(len(ids[i]) for i in idx)
+            input_ids = np.full((len(idx), width), pad, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for row, i in enumerate(idx):
+                cols = slice(width - len(ids[i]), width) if left else slice(0, len(ids[i]))
+                input_ids[row, cols] = ids[i]
+                mask[row, cols] = 1
+            out[idx] = self._embed(torch.from_numpy(input_ids), torch.from_numpy(mask))
         return out
+
+    @torch.inference_mode()
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        """Pooled embeddings of one padded batch, on the host."""
+        if self.graphs is not None:
+            emb = self.graphs.run(input_ids, attention_mask)
+            if emb is not None:
+                return emb.cpu().numpy()
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._pool(hidden, attention_mask).cpu().numpy()
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()  # pool in fp32: a long fp16/bf16 sum can lose precision

@@ -74,10 +74,10 @@ MAX_FRAME_BYTES = 256 << 20  # far above any message (1,024 queries x 4,096 char
 # A front end that dies more often than this is not restarted again: the server stops (exit 1).
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 # HTTP front ends when the index is on GPUs and --http-workers is auto (see resolve_http_workers).
-# Measured on one H200 at 21M x 768, 256 requests in flight (benchmarks/retriever_gpu.json): 1 process
-# 1,645 QPS, 2 front ends 3,807, 4 front ends 4,890, 6 front ends 4,946, 8 front ends 3,496 (two batches
-# in flight): 4 and 6 within 1%, so 4, the fewer processes.
-GPU_HTTP_WORKERS = 4
+# Measured on H200s at 21M x 768, 256 requests in flight (benchmarks/retriever_gpu.json). Since the front
+# ends also tokenize the queries (the worker's encode went from ~8.4 to ~3 ms a batch) they are the bound:
+# one GPU 4 front ends 4,541 QPS, 6 front ends 5,414; two GPUs 4,600 and 6,316.
+GPU_HTTP_WORKERS = 6
 
 
 # --- sockets ---------------------------------------------------------------------------------------
@@ -199,8 +199,10 @@ class _RemoteJob:
 class RemoteWorker:
     """BatchingWorker's interface in a front end: requests go to the worker process, passages are looked up here."""
 
-    def __init__(self, ipc: socket.socket, corpus: Any) -> None:
-        self.ipc, self.corpus = ipc, corpus
+    def __init__(self, ipc: socket.socket, corpus: Any, tokenize: Callable[[list[str]], list[list[int]]] | None = None) -> None:
+        """``tokenize``: the worker encoder's query tokenization (``query_token_ids``), done here so the
+        worker process spends its time on the GPU; None sends the texts alone."""
+        self.ipc, self.corpus, self.tokenize = ipc, corpus, tokenize
         self.counters: ClientCounters | None = None  # the app's, pushed to the main process when they change
         self.on_stop: Callable[[str], None] = lambda reason: None
         self._proto: FrameProtocol | None = None
@@ -247,10 +249,20 @@ class RemoteWorker:
         self._next_id += 1
         self._jobs[rid] = job
         job.future.add_done_callback(partial(self._done, rid))
-        self._out_q.append([rid, topk, queries])
+        self._out_q.append([rid, topk, queries, *self._token_ids(queries)])
         self.forwarded += 1
         self._schedule_flush()
         return job
+
+    def _token_ids(self, queries: list[str]) -> list:
+        """[the queries' token ids] to send along, or [] (the worker then tokenizes them itself)."""
+        if self.tokenize is None:
+            return []
+        try:
+            return [self.tokenize(queries)]
+        except Exception as e:  # never fail a request over this: the worker can tokenize
+            log.warning("front-end tokenization failed (%s: %s); the worker tokenizes", type(e).__name__, e)
+            return []
 
     def _done(self, rid: int, _future: asyncio.Future) -> None:
         if self._jobs.pop(rid, None) is not None:  # ended here (client gone): the worker can drop it
@@ -350,13 +362,25 @@ def frontend_main(config: dict) -> int:
     listen = socket.socket(fileno=config["listen_fd"])
     ipc = socket.socket(fileno=config["ipc_fd"])
     corpus = CorpusStore(config["corpus"], build_offsets_if_needed=False)
-    worker = RemoteWorker(ipc, corpus)
+    worker = RemoteWorker(ipc, corpus, _query_tokenizer(config.get("query_tokenizer")))
     app = build_app(worker, config["info"], Limits(**config["limits"]), HttpLimits(**config["http_limits"]))
     worker.counters = app.state.counters
     server = RetrieverServer(app, listen, log_level=config["log_level"], signals=False)
     worker.on_stop = server.shutdown
     server.run()
     return 0
+
+
+def _query_tokenizer(spec: dict | None) -> Callable[[list[str]], list[list[int]]] | None:
+    """The worker encoder's query tokenization (``Encoder.query_tokenizer_spec``) in this process."""
+    if not spec:
+        return None
+    from transformers import AutoTokenizer
+
+    from searchr1.retrieval.encoder import query_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["path"])
+    return partial(query_token_ids, tokenizer, query_prefix=spec["query_prefix"], max_length=spec["max_length"])
 
 
 # --- the main process ------------------------------------------------------------------------------
@@ -482,6 +506,8 @@ class MultiProcessServer:
             "limits": asdict(self.limits),
             "http_limits": asdict(self.http_limits),
             "log_level": self.log_level,
+            # Front ends tokenize the queries when the worker's encoder says how (Encoder does).
+            "query_tokenizer": spec() if (spec := getattr(self.worker.encoder, "query_tokenizer_spec", None)) else None,
         }
         env = {**os.environ, **(self.env or {})}
         proc = subprocess.Popen(
@@ -504,9 +530,9 @@ class MultiProcessServer:
             job = fe.jobs.pop(rid, None)
             if job is not None:
                 job.future.cancel()  # the worker drops it (or ignores its answer)
-        for rid, topk, queries in message.get("q", ()):
+        for rid, topk, queries, *token_ids in message.get("q", ()):
             try:
-                job = self.worker.enqueue(queries, topk, False)
+                job = self.worker.enqueue(queries, topk, False, token_ids[0] if token_ids else None)
             except Exception as e:
                 fe.out_e.append([rid, f"{type(e).__name__}: {e}"])
                 self._schedule_flush(fe)

@@ -68,6 +68,7 @@ class _Job:
     sent: int = 0  # queries handed to batches so far (the next slice starts here)
     answered: int = 0
     results: list | None = None  # per-query hits, filled slice by slice
+    token_ids: list[list[int]] | None = None  # the queries already tokenized (by a front end), or None
 
 
 _Slice = tuple[_Job, int, int]  # (job, first query, one past the last)
@@ -132,6 +133,7 @@ class BatchingWorker:
         self.search_s = 0.0
         self.lookup_s = 0.0
         self.unique_queries = 0  # after de-duplication within each batch
+        self.pretokenized_queries = 0  # of those, encoded from token ids a front end sent
         self.split_requests = 0  # requests served over more than one batch
         # Two batches in flight when the backend searches on its own CUDA streams (torch on GPU):
         # one encodes while the other searches; each stage still runs one batch at a time (locks).
@@ -176,11 +178,18 @@ class BatchingWorker:
         job = self.enqueue(queries, topk, return_scores)
         return await job.future
 
-    def enqueue(self, queries: list[str], topk: int, return_scores: bool) -> _Job:
-        """Queue a request; its ``future`` gets the hits. Cancelling the future drops the request."""
+    def enqueue(self, queries: list[str], topk: int, return_scores: bool,
+                token_ids: list[list[int]] | None = None) -> _Job:  # fmt: skip
+        """Queue a request; its ``future`` gets the hits. Cancelling the future drops the request.
+
+        ``token_ids``: the queries as the encoder's ``query_token_ids`` tokenizes them (the multi-process
+        server's front ends do this, so the worker's time goes to the GPU); used when every query of a
+        batch has them."""
+        if token_ids is not None and len(token_ids) != len(queries):
+            raise ValueError(f"{len(token_ids)} token id lists for {len(queries)} queries")
         if self._task is None or self._task.done():
             self.start()
-        job = _Job(queries, topk, return_scores, asyncio.get_running_loop().create_future())
+        job = _Job(queries, topk, return_scores, asyncio.get_running_loop().create_future(), token_ids=token_ids)
         self._unresolved.add(job)
         job.future.add_done_callback(lambda _f, job=job: self._unresolved.discard(job))
         self._queue.put_nowait(job)
@@ -206,6 +215,7 @@ class BatchingWorker:
             "search_s": round(self.search_s, 3),
             "lookup_s": round(self.lookup_s, 3),
             "unique_queries": self.unique_queries,
+            "pretokenized_queries": self.pretokenized_queries,
             "queued": (self._queue.qsize() if self._queue is not None else 0) + len(self._active),
         }
 
@@ -355,9 +365,19 @@ class BatchingWorker:
         # text once per batch (exact: the same text gives the same embedding and hits).
         row_of: dict[str, int] = {}
         rows = [row_of.setdefault(t, len(row_of)) for t in texts]
+        ids_of: dict[str, list[int]] | None = {}
+        for job, lo, hi in batch:
+            if job.token_ids is None:
+                ids_of = None
+                break
+            for text, ids in zip(job.queries[lo:hi], job.token_ids[lo:hi]):
+                ids_of.setdefault(text, ids)
         with self._encode_lock:
             t0 = time.perf_counter()
-            emb = self.encoder.encode_queries(list(row_of))
+            if ids_of is not None:
+                emb = self.encoder.encode_query_ids([ids_of[t] for t in row_of])
+            else:
+                emb = self.encoder.encode_queries(list(row_of))
             self.encode_s += time.perf_counter() - t0
         k = max(job.topk for job, _, _ in batch)
         with self._search_lock:
@@ -388,6 +408,8 @@ class BatchingWorker:
         with self._search_lock:  # counters shared by the pipeline's threads
             self.lookup_s += time.perf_counter() - t2
             self.unique_queries += len(row_of)
+            if ids_of is not None:
+                self.pretokenized_queries += len(row_of)
         return out
 
 
