@@ -320,3 +320,25 @@ def test_sigkill_of_the_main_process_takes_the_front_ends(multi: Multi) -> None:
     assert len(fronts) == 3
     multi.proc.kill()
     assert _all_gone(fronts, 3.0)
+
+
+def test_front_end_tokenizes_small_requests_and_leaves_large_or_failing_ones_to_the_worker() -> None:
+    """What a front end sends with a request's queries: their token ids when it can make them cheaply; the
+    text alone (the worker tokenizes) for a request over FRONTEND_TOKENIZE_MAX_CHARS or when tokenizing fails."""
+    from searchr1.retrieval.frontends import FRONTEND_TOKENIZE_MAX_CHARS, RemoteWorker
+
+    ours, theirs = socket.socketpair()
+    try:
+        worker = RemoteWorker(ours, None, tokenize=lambda queries: [[len(q)] for q in queries])
+        assert worker._token_ids(["ab", "c"]) == [[[2], [1]]]
+        assert worker._token_ids(["x" * FRONTEND_TOKENIZE_MAX_CHARS, "y"]) == []
+
+        def broken(queries):
+            raise RuntimeError("tokenizer fault")
+
+        worker.tokenize = broken
+        assert worker._token_ids(["ab"]) == []
+        assert RemoteWorker(ours, None)._token_ids(["ab"]) == []
+    finally:
+        ours.close()
+        theirs.close()

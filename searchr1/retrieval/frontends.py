@@ -76,8 +76,12 @@ MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 # HTTP front ends when the index is on GPUs and --http-workers is auto (see resolve_http_workers).
 # Measured on H200s at 21M x 768, 256 requests in flight (benchmarks/retriever_gpu.json). Since the front
 # ends also tokenize the queries (the worker's encode went from ~8.4 to ~3 ms a batch) they are the bound:
-# one GPU 4 front ends 4,541 QPS, 6 front ends 5,414; two GPUs 4,600 and 6,316.
+# one GPU 4 front ends 4,943 QPS, 6 front ends 5,680, 8 5,688; two GPUs 5,773, 5,874, 6,518.
 GPU_HTTP_WORKERS = 6
+# A front end tokenizes a request's queries itself only up to this many characters: slime's requests are
+# one short query; a large request would stall the front end's event loop, so the worker (whose encoding
+# runs off its event loop) tokenizes those.
+FRONTEND_TOKENIZE_MAX_CHARS = 16384
 
 
 # --- sockets ---------------------------------------------------------------------------------------
@@ -256,7 +260,7 @@ class RemoteWorker:
 
     def _token_ids(self, queries: list[str]) -> list:
         """[the queries' token ids] to send along, or [] (the worker then tokenizes them itself)."""
-        if self.tokenize is None:
+        if self.tokenize is None or sum(map(len, queries)) > FRONTEND_TOKENIZE_MAX_CHARS:
             return []
         try:
             return [self.tokenize(queries)]
