@@ -230,7 +230,7 @@ class HFEngine:
 
         past = None
         step_ids, step_positions = input_ids, position_ids
-        live = list(range(n))  # the request row of each row of the cache; finished rows leave it
+        live = list(range(n))  # the request row of each row of the cache (finished rows leave it)
         for _ in range(budget):
             if all(finish[row] is not None for row in live):
                 break
@@ -245,7 +245,7 @@ class HFEngine:
             tokens, logprobs = self._pick(logits, temperature, top_p, top_k)
             token_list, logprob_list = tokens.tolist(), logprobs.tolist()
             for row in live:
-                if finish[row] is not None:  # max_new_tokens 0: never decodes
+                if finish[row] is not None:  # done (kept by a cache without row selection), or max_new_tokens 0
                     continue
                 new_tokens[row].append(token_list[row])
                 new_logprobs[row].append(logprob_list[row])
@@ -254,13 +254,14 @@ class HFEngine:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=1)
             step_positions = step_positions[:, -1:] + 1
             keep = [i for i, row in enumerate(live) if finish[row] is None]
-            if len(keep) < len(live) and keep:
+            if keep and len(keep) < len(live) and hasattr(past, "batch_select_indices"):
                 # Finished rows leave the batch (and the KV cache): each row's numbers do not depend on
                 # the others, and late decode steps often carry a few long rows among many done ones.
+                # (A cache without row selection keeps them, decoding ignored tokens as before.)
                 index = torch.tensor(keep, device=self.device)
                 past.batch_select_indices(index)
                 step_ids, attention_mask, step_positions = step_ids[index], attention_mask[index], step_positions[index]
-            live = [live[i] for i in keep]
+                live = [live[i] for i in keep]
 
         return [
             GenerationOutput(

@@ -151,12 +151,20 @@ class _StepCache:
         self.rows = len(indices)
 
 
+class _FixedStepCache:
+    """A step cache without row selection: the engine must keep every row in the batch."""
+
+    def __init__(self, step: int, rows: int):
+        self.step, self.rows = step, rows
+
+
 class ScriptedLM(torch.nn.Module):
     """Test double: emits a fixed token script whatever the input (to test stopping rules exactly)."""
 
-    def __init__(self, script: list[int], vocab_size: int, eos_token_id=None):
+    def __init__(self, script: list[int], vocab_size: int, eos_token_id=None, selectable_cache: bool = True):
         super().__init__()
         self.script = script
+        self.cache_type = _StepCache if selectable_cache else _FixedStepCache
         self.vocab_size = vocab_size
         self.generation_config = SimpleNamespace(eos_token_id=eos_token_id)
         self.seen_inputs: list[torch.Tensor] = []
@@ -168,7 +176,7 @@ class ScriptedLM(torch.nn.Module):
             assert past_key_values.rows == input_ids.shape[0], "cache rows and input rows disagree"
         logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab_size), -10.0)
         logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 10.0
-        return SimpleNamespace(logits=logits, past_key_values=_StepCache(step + 1, input_ids.shape[0]))
+        return SimpleNamespace(logits=logits, past_key_values=self.cache_type(step + 1, input_ids.shape[0]))
 
 
 def _ids(tokenizer, text):
@@ -208,15 +216,19 @@ def test_tokenizer_eos_is_skipped_in_text(tokenizer):
     assert out.text == "hi"
 
 
-def test_length_and_zero_budget_and_mixed_budgets(tokenizer):
+@pytest.mark.parametrize("selectable", [True, False])
+def test_length_and_zero_budget_and_mixed_budgets(tokenizer, selectable):
     script = _ids(tokenizer, "who wrote the hobbit who wrote the hobbit")
-    engine = HFEngine(ScriptedLM(script, len(tokenizer)), tokenizer, seed=0)
+    lm = ScriptedLM(script, len(tokenizer), selectable_cache=selectable)
+    engine = HFEngine(lm, tokenizer, seed=0)
     outs = engine.generate_sync(
         [GenerationRequest([5], 3), GenerationRequest([5, 6, 7], 0), GenerationRequest([5], 5)]
     )
     assert [len(o.token_ids) for o in outs] == [3, 0, 5]
     assert [o.finish_reason for o in outs] == ["length"] * 3
     assert outs[1].text == ""
+    # Rows per forward: finished rows leave a cache that can select rows; otherwise all keep decoding.
+    assert [x.shape[0] for x in lm.seen_inputs] == ([3, 2, 2, 1, 1] if selectable else [3] * 5)
 
 
 def test_left_padding_layout(tokenizer):
