@@ -260,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=ret["max_batch_size"], help="most queries per encode+search call")
     p.add_argument("--max-wait-ms", type=float, default=ret["max_wait_ms"], help="how long a batch waits for more queries")
     p.add_argument("--no-batching", action="store_true", help="one request per encode+search call (baseline)")
+    from searchr1.retrieval.frontends import GPU_HTTP_WORKERS
+
     p.add_argument("--http-workers", default="auto",
                    help="HTTP front-end processes feeding this process's encoder and index (N > 1: the "
-                        "multi-process server); auto: 1 when the index is searched on the CPU, 4 on GPUs")  # fmt: skip
+                        f"multi-process server); auto: 1 when the index is searched on the CPU, {GPU_HTTP_WORKERS} on GPUs")  # fmt: skip
     p.add_argument("--pipeline", choices=["auto", "1", "2"], default="auto",
                    help="batches in flight (2: encode one while the other searches); auto: 1 (measured faster)")
     p.add_argument("--topk", type=int, default=ret["topk"], help="passages for a request that names no topk (Search-R1's --topk)")
