@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-device", default=None, help="torch backend device (default: all GPUs, else cpu)")
     p.add_argument("--mmap", action="store_true", help="memory-map the faiss index (fast start, cold first queries)")
     p.add_argument("--max-batch-size", type=int, default=ret["max_batch_size"], help="most queries per encode+search call")
-    p.add_argument("--max-wait-ms", type=float, default=ret["max_wait_ms"], help="how long a batch waits for more queries")
+    p.add_argument("--max-wait-ms", type=float, default=ret["max_wait_ms"], help="under load, how long a batch waits at most to fill up (ms)")
     p.add_argument("--no-batching", action="store_true", help="one request per encode+search call (baseline)")
     from searchr1.retrieval.frontends import GPU_HTTP_WORKERS
 
