@@ -93,7 +93,8 @@ class Encoder:
         self.graphs = GraphedForward(self) if use_graphs and self.device.type == "cuda" else None
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        return self._encode([self.query_prefix + t for t in texts])
+        # Through query_token_ids: the one definition of a query's tokens, shared with the front ends.
+        return self._encode_ids(self.query_token_ids(texts))
 
     def encode_passages(self, texts: list[str]) -> np.ndarray:
         return self._encode([self.passage_prefix + t for t in texts])

@@ -262,7 +262,7 @@ with open(out, "w") as f:
 
 
 def e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: float, procs: int, http_workers: int = 1,
-        pipeline: int | None = None, switch_ms: float | None = None, max_wait_ms: float = 1.0) -> dict:
+        pipeline: int | None = None, switch_ms: float | None = None, max_wait_ms: float) -> dict:
     """QPS and latency of the HTTP server at ``concurrency`` requests in flight (``procs`` load processes).
 
     ``http_workers`` 1: the single-process server (``create_app`` + ``RetrieverServer``) in a thread of
@@ -686,7 +686,6 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
                               cpu_check=first and a.cpu_check_queries > 0, save=save)  # fmt: skip
             first = False
             save(cell)
-    write_json_atomic(out_path, finalize(report))
     print(markdown_table(report))
     print(e2e_table(report))
     print(out_path)
@@ -709,6 +708,8 @@ def _variant(text: str) -> tuple[int, int]:
 
 def add_subcommands(sub: argparse._SubParsersAction, recipe: dict) -> None:
     """``recipe``: config.yaml's retriever section (the server defaults the HTTP runs use)."""
+    from searchr1.retrieval.frontends import GPU_HTTP_WORKERS
+
     p = sub.add_parser("gpu-bench", help="GPU backend vs matmul/read floors, fp32 check and HTTP end to end (CUDA)")
     p.add_argument("--out", default="benchmarks/retriever_gpu.json", help="JSON report (cells are merged into it)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, WIKI18_ROWS])
@@ -728,7 +729,7 @@ def add_subcommands(sub: argparse._SubParsersAction, recipe: dict) -> None:
     p.add_argument("--load-procs", type=int, default=4, help="load-generator processes")
     p.add_argument("--max-wait-ms", type=float, default=recipe["max_wait_ms"],
                    help="the server's batch wait in the HTTP runs (default: config.yaml's retriever.max_wait_ms)")
-    p.add_argument("--e2e-configs", type=_e2e_config, nargs="+", default=[(6, 1, None), (1, 1, None), (4, 1, None), (8, 1, None), (6, 2, None)],
+    p.add_argument("--e2e-configs", type=_e2e_config, nargs="+", default=[(GPU_HTTP_WORKERS, 1, None), (1, 1, None), (4, 1, None), (8, 1, None), (GPU_HTTP_WORKERS, 2, None)],
                    help="HTTP_WORKERS:PIPELINE[:MAX_WAIT_MS] server configurations measured side by side at the largest e2e size "
                         "(the first also at the other sizes; make it the serve default)")  # fmt: skip
     p.add_argument("--switch-ms", type=float, default=5.0, help="GIL switch interval of the worker process during e2e runs")
