@@ -389,7 +389,7 @@ def evaluate_split(
     split_parquet: str | Path,
     out_jsonl: str | Path,
     out_json: str | Path,
-    retriever_url: str,
+    retriever_url: str | Callable[[], str],
     agent_cfg: AgentConfig,
     engine: str,
     batch_size: int,
@@ -415,12 +415,14 @@ def evaluate_split(
     """Greedy-evaluate the checkpoint ``model_dir`` on one split; writes out_jsonl and out_json.
 
     engine "hf" runs transformers locally (``device``); "sglang" talks to ``sglang_url`` or, when that is
-    None, launches an SGLang server on the checkpoint for the duration of the eval.
+    None, launches an SGLang server on the checkpoint for the duration of the eval. ``retriever_url`` is the
+    retriever's /retrieve URL, or a function that starts one and returns its URL: called on the first
+    search only (``StartOnFirstSearch``), so a model that never searches never waits for a retriever.
     """
     from transformers import AutoTokenizer
 
     from searchr1.engines import HFEngine, SGLangEngine
-    from searchr1.retrieval.client import RetrievalClient
+    from searchr1.retrieval.client import RetrievalClient, StartOnFirstSearch
 
     if engine not in ("hf", "sglang"):
         raise ValueError(f"engine must be 'hf' or 'sglang', got {engine!r}")
@@ -444,16 +446,24 @@ def evaluate_split(
         "engine": engine,
         "model_dir": str(model_dir),
         "split_parquet": str(split_parquet),
-        "retriever_url": retriever_url,
+        "retriever_url": None if callable(retriever_url) else retriever_url,
         "max_questions": max_questions,
     }
 
+    def client(url: str) -> RetrievalClient:
+        return RetrievalClient(
+            url, timeout_s=retriever_timeout_s, max_retries=retriever_max_retries, concurrency=retriever_concurrency
+        )
+
+    def start_retriever() -> str:
+        assert callable(retriever_url)
+        url = retriever_url()
+        info["retriever_url"] = url  # the summary names the server that answered (None: never started)
+        return url
+
     async def run(gen_engine: Any) -> dict[str, Any]:
-        retriever = RetrievalClient(
-            retriever_url,
-            timeout_s=retriever_timeout_s,
-            max_retries=retriever_max_retries,
-            concurrency=retriever_concurrency,
+        retriever: Any = (
+            StartOnFirstSearch(start_retriever, client) if callable(retriever_url) else client(retriever_url)
         )
         try:
             return await evaluate_with(

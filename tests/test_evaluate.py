@@ -407,13 +407,14 @@ def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path, re
     model_dir = tmp_path / "model"  # SGLang holds the weights; the eval needs the tokenizer
     TOKENIZER.save_pretrained(str(model_dir))
     split = write_split(tmp_path / "s.parquet")
+    starts = []
     with serve_app(policy) as sglang:
         summary = evaluate_one_split(
             model_dir=model_dir,
             split_parquet=split,
             out_jsonl=tmp_path / "out.jsonl",
             out_json=tmp_path / "out.json",
-            retriever_url=retriever_url,
+            retriever_url=lambda: starts.append(retriever_url) or retriever_url,  # started on the first search
             agent_cfg=agent_config(topk=1, max_new_tokens=32, temperature=0.0),
             engine="sglang",
             sglang_url=sglang,
@@ -425,6 +426,31 @@ def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path, re
     assert rows[2]["queries"] == ["spain"] and rows[2]["extracted_answer"] == "madrid"
     assert summary["engine"] == "sglang" and summary["em"] == pytest.approx(4 / 7)
     assert summary["retriever_stats"]["requests"] >= 1
+    assert starts == [retriever_url] and summary["retriever_url"] == retriever_url
+
+
+def test_a_model_that_never_searches_never_starts_the_retriever(tmp_path: Path) -> None:
+    policy = FastAPI()
+
+    @policy.post("/generate")
+    async def generate(request: Request) -> dict:
+        text = "<think> easy </think> <answer> paris </answer>"
+        pairs = [[-0.1, tid, None] for tid in TOKENIZER.encode(text, add_special_tokens=False)]
+        return {"text": text, "meta_info": {"finish_reason": {"type": "stop"}, "output_token_logprobs": pairs}}
+
+    def start() -> str:
+        raise AssertionError("the retriever was started")
+
+    TOKENIZER.save_pretrained(str(tmp_path / "model"))
+    with serve_app(policy) as sglang:
+        summary = evaluate_one_split(
+            model_dir=tmp_path / "model", split_parquet=write_split(tmp_path / "s.parquet"),
+            out_jsonl=tmp_path / "out.jsonl", out_json=tmp_path / "out.json", retriever_url=start,
+            agent_cfg=agent_config(topk=1, max_new_tokens=32, temperature=0.0), engine="sglang", sglang_url=sglang,
+            batch_size=4, model_label="base",
+        )  # fmt: skip
+    assert summary["n"] == 7 and summary["searched_at_least_once"] == 0.0 and summary["answered"] == 1.0
+    assert summary["retriever_url"] is None and summary["retriever_stats"]["requests"] == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -203,3 +203,66 @@ def test_health(serve):
 
     with pytest.raises(RetrievalError, match="health check"):
         asyncio.run(down())
+
+
+def test_idle_connections_are_not_reused_into_a_closing_server(monkeypatch):
+    """A connection idle longer than KEEPALIVE_EXPIRY_S is dropped, not sent on: a server whose keep-alive
+    timeout is passing closes it under the request (a ReadError, then a retry after backoff). The scripted
+    server here closes every connection on its second request, as such a server does."""
+    import searchr1.retrieval.client as client_module
+
+    monkeypatch.setattr(client_module, "KEEPALIVE_EXPIRY_S", 0.2)
+    connections = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        requests = 0
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))  # fmt: skip
+            await reader.readexactly(length)
+            requests += 1
+            if requests > 1:
+                writer.close()
+                return
+            body = b'{"result": [[{"id": "1", "contents": "x"}]]}'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            await writer.drain()
+
+    async def main() -> dict:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, RetrievalClient(f"http://127.0.0.1:{port}/retrieve", backoff_s=0.01) as client:
+            await client.search(["a"], 1)
+            await asyncio.sleep(0.4)  # idle past the client's expiry
+            await client.search(["b"], 1)
+            return client.stats
+
+    assert asyncio.run(main()) == {"requests": 2, "retries": 0, "failures": 0}
+    assert len(connections) == 2
+
+
+def test_start_on_first_search_starts_once(serve):
+    from searchr1.retrieval.client import StartOnFirstSearch
+
+    base = serve({})
+    starts = []
+
+    def start() -> str:
+        starts.append(1)
+        return base + "/retrieve"
+
+    async def main() -> tuple:
+        retriever = StartOnFirstSearch(start, lambda url: RetrievalClient(url))
+        before = (await retriever.search([], 2), retriever.url, retriever.stats, len(starts))
+        both = await asyncio.gather(retriever.search(["a"], 2), retriever.search(["b", "c"], 1))
+        after = (retriever.url, retriever.stats)
+        await retriever.aclose()
+        return before, both, after
+
+    before, both, after = asyncio.run(main())
+    assert before == ([], None, {"requests": 0, "retries": 0, "failures": 0}, 0)
+    assert [[h["id"] for h in hs] for hits in both for hs in hits] == [["a-0", "a-1"], ["b-0"], ["c-0"]]
+    assert starts == [1] and after == (base + "/retrieve", {"requests": 3, "retries": 0, "failures": 0})

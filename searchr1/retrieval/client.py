@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 logger = logging.getLogger(__name__)
+
+# An idle pooled connection is dropped after this long, before a server's own keep-alive timeout (ours and
+# uvicorn's: 5 s) closes it: a request sent on a connection the server is closing at that moment fails with
+# a ReadError (seen in the toy's training job after its ~5 s learning-curve pauses: retries and backoff).
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 class RetrievalError(RuntimeError):
@@ -77,7 +83,11 @@ class RetrievalClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.timeout_s),
-                limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+                limits=httpx.Limits(
+                    max_connections=self.concurrency,
+                    max_keepalive_connections=self.concurrency,
+                    keepalive_expiry=KEEPALIVE_EXPIRY_S,
+                ),
                 trust_env=False,  # a local service: never through a proxy
             )
         return self._client
@@ -164,3 +174,43 @@ class RetrievalClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class StartOnFirstSearch:
+    """A retriever that is started only when the first search comes, then serves as a ``RetrievalClient``.
+
+    ``start()`` brings a retriever up and returns its /retrieve URL (it blocks, on the event loop's own
+    thread: a managed server installs its signal handling there); ``make_client(url)`` builds the client.
+    An evaluation whose model never searches (a base model often never does) then never pays the server's
+    start, and its results are the same as with a server started beforehand.
+    """
+
+    def __init__(self, start: Callable[[], str], make_client: Callable[[str], RetrievalClient]) -> None:
+        self._start = start
+        self._make_client = make_client
+        self._client: RetrievalClient | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def url(self) -> str | None:
+        """The retriever's URL once started, else None."""
+        return self._client.url if self._client is not None else None
+
+    @property
+    def stats(self) -> dict:
+        return self._client.stats if self._client is not None else {"requests": 0, "retries": 0, "failures": 0}
+
+    async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
+        if isinstance(queries, str):
+            raise TypeError("queries must be a list of strings, not a string")
+        if self._client is None and queries:
+            async with self._lock:
+                if self._client is None:
+                    self._client = self._make_client(self._start())
+        if self._client is None:  # no queries: nothing to start for
+            return []
+        return await self._client.search(queries, topk)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,15 @@ def evaluate(cfg: StepSettings, *, inputs, outputs, wildcards, threads: int = 1,
             "index": retriever_inputs_record(inputs),
         }
     )
-    with retriever(cfg, inputs, log_path) as url:
+    # The retriever starts on the first search and stops when the job ends: a model that never searches
+    # (the toy's base and initial policies) is evaluated without waiting for one.
+    with contextlib.ExitStack() as servers:
         summary = evaluate_split(
             model_dir=inputs["model"],
             split_parquet=inputs["split"],
             out_jsonl=outputs["jsonl"],
             out_json=outputs["summary"],
-            retriever_url=url,
+            retriever_url=lambda: servers.enter_context(retriever(cfg, inputs, log_path)),
             agent_cfg=eval_agent_config(cfg),
             engine=engine,
             batch_size=ev["batch_size"],
