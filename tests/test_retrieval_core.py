@@ -394,3 +394,24 @@ def test_the_forward_that_cuda_graphs_capture_equals_the_encoder() -> None:
     with torch.inference_mode():
         got = enc._forward(ids, mask)[:3].numpy()
     np.testing.assert_allclose(got, enc.encode_queries(texts), atol=1e-5)
+
+
+def test_build_index_discards_shards_encoded_under_other_settings(tmp_path: Path) -> None:
+    """A changed max_length or precision changes every vector: the build reruns (Snakemake's params trigger)
+    and must not reuse the shards of the previous settings."""
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, 30)
+    work = tmp_path / "work"
+    for change in ({}, {"max_length": 64}, {"cpu_bf16": True}, {"fp16": True}):
+        enc = HashEncoder()
+        for key, value in change.items():
+            setattr(enc, key, value)
+        build_index(corpus, enc, tmp_path / "i.faiss", shard_size=10, work_dir=work, keep_work=True, progress=False)
+        assert enc.calls == 3, change
+    enc = HashEncoder()
+    enc.fp16 = True
+    build_index(corpus, enc, tmp_path / "i.faiss", shard_size=10, work_dir=work, keep_work=True, progress=False)
+    assert enc.calls == 0  # the same settings again: every shard reused
+    (work / "manifest.json").unlink()  # shards nobody can vouch for
+    build_index(corpus, enc, tmp_path / "i.faiss", shard_size=10, work_dir=work, keep_work=True, progress=False)
+    assert enc.calls == 3

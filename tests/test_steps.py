@@ -158,8 +158,8 @@ def stubs(monkeypatch, tmp_path):
         (searchr1.retrieval.managed, "check_health", rec("check_health", {"status": "ok"})),
         (searchr1.retrieval.client, "RetrievalClient", Client),
         (steps_retrieval, "add_index_record", rec("add_index_record")),
-        (searchr1.grpo.trainer, "train_grpo", rec("train_grpo", {"export_dir": "x", "steps": 1})),
-        (searchr1.slime_launch, "run_plan", rec("run_plan", 0)),
+        (searchr1.grpo.trainer, "train_grpo", rec("train_grpo", lambda **k: _wrote_metrics(k["work_dir"], {"export_dir": "x", "steps": 1}))),
+        (searchr1.slime_launch, "run_plan", rec("run_plan", lambda *a, **k: _wrote_metrics(_work_of_this_run(), 0))),
         (searchr1.budget, "require_free_disk", rec("require_free_disk")),
         (searchr1.container, "fetch_image", rec("fetch_image")),
         (searchr1.slime_launch, "final_hf_checkpoint", rec("final_hf_checkpoint", Path("hf/iter_1"))),
@@ -175,6 +175,17 @@ def stubs(monkeypatch, tmp_path):
     ]:  # fmt: skip
         monkeypatch.setattr(module, name, value)
     return rec
+
+
+def _work_of_this_run() -> Path:
+    # <work_dir>/train of config.yaml (slime runs only there; the tests run in tmp_path)
+    return Path("data/work/train")
+
+
+def _wrote_metrics(work_dir, result):
+    """A trainer's stand-in: the metrics file the train step copies out, then the trainer's result."""
+    (Path(work_dir) / "metrics.jsonl").write_text('{"step": 0}\n')
+    return result
 
 
 def _touch(path: Path) -> Path:
@@ -208,9 +219,6 @@ def _paths(rule: str, tmp: Path) -> tuple[dict, dict, dict]:
         import pandas as pd
 
         pd.DataFrame({"data_source": ["nq"]}).to_parquet(tmp / "test.parquet")
-    for work in ("data/work/train", "data/toy/work/train"):  # <work_dir>/train of config.yaml / the toy
-        (tmp / work).mkdir(parents=True, exist_ok=True)
-        (tmp / work / "metrics.jsonl").write_text('{"step": 0}\n')
     inputs = {
         "corpus": str(tmp / "corpus.jsonl"), "index": str(tmp / "index.faiss"), "encoder": str(tmp / "enc"),
         "model": str(model), "base": str(model), "world": str(tmp / "w" / "world.json"),
@@ -378,3 +386,31 @@ def test_single_malloc_arena_is_set_on_glibc():
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert single_malloc_arena() is glibc
+
+
+def test_train_work_is_resumed_only_under_the_same_settings_and_inputs(tmp_path, caplog):
+    """A rerun after a changed setting or input must not resume the old run's checkpoints (they would be
+    reported as the new run's): the work dir moves to <work>.superseded, one generation kept."""
+    from searchr1.steps.train import RESUME_KEY, claim_work_dir
+
+    work = tmp_path / "train"
+    key = {"settings": {"train.lr": 1e-6, "seed": 1}, "inputs": {"base": {"settings_hash": "a"}}}
+    claim_work_dir(work, key)  # fresh: the key is written, nothing moved
+    assert json.loads((work / RESUME_KEY).read_text()) == key and not (tmp_path / "train.superseded").exists()
+    (work / "checkpoints").mkdir()
+    claim_work_dir(work, dict(key))  # a killed job's rerun: resumes
+    assert (work / "checkpoints").is_dir()
+
+    changed = {"settings": {"train.lr": 2e-6, "seed": 1}, "inputs": {"base": {"settings_hash": "b"}}}
+    with caplog.at_level("WARNING"):
+        claim_work_dir(work, changed)
+    assert not (work / "checkpoints").exists() and json.loads((work / RESUME_KEY).read_text()) == changed
+    assert (tmp_path / "train.superseded" / "checkpoints").is_dir()
+    assert "setting train.lr, input base" in caplog.text and "seed" not in caplog.text
+
+    (work / "metrics.jsonl").write_text("{}\n")
+    (work / RESUME_KEY).unlink()  # work of an older version: no key, so it cannot be trusted either
+    claim_work_dir(work, changed)
+    assert (tmp_path / "train.superseded" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "train.superseded" / "checkpoints").exists()  # the older generation is gone
+    assert sorted(p.name for p in work.iterdir()) == [RESUME_KEY]

@@ -248,11 +248,15 @@ def build_index(
     manifest = {
         "corpus_fingerprint": corpus_fingerprint(corpus_path),
         "encoder": _encoder_info(encoder),
+        # What else changes a passage's vector: truncation and precision (retriever.encoder.max_length,
+        # fp16, cpu_bf16). Shards encoded under other values are not this index's.
+        "encoding": {key: getattr(encoder, key, None) for key in ("max_length", "fp16", "cpu_bf16")},
         "dim": int(encoder.dim),
         "shard_size": shard_size,
     }
     manifest_path = work / "manifest.json"
-    if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
+    # Shards without a manifest (an interrupted first write, an older version) cannot be vouched for either.
+    if not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest:
         for old in work.glob("shard_*.npy"):
             old.unlink()
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,61 @@ def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str, ima
     return plan.to_shell()
 
 
+RESUME_KEY = "resume_key.json"
+
+
+def _inputs_record(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "base": provenance.of_model_dir(inputs["base"]),
+        "train": provenance.of_parquet(inputs["train"]),
+        "index": retriever_inputs_record(inputs),
+    }
+
+
+def resume_key(cfg: StepSettings, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What the work dir's checkpoints are made from: the step's settings (not the operational ones) and its
+    inputs' provenance records. A checkpoint is resumed only under the same key."""
+    record = cfg.record(inputs=_inputs_record(inputs))
+    return json.loads(json.dumps({"settings": record["settings"], "inputs": record["inputs"]}, sort_keys=True))
+
+
+def claim_work_dir(work: Path, key: Mapping[str, Any]) -> None:
+    """Keep ``work`` for resuming only if it was made under ``key``; otherwise move it to ``<work>.superseded``.
+
+    Snakemake reruns the train job when a setting or an input changes, but the work dir is not an output (a
+    killed job must resume from it): without this check the rerun would resume checkpoints made from the old
+    base model or settings and report them as the new run. The moved dir replaces an older superseded one
+    (one generation kept: a full-scale checkpoint set is tens of GB).
+    """
+    key_path = work / RESUME_KEY
+    held = sorted(p.name for p in work.iterdir() if p.name != RESUME_KEY) if work.is_dir() else []
+    previous = json.loads(key_path.read_text(encoding="utf-8")) if key_path.is_file() else None
+    if held and previous != dict(key):
+        if previous is None:
+            why = "it records no settings (made by an older version, or by hand)"
+        else:
+            changed = [
+                f"{kind} {k}"
+                for kind, part in (("setting", "settings"), ("input", "inputs"))
+                for k in sorted(previous.get(part, {}).keys() | key[part].keys())
+                if previous.get(part, {}).get(k) != key[part].get(k)
+            ]
+            why = "changed since it was made: " + ", ".join(changed)
+        superseded = work.with_name(work.name + ".superseded")
+        if superseded.exists():
+            shutil.rmtree(superseded)
+        work.rename(superseded)
+        log.warning("not resuming from %s (%s); moved it to %s and training from the start", work, why, superseded)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(key_path, dict(key))
+
+
 def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None, **_: Any) -> None:
     from searchr1.budget import require_free_disk
 
     set_threads(threads)
     work = train_work(cfg)
-    work.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(work, resume_key(cfg, inputs))
     require_free_disk(cfg, "train", work)  # before anything starts: checkpoints at the configured retention
     backend = cfg["train"]["backend"]
     curve = bool(cfg["eval"]["interval"])
@@ -128,13 +178,7 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
             copy_file_atomic(curve_path, Path(outputs["curve"]))
         else:  # no point due yet (num_rollout below eval.interval): an empty curve
             write_text_atomic(Path(outputs["curve"]), "")
-    final["provenance"] = cfg.record(
-        inputs={
-            "base": provenance.of_model_dir(inputs["base"]),
-            "train": provenance.of_parquet(inputs["train"]),
-            "index": retriever_inputs_record(inputs),
-        }
-    )
+    final["provenance"] = cfg.record(inputs=_inputs_record(inputs))
     write_json_atomic(outputs["final"], final)
 
 
