@@ -94,6 +94,17 @@ def publish_dir(dst: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     return dst
 
 
+def move_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Rename the directory ``src`` to ``dst`` (same filesystem), replacing a directory already at ``dst``."""
+    dst = Path(dst)
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
 def copy_tree_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a directory so that ``dst`` appears whole or not at all."""
     return publish_dir(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))

@@ -101,3 +101,14 @@ def test_no_rename_outside_fsutil():
         if re.search(r"\bos\.(replace|rename)\(|\.rename\(|\.replace\(tmp", line)
     ]
     assert not offenders, offenders
+
+
+def test_move_dir_replaces_the_destination(tmp_path):
+    from searchr1.fsutil import move_dir
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "new").write_text("1")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "old").write_text("0")
+    assert move_dir(tmp_path / "a", tmp_path / "b") == tmp_path / "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and (tmp_path / "b" / "new").read_text() == "1"

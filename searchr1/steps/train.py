@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from searchr1 import provenance
-from searchr1.fsutil import copy_file_atomic, write_json_atomic, write_text_atomic
+from searchr1.fsutil import copy_file_atomic, move_dir, write_json_atomic, write_text_atomic
 from searchr1.steps import set_threads
 from searchr1.steps.retrieval import retrieval_client, retriever, retriever_inputs_record
 from searchr1.steps.settings import StepSettings
@@ -113,10 +112,7 @@ def claim_work_dir(work: Path, key: Mapping[str, Any]) -> None:
                 if previous.get(part, {}).get(k) != key[part].get(k)
             ]
             why = "changed since it was made: " + ", ".join(changed)
-        superseded = work.with_name(work.name + ".superseded")
-        if superseded.exists():
-            shutil.rmtree(superseded)
-        work.rename(superseded)
+        superseded = move_dir(work, work.with_name(work.name + ".superseded"))
         log.warning("not resuming from %s (%s); moved it to %s and training from the start", work, why, superseded)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(key_path, dict(key))
