@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from searchr1.fsutil import atomic_path, copy_file_atomic, copy_tree_atomic, open_atomic, publish_dir, write_json_atomic
+from searchr1.fsutil import (atomic_path, copy_file_atomic, copy_tree_atomic, move_dir, open_atomic, publish_dir,
+                             write_json_atomic)
 
 
 class Boom(Exception):
@@ -104,8 +105,6 @@ def test_no_rename_outside_fsutil():
 
 
 def test_move_dir_replaces_the_destination(tmp_path):
-    from searchr1.fsutil import move_dir
-
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "new").write_text("1")
     (tmp_path / "b").mkdir()
