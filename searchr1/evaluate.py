@@ -410,12 +410,15 @@ def evaluate_split(
     sglang_mem_fraction: float | None = None,
     sglang_log_path: str | Path | None = None,
     info: Mapping[str, Any] | None = None,
+    inputs_record: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Greedy-evaluate the checkpoint ``model_dir`` on one split; writes out_jsonl and out_json.
 
     engine "hf" runs transformers locally (``device``); "sglang" talks to ``sglang_url`` or, when that is
-    None, launches an SGLang server on the checkpoint for the duration of the eval. ``retriever_url`` is the
+    None, launches an SGLang server on the checkpoint for the duration of the eval. ``inputs_record`` (the
+    provenance records of model, split and index) joins the fingerprint of resumable progress: answers found
+    with another index, or for a split file rewritten in place, are not resumed. ``retriever_url`` is the
     retriever's /retrieve URL, or a function that starts one and returns its URL: called on the first
     search only (``StartOnFirstSearch``), so a model that never searches never waits for a retriever.
     """
@@ -439,6 +442,8 @@ def evaluate_split(
     }
     if engine == "sglang":
         fingerprint["skip_special_tokens"] = sglang_skip_special_tokens
+    if inputs_record is not None:
+        fingerprint["inputs"] = dict(inputs_record)
     info = {
         **dict(info or {}),
         "model_label": model_label,

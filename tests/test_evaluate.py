@@ -429,6 +429,30 @@ def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path, re
     assert starts == [retriever_url] and summary["retriever_url"] == retriever_url
 
 
+def test_progress_made_with_another_index_is_not_resumed(tmp_path: Path, monkeypatch) -> None:
+    """The inputs' records join the fingerprint of resumable progress: answers found with another index (or
+    for a split file rewritten at the same path) are discarded, not reused."""
+    seen = []
+
+    async def record_fingerprint(engine, retriever, tokenizer, **kwargs):
+        seen.append(kwargs["fingerprint"])
+        return {"em": 0.0, "n": 0}
+
+    monkeypatch.setattr(searchr1.evaluate, "evaluate_with", record_fingerprint)
+    TOKENIZER.save_pretrained(str(tmp_path / "model"))
+    split = write_split(tmp_path / "s.parquet")
+    for index_hash in ("a", "b"):
+        evaluate_one_split(
+            model_dir=tmp_path / "model", split_parquet=split, out_jsonl=tmp_path / "o.jsonl",
+            out_json=tmp_path / "o.json", retriever_url="http://127.0.0.1:1/retrieve",
+            agent_cfg=agent_config(topk=1, max_new_tokens=8, temperature=0.0), engine="sglang",
+            sglang_url="http://127.0.0.1:1", batch_size=4, model_label="base",
+            inputs_record={"index": {"settings_hash": index_hash}},
+        )  # fmt: skip
+    assert [f["inputs"] for f in seen] == [{"index": {"settings_hash": "a"}}, {"index": {"settings_hash": "b"}}]
+    assert seen[0] != seen[1]
+
+
 def test_a_model_that_never_searches_never_starts_the_retriever(tmp_path: Path) -> None:
     policy = FastAPI()
 

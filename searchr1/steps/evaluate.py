@@ -56,6 +56,7 @@ def evaluate(cfg: StepSettings, *, inputs, outputs, wildcards, threads: int = 1,
             sglang_wrap=sglang_in_container(cfg, inputs["model"], inputs.get("image")) if sglang else None,
             partial_dir=Path(cfg["work_dir"]) / "eval" / wildcards["model"],
             info={"provenance": record},
+            inputs_record=record["inputs"],
         )
     log.info("EM %s = %.4f (n=%d)", wildcards, summary["em"], summary["n"])
 
