@@ -414,3 +414,9 @@ def test_train_work_is_resumed_only_under_the_same_settings_and_inputs(tmp_path,
     assert (tmp_path / "train.superseded" / "metrics.jsonl").is_file()
     assert not (tmp_path / "train.superseded" / "checkpoints").exists()  # the older generation is gone
     assert sorted(p.name for p in work.iterdir()) == [RESUME_KEY]
+
+    for broken in ("{not json", '["a list"]', '{"settings": 1}'):  # a damaged key vouches for nothing
+        (work / "checkpoints").mkdir()
+        (work / RESUME_KEY).write_text(broken)
+        claim_work_dir(work, changed)
+        assert not (work / "checkpoints").exists() and (tmp_path / "train.superseded" / "checkpoints").is_dir()

@@ -100,16 +100,21 @@ def claim_work_dir(work: Path, key: Mapping[str, Any]) -> None:
     """
     key_path = work / RESUME_KEY
     held = sorted(p.name for p in work.iterdir() if p.name != RESUME_KEY) if work.is_dir() else []
-    previous = json.loads(key_path.read_text(encoding="utf-8")) if key_path.is_file() else None
+    try:
+        previous = json.loads(key_path.read_text(encoding="utf-8")) if key_path.is_file() else None
+    except (OSError, ValueError):  # unreadable: cannot vouch for the work either
+        previous = None
+    if not isinstance(previous, dict) or not all(isinstance(previous.get(p), dict) for p in ("settings", "inputs")):
+        previous = None
     if held and previous != dict(key):
         if previous is None:
-            why = "it records no settings (made by an older version, or by hand)"
+            why = f"{key_path.name} is missing or unreadable (made by an older version, or by hand)"
         else:
             changed = [
                 f"{kind} {k}"
                 for kind, part in (("setting", "settings"), ("input", "inputs"))
-                for k in sorted(previous.get(part, {}).keys() | key[part].keys())
-                if previous.get(part, {}).get(k) != key[part].get(k)
+                for k in sorted(previous[part].keys() | key[part].keys())
+                if previous[part].get(k) != key[part].get(k)
             ]
             why = "changed since it was made: " + ", ".join(changed)
         superseded = move_dir(work, work.with_name(work.name + ".superseded"))
