@@ -83,11 +83,7 @@ def publish_dir(dst: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         fill(tmp)
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, dst)
+        move_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 KEEPALIVE_EXPIRY_S = 2.0
 
 
+def _zero_stats() -> dict:
+    return {"requests": 0, "retries": 0, "failures": 0}
+
+
 class RetrievalError(RuntimeError):
     """The retriever could not answer (after retries), or answered something unusable."""
 
@@ -71,7 +75,7 @@ class RetrievalClient:
         self.batch = batch
         self._semaphore = asyncio.Semaphore(concurrency)
         self._client: httpx.AsyncClient | None = None
-        self._stats = {"requests": 0, "retries": 0, "failures": 0}
+        self._stats = _zero_stats()
 
     @property
     def stats(self) -> dict:
@@ -198,7 +202,7 @@ class StartOnFirstSearch:
 
     @property
     def stats(self) -> dict:
-        return self._client.stats if self._client is not None else {"requests": 0, "retries": 0, "failures": 0}
+        return self._client.stats if self._client is not None else _zero_stats()
 
     async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
         if isinstance(queries, str):

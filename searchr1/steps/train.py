@@ -83,10 +83,9 @@ def _inputs_record(inputs: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def resume_key(cfg: StepSettings, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """What the work dir's checkpoints are made from: the step's settings (not the operational ones) and its
-    inputs' provenance records. A checkpoint is resumed only under the same key."""
-    record = cfg.record(inputs=_inputs_record(inputs))
+def resume_key(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What the work dir's checkpoints are made from, out of the step's provenance ``record``: its settings (not
+    the operational ones) and its inputs' records. A checkpoint is resumed only under the same key."""
     return json.loads(json.dumps({"settings": record["settings"], "inputs": record["inputs"]}, sort_keys=True))
 
 
@@ -99,7 +98,7 @@ def claim_work_dir(work: Path, key: Mapping[str, Any]) -> None:
     (one generation kept: a full-scale checkpoint set is tens of GB).
     """
     key_path = work / RESUME_KEY
-    held = sorted(p.name for p in work.iterdir() if p.name != RESUME_KEY) if work.is_dir() else []
+    held = work.is_dir() and any(p.name != RESUME_KEY for p in work.iterdir())
     try:
         previous = json.loads(key_path.read_text(encoding="utf-8")) if key_path.is_file() else None
     except (OSError, ValueError):  # unreadable: cannot vouch for the work either
@@ -128,7 +127,8 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
 
     set_threads(threads)
     work = train_work(cfg)
-    claim_work_dir(work, resume_key(cfg, inputs))
+    record = cfg.record(inputs=_inputs_record(inputs))
+    claim_work_dir(work, resume_key(record))
     require_free_disk(cfg, "train", work)  # before anything starts: checkpoints at the configured retention
     backend = cfg["train"]["backend"]
     curve = bool(cfg["eval"]["interval"])
@@ -179,7 +179,7 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
             copy_file_atomic(curve_path, Path(outputs["curve"]))
         else:  # no point due yet (num_rollout below eval.interval): an empty curve
             write_text_atomic(Path(outputs["curve"]), "")
-    final["provenance"] = cfg.record(inputs=_inputs_record(inputs))
+    final["provenance"] = record
     write_json_atomic(outputs["final"], final)
 
 
