@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from transformers import AutoTokenizer
@@ -15,8 +16,9 @@ from searchr1.toy.model import write_model
 from searchr1.toy.tokenizer import write_tokenizer
 from searchr1.toy.warmstart import (PASSAGE, TARGET, TokenizedDemo, collate, make_demos, masked_lm_loss,
                                    shared_prefix_length,
-                                   shared_prefix_loss, tokenize_demo, warm_start)
-from searchr1.toy.world import WorldSizes, load_world, write_world
+                                   query_for, shared_prefix_loss, tokenize_demo, warm_start)
+from searchr1.toy.world import (SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, WorldSizes, load_world, make_question,
+                                write_world)
 
 TINY = WorldSizes(n_couples=40, n_test_couples=8, n_rl_couples=12, test_per_split=5, rl_questions=20)
 
@@ -42,7 +44,8 @@ def gold_first_retriever(world, rows, calls: list):
         calls.append((list(queries), topk))
         out = []
         for q in queries:
-            gold = [by_name[n] for n in q.split(" and ") if n in by_name]
+            names = q.split(" born in ")[0]  # a two-entity query ends with its constraint
+            gold = [by_name[n] for n in names.split(" and ") if n in by_name]
             others = [r for r in rows if r not in gold][:topk]
             out.append((gold[:1] + [test_row] + gold[1:] + others)[:topk])
         return out
@@ -95,6 +98,23 @@ def test_demos_follow_the_protocol_and_mask(toy):
         for sentence in evidence.split(". "):
             assert sentence in obs_text, (demo.question.template, sentence)
         assert demo.question.answer in evidence
+
+
+def test_query_names_the_people_and_a_two_entity_constraint(toy):
+    """Single-hop: the person's name. Two-entity: both names, then the question's own "born in C" (the city
+    of the person the question picks, so that person's passage ranks first)."""
+    root, world, rows, tok = toy
+    rng = random.Random(0)
+    for couple in world.splits["warmstart"][:5]:
+        for template in SINGLE_HOP_TEMPLATES:
+            q = make_question(world, couple, template, rng)
+            assert query_for(world, q) == q.names[0]
+        for template in TWO_HOP_TEMPLATES:
+            q = make_question(world, couple, template, rng)
+            city = q.question.rsplit(" born in ", 1)[1]
+            assert query_for(world, q) == f"{q.names[0]} and {q.names[1]} born in {city}"
+            born_there = [m for m in world.couple_members(couple) if world.people[m].city == city]
+            assert born_there == [q.subject]
 
 
 def test_observation_is_rendered_exactly_as_the_agent(toy):
