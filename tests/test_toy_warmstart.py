@@ -14,7 +14,7 @@ from searchr1.prompt import make_messages
 from searchr1.reward import em_score
 from searchr1.toy.model import write_model
 from searchr1.toy.tokenizer import write_tokenizer
-from searchr1.toy.warmstart import (PASSAGE, TARGET, TokenizedDemo, collate, make_demos, masked_lm_loss,
+from searchr1.toy.warmstart import (PASSAGE, TARGET, Demo, TokenizedDemo, collate, make_demos, masked_lm_loss,
                                    shared_prefix_length,
                                    query_for, shared_prefix_loss, tokenize_demo, warm_start)
 from searchr1.toy.world import (SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, WorldSizes, load_world, make_question,
@@ -72,6 +72,8 @@ def test_demos_follow_the_protocol_and_mask(toy):
         # The loss covers exactly the model-written segments.
         expected = [m for text, m in demo.segments for _ in tok.encode(text, add_special_tokens=False)]
         assert t.loss_mask[t.n_prompt:] == expected
+        assert t.input_ids[t.n_prompt:] == [i for text, _ in demo.segments
+                                            for i in tok.encode(text, add_special_tokens=False)]
         first_turn = demo.segments[0][0]
         assert first_turn.startswith("<think>") and first_turn.strip().endswith("</think>")
         decision_text, decision_mask = demo.segments[1]
@@ -115,6 +117,16 @@ def test_query_names_the_people_and_a_two_entity_constraint(toy):
             assert query_for(world, q) == f"{q.names[0]} and {q.names[1]} born in {city}"
             born_there = [m for m in world.couple_members(couple) if world.people[m].city == city]
             assert born_there == [q.subject]
+
+
+def test_a_word_outside_the_vocabulary_is_an_error_naming_the_demo(toy):
+    root, world, rows, tok = toy
+    q = make_question(world, world.splits["warmstart"][0], "born", random.Random(0))
+    good = Demo("<think> answer </think>", [(" <answer> paris </answer>", TARGET)], "decide_answer", q)
+    bad = Demo("<think> answer </think>", [(" <answer> xylophonist </answer>", TARGET)], "decide_answer", q)
+    tokenize_demo(tok, good)
+    with pytest.raises(ValueError, match="1 word.*outside the tokenizer's vocabulary.*xylophonist"):
+        tokenize_demo(tok, bad)
 
 
 def test_observation_is_rendered_exactly_as_the_agent(toy):
