@@ -1,14 +1,14 @@
 """Supervised warm start of the toy policy on format demonstrations (the BASE policy of the toy DAG).
 
-The demonstrations are written in the exact agent protocol: the chat-templated prompt, then what the
-agent's response would hold (observations rendered by searchr1.agent itself). Most demos (85% by default) search with a query that names the people of the
-question, read the observation (rendered as searchr1.agent renders it; its passages carry only the
-optional language-model loss of ``passage_loss_weight``), restate the evidence in
-the passage's own order and answer; restating turns reading into copying after a prefix the model can
-rebuild. In those demos the single search-or-answer decision token after turn 1's `</think>` carries no
-loss, so whether to search is taught only by the remaining demos: mostly a low-entropy guess answered at
-once, some searches, a few invalid turns. The result follows the protocol, can read when it searches, and
-rarely chooses to: what RL then has to change.
+The demonstrations are written in the exact agent protocol: the chat-templated prompt, then what the agent's
+response would hold (observations rendered by searchr1.agent itself). Most demos (85% by default) search with
+a query that names the people of the question (and a two-entity question's constraint, :func:`query_for`),
+read the observation (rendered as searchr1.agent renders it; its passages carry only the optional
+language-model loss of ``passage_loss_weight``), restate the evidence in the passage's own order and answer;
+restating turns reading into copying after a prefix the model can rebuild. In those demos the single
+search-or-answer decision token after turn 1's `</think>` carries no loss, so whether to search is taught only
+by the remaining demos: mostly a low-entropy guess answered at once, some searches, a few invalid turns. The
+result follows the protocol, can read when it searches, and rarely chooses to: what RL then has to change.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def query_for(world: World, question: Question) -> str:
     two-entity test questions, both passages come back for 0.995 (1.0 with the names alone) and the right
     person's passage is Doc 1 for 0.885 (0.515). A 2-layer policy cannot reliably pick that person among the
     passages it reads (with the names alone its two-entity answers were close to a coin toss between the
-    two people); reading Doc 1 it can. The whole question as the query ranks that passage first as often
-    (0.95) but loses one of the two passages more often (0.965).
+    two people); reading Doc 1 it can. The whole question as the query ranks that passage first more often
+    (0.95) but loses one of the two passages more often too (both back 0.965).
     """
     query = " and ".join(question.names)
     if question.template in TWO_HOP_TEMPLATES:
