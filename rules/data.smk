@@ -9,7 +9,7 @@ if not TOY:
         log:
             "logs/download_qa.log",
         benchmark:
-            "benchmarks/download_qa.tsv"
+            "logs/benchmarks/download_qa.tsv"
         # Light: runs where Snakemake runs (on SLURM, the login node, which has internet access).
         localrule: True
         conda:
@@ -35,7 +35,7 @@ if not TOY:
         log:
             "logs/download_policy.log",
         benchmark:
-            "benchmarks/download_policy.tsv"
+            "logs/benchmarks/download_policy.tsv"
         # Light: runs where Snakemake runs (on SLURM, the login node, which has internet access).
         localrule: True
         conda:
@@ -59,7 +59,7 @@ else:
         log:
             "logs/toy_world.log",
         benchmark:
-            "benchmarks/toy_world.tsv"
+            "logs/benchmarks/toy_world.tsv"
         conda:
             "../envs/train.yaml"
         threads: RES["toy_world"]["cpus"]
@@ -82,7 +82,7 @@ else:
         log:
             "logs/toy_policy_init.log",
         benchmark:
-            "benchmarks/toy_policy_init.tsv"
+            "logs/benchmarks/toy_policy_init.tsv"
         conda:
             "../envs/train.yaml"
         threads: RES["toy_policy_init"]["cpus"]
@@ -103,7 +103,7 @@ else:
         log:
             "logs/toy_warm_start.log",
         benchmark:
-            "benchmarks/toy_warm_start.tsv"
+            "logs/benchmarks/toy_warm_start.tsv"
         conda:
             "../envs/train.yaml"
         threads: RES["toy_warm_start"]["cpus"]
@@ -125,7 +125,7 @@ rule prepare_data:
     log:
         "logs/prepare_data.log",
     benchmark:
-        "benchmarks/prepare_data.tsv"
+        "logs/benchmarks/prepare_data.tsv"
     # Light: runs where Snakemake runs, not as a cluster job.
     localrule: True
     conda:

@@ -18,7 +18,7 @@ rule evaluate:
     log:
         "logs/evaluate/{model}_{split}.log",
     benchmark:
-        "benchmarks/evaluate/{model}_{split}.tsv"
+        "logs/benchmarks/evaluate/{model}_{split}.tsv"
     conda:
         "../envs/train.yaml"
     threads: EVAL_RES["cpus"]
@@ -68,7 +68,7 @@ for _name, _spec in EVAL_MODELS.items():
         log:
             f"logs/download_model/{_name}.log",
         benchmark:
-            f"benchmarks/download_model/{_name}.tsv"
+            f"logs/benchmarks/download_model/{_name}.tsv"
         # Light: runs where Snakemake runs (on SLURM, the login node, which has internet access).
         localrule: True
         conda:

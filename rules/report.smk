@@ -46,7 +46,7 @@ rule report:
     log:
         "logs/report.log",
     benchmark:
-        "benchmarks/report.tsv"
+        "logs/benchmarks/report.tsv"
     # Light: runs where Snakemake runs, not as a cluster job.
     localrule: True
     conda:

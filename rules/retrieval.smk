@@ -10,7 +10,7 @@ if not TOY:
         log:
             "logs/download_corpus.log",
         benchmark:
-            "benchmarks/download_corpus.tsv"
+            "logs/benchmarks/download_corpus.tsv"
         # Light: runs where Snakemake runs (on SLURM, the login node, which has internet access).
         localrule: True
         conda:
@@ -32,7 +32,7 @@ rule corpus_offsets:
     log:
         "logs/corpus_offsets.log",
     benchmark:
-        "benchmarks/corpus_offsets.tsv"
+        "logs/benchmarks/corpus_offsets.tsv"
     conda:
         "../envs/retriever.yaml"
     threads: RES["corpus_offsets"]["cpus"]
@@ -48,7 +48,7 @@ rule fetch_encoder:
     log:
         "logs/fetch_encoder.log",
     benchmark:
-        "benchmarks/fetch_encoder.tsv"
+        "logs/benchmarks/fetch_encoder.tsv"
     # Light: runs where Snakemake runs (on SLURM, the login node, which has internet access).
     localrule: True
     conda:
@@ -75,7 +75,7 @@ if config["retriever"]["index"]["source"] == "download":
         log:
             "logs/download_index.log",
         benchmark:
-            "benchmarks/download_index.tsv"
+            "logs/benchmarks/download_index.tsv"
         # Light: runs where Snakemake runs (on SLURM, the login node, which has internet access).
         localrule: True
         conda:
@@ -110,7 +110,7 @@ else:
         log:
             "logs/build_index.log",
         benchmark:
-            "benchmarks/build_index.tsv"
+            "logs/benchmarks/build_index.tsv"
         conda:
             "../envs/retriever.yaml"
         threads: RES["index_build"]["cpus"]
@@ -137,7 +137,7 @@ rule retriever_check:
     log:
         "logs/retriever_check.log",
     benchmark:
-        "benchmarks/retriever_check.tsv"
+        "logs/benchmarks/retriever_check.tsv"
     conda:
         "../envs/retriever.yaml"
     threads: RES["retriever_check"]["cpus"]
@@ -157,7 +157,7 @@ rule bench_retriever:
     log:
         "logs/bench_retriever.log",
     benchmark:
-        "benchmarks/bench_retriever.tsv"
+        "logs/benchmarks/bench_retriever.tsv"
     conda:
         "../envs/retriever.yaml"
     threads: RES["bench_retriever"]["cpus"]

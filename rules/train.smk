@@ -14,7 +14,7 @@ if IMAGE:
         log:
             "logs/container_image.log",
         benchmark:
-            "benchmarks/container_image.tsv"
+            "logs/benchmarks/container_image.tsv"
         # Light on CPU but needs the registry: runs where Snakemake runs (on SLURM, the login node).
         localrule: True
         conda:
@@ -50,7 +50,7 @@ rule train:
     log:
         "logs/train.log",
     benchmark:
-        "benchmarks/train.tsv"
+        "logs/benchmarks/train.tsv"
     conda:
         "../envs/train.yaml"
     threads: TRAIN_RES["cpus"]
@@ -77,7 +77,7 @@ rule export_rl:
     log:
         "logs/export_rl.log",
     benchmark:
-        "benchmarks/export_rl.tsv"
+        "logs/benchmarks/export_rl.tsv"
     conda:
         "../envs/train.yaml"
     threads: RES["export_rl"]["cpus"]

@@ -8,8 +8,8 @@ import subprocess
 
 import pandas as pd
 import pytest
-
 from helpers import ROOT
+
 from searchr1 import provenance
 from searchr1.data import _write_parquet_atomic
 
@@ -40,11 +40,14 @@ def test_check_consistent_walks_inputs_and_names_the_key():
     train = provenance.make("train", {"train.lr": 1e-6})
     export = provenance.make("export_rl", {}, inputs={"final": train})
     other = provenance.make("train", {"train.lr": 2e-6})
-    merged = provenance.check_consistent({"a.json": provenance.make("evaluate", {"seed": 1}, inputs={"model": export}),
-                                          "final.json": train})  # fmt: skip
+    merged = provenance.check_consistent(
+        {"a.json": provenance.make("evaluate", {"seed": 1}, inputs={"model": export}), "final.json": train}
+    )
     assert merged == {"seed": 1, "train.lr": 1e-6}
     with pytest.raises(provenance.MixedSettingsError, match=r"'train\.lr'.*a\.json <- model <- final"):
-        provenance.check_consistent({"final.json": other, "a.json": provenance.make("evaluate", {}, inputs={"model": export})})
+        provenance.check_consistent(
+            {"final.json": other, "a.json": provenance.make("evaluate", {}, inputs={"model": export})}
+        )
 
 
 def test_operational_settings_are_recorded_but_not_hashed():
@@ -63,8 +66,14 @@ def test_files_the_workflow_writes_do_not_make_the_tree_dirty(tmp_path):
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "init"], check=True)
-    for written in ("benchmarks/train.tsv", "benchmarks/evaluate/rl_nq_test.tsv", "logs/train.log",
-                    "results/headline.md", ".snakemake/log/x.log", "data/toy/corpus/corpus.jsonl"):  # fmt: skip
+    for written in (
+        "logs/benchmarks/train.tsv",
+        "logs/benchmarks/evaluate/rl_nq_test.tsv",
+        "logs/train.log",
+        "results/headline.md",
+        ".snakemake/log/x.log",
+        "data/toy/corpus/corpus.jsonl",
+    ):
         (repo / written).parent.mkdir(parents=True, exist_ok=True)
         (repo / written).write_text("x")
     provenance.git_version.cache_clear()
