@@ -1,5 +1,5 @@
-"""Snakemake rule 'corpus_offsets': a thin entry point; the job is searchr1.steps.retrieval.corpus_offsets, which sees only the
-settings the rule declares in params:."""
+"""Snakemake rule 'corpus_offsets': a thin entry point; the job is searchr1.steps.retrieval.corpus_offsets,
+which sees only the settings the rule declares in params:."""
 
 from searchr1.steps import run_step
 

@@ -1,5 +1,5 @@
-"""Snakemake rule 'fetch_encoder': a thin entry point; the job is searchr1.steps.retrieval.fetch_encoder, which sees only the
-settings the rule declares in params:."""
+"""Snakemake rule 'fetch_encoder': a thin entry point; the job is searchr1.steps.retrieval.fetch_encoder,
+which sees only the settings the rule declares in params:."""
 
 from searchr1.steps import run_step
 

@@ -1,5 +1,5 @@
-"""Snakemake rule 'retriever_check': a thin entry point; the job is searchr1.steps.retrieval.retriever_check, which sees only the
-settings the rule declares in params:."""
+"""Snakemake rule 'retriever_check': a thin entry point; the job is searchr1.steps.retrieval.retriever_check,
+which sees only the settings the rule declares in params:."""
 
 from searchr1.steps import run_step
 

@@ -1,5 +1,5 @@
-"""Snakemake rule 'toy_policy_init': a thin entry point; the job is searchr1.steps.toy.toy_policy_init, which sees only the
-settings the rule declares in params:."""
+"""Snakemake rule 'toy_policy_init': a thin entry point; the job is searchr1.steps.toy.toy_policy_init,
+which sees only the settings the rule declares in params:."""
 
 from searchr1.steps import run_step
 

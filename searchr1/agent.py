@@ -188,7 +188,7 @@ async def _search_all(
 ) -> None:
     """One retriever call for every search of this turn; append each trajectory's observation."""
     to_send = [(traj, q) for traj, q in pending if q]
-    for traj, query in pending:
+    for _, query in pending:
         if not query:
             logger.info("empty search query in turn %d: answered with empty information", turn)
     hits_by_traj: dict[int, list[dict]] = {}

@@ -122,8 +122,14 @@ def train_bytes(cfg: Mapping[str, Any]) -> dict[str, float]:
     # slime writes an HF export at every save: the kept ones, plus the newest between two saves (deleted at
     # the next one when off-interval). The torch backend writes only the kept ones.
     exports = min(kept_exports(cfg) + (1 if train["backend"] == "slime" else 0), saves(cfg))
-    return {"checkpoint": checkpoint, "checkpoints": checkpoints * checkpoint, "n_checkpoints": checkpoints,
-            "export": export, "exports": exports * export, "n_exports": exports}  # fmt: skip
+    return {
+        "checkpoint": checkpoint,
+        "checkpoints": checkpoints * checkpoint,
+        "n_checkpoints": checkpoints,
+        "export": export,
+        "exports": exports * export,
+        "n_exports": exports,
+    }
 
 
 def artifacts(cfg: Mapping[str, Any]) -> list[Artifact]:
@@ -137,32 +143,77 @@ def artifacts(cfg: Mapping[str, Any]) -> list[Artifact]:
     export = params * b["export_bytes_per_param"]
     out = [
         Artifact("toy_world" if toy else "download_qa", "QA data (+ prepared splits)", f"{data}/qa", b["qa_mb"] * 1e6),
-        Artifact("toy_world" if toy else "download_corpus", f"corpus, {passages:,} passages", f"{data}/corpus",
-                 corpus * (1 if toy else 1 + b["corpus_gz_ratio"]), "" if toy else "peak with the .gz; then the JSONL"),
+        Artifact(
+            "toy_world" if toy else "download_corpus",
+            f"corpus, {passages:,} passages",
+            f"{data}/corpus",
+            corpus * (1 if toy else 1 + b["corpus_gz_ratio"]),
+            "" if toy else "peak with the .gz; then the JSONL",
+        ),
         Artifact("corpus_offsets", "passage offsets", f"{data}/corpus", passages * 8),
-    ]  # fmt: skip
+    ]
     if cfg["retriever"]["index"]["source"] == "download" and not toy:
-        out.append(Artifact("download_index", f"Flat index {passages:,} x {b['embedding_dim']} fp32", f"{data}/index",
-                            2 * index, "peak: parts + concatenated; then half"))  # fmt: skip
+        out.append(
+            Artifact(
+                "download_index",
+                f"Flat index {passages:,} x {b['embedding_dim']} fp32",
+                f"{data}/index",
+                2 * index,
+                "peak: parts + concatenated; then half",
+            )
+        )
     else:
-        out.append(Artifact("build_index", f"Flat index {passages:,} x {b['embedding_dim']} fp32", f"{data}/index", index))
+        out.append(
+            Artifact("build_index", f"Flat index {passages:,} x {b['embedding_dim']} fp32", f"{data}/index", index)
+        )
     out.append(Artifact("fetch_encoder", "encoder", f"{data}/models", b["encoder_mb"] * 1e6))
-    out.append(Artifact("toy_warm_start" if toy else "download_policy", f"base policy, {params / 1e9:.3g}B params",
-                        f"{data}/models", export))  # fmt: skip
+    out.append(
+        Artifact(
+            "toy_warm_start" if toy else "download_policy",
+            f"base policy, {params / 1e9:.3g}B params",
+            f"{data}/models",
+            export,
+        )
+    )
     if uses_container(cfg):
-        out.append(Artifact("container_image", f"slime image ({cfg['train']['slime']['container_runtime']})",
-                            f"{work}/images", b["image_gb"] * GB))  # fmt: skip
+        out.append(
+            Artifact(
+                "container_image",
+                f"slime image ({cfg['train']['slime']['container_runtime']})",
+                f"{work}/images",
+                b["image_gb"] * GB,
+            )
+        )
     t = train_bytes(cfg)
     keep, every = cfg["train"]["keep_checkpoints"], cfg["train"]["save_hf_interval"]
-    out.append(Artifact("train", f"checkpoints: keep {keep} (+1 while saving) x {t['checkpoint'] / GB:.3g} GB",
-                        f"{work}/train", t["checkpoints"]))  # fmt: skip
-    out.append(Artifact("train", f"HF exports: {'every ' + str(every) + ' rollouts + final' if every else 'final'}"
-                        f", {t['n_exports']} x {t['export'] / GB:.3g} GB", f"{work}/train", t["exports"]))  # fmt: skip
+    out.append(
+        Artifact(
+            "train",
+            f"checkpoints: keep {keep} (+1 while saving) x {t['checkpoint'] / GB:.3g} GB",
+            f"{work}/train",
+            t["checkpoints"],
+        )
+    )
+    out.append(
+        Artifact(
+            "train",
+            f"HF exports: {'every ' + str(every) + ' rollouts + final' if every else 'final'}"
+            f", {t['n_exports']} x {t['export'] / GB:.3g} GB",
+            f"{work}/train",
+            t["exports"],
+        )
+    )
     out.append(Artifact("export_rl", "RL policy (HF)", "results/models/rl", export))
     questions = eval_questions(cfg)
     models = 2 + len(cfg["eval"]["models"])  # base, rl and eval.models
-    out.append(Artifact("evaluate", f"{models} models x {questions:,} questions", f"{work}/eval + results/eval",
-                        models * questions * b["eval_kb_per_question"] * 1e3))  # fmt: skip
+    out.append(
+        Artifact(
+            "evaluate",
+            f"{models} models x {questions:,} questions",
+            f"{work}/eval + results/eval",
+            models * questions * b["eval_kb_per_question"] * 1e3,
+        )
+    )
     return out
 
 
@@ -189,10 +240,19 @@ def jobs(cfg: Mapping[str, Any]) -> list[Job]:
     res, train, ev = cfg["resources"], cfg["train"], cfg["eval"]
     ret_gpus = 0 if cfg["retriever"]["url"] else cfg["retriever"]["gpus"]
     slime = train["slime"]
-    train_gpus = (slime["nodes"] * slime["gpus_per_node"] if train["backend"] == "slime" else train["resources"]["gpus"])
+    train_gpus = slime["nodes"] * slime["gpus_per_node"] if train["backend"] == "slime" else train["resources"]["gpus"]
     rows = []
     if cfg["scale"] != "toy":
-        rows += [Job("download_* (each)", 5, 0, res["download"]["cpus"], res["download"]["mem_mb"], res["download"]["runtime_min"])]
+        rows += [
+            Job(
+                "download_* (each)",
+                5,
+                0,
+                res["download"]["cpus"],
+                res["download"]["mem_mb"],
+                res["download"]["runtime_min"],
+            )
+        ]
     if cfg["retriever"]["index"]["source"] == "build" or cfg["scale"] == "toy":
         ib = res["index_build"]
         rows.append(Job("build_index", 1, ib["gpus"], ib["cpus"], ib["mem_mb"], ib["runtime_min"]))
@@ -204,7 +264,16 @@ def jobs(cfg: Mapping[str, Any]) -> list[Job]:
     tr = train["resources"]
     rows.append(Job("train", 1, train_gpus + ret_gpus, tr["cpus"], tr["mem_mb"], tr["runtime_min"]))
     er = ev["resources"]
-    rows.append(Job("evaluate", (2 + len(ev["models"])) * len(ev["splits"]), er["gpus"] + ret_gpus, er["cpus"], er["mem_mb"], er["runtime_min"]))
+    rows.append(
+        Job(
+            "evaluate",
+            (2 + len(ev["models"])) * len(ev["splits"]),
+            er["gpus"] + ret_gpus,
+            er["cpus"],
+            er["mem_mb"],
+            er["runtime_min"],
+        )
+    )
     return rows
 
 
@@ -213,8 +282,11 @@ def _gb(n: float) -> str:
 
 
 def format_plan(cfg: Mapping[str, Any]) -> str:
-    lines = [f"Budget of this run (scale {cfg['scale']}; data_dir {cfg['data_dir']}, work_dir {cfg['work_dir']}):",
-             "", "  disk (peak per artifact, without the margin)"]  # fmt: skip
+    lines = [
+        f"Budget of this run (scale {cfg['scale']}; data_dir {cfg['data_dir']}, work_dir {cfg['work_dir']}):",
+        "",
+        "  disk (peak per artifact, without the margin)",
+    ]
     arts = artifacts(cfg)
     width = max(len(a.step) for a in arts)
     for a in arts:
@@ -222,17 +294,25 @@ def format_plan(cfg: Mapping[str, Any]) -> str:
         lines.append(f"    {a.step:<{width}}  {_gb(a.bytes):>11}  {a.what} -> {a.where}{note}")
     by_root: dict[str, float] = {}
     for a in arts:
-        root = "work_dir" if a.where.startswith(str(cfg["work_dir"])) else (
-            "data_dir" if a.where.startswith(str(cfg["data_dir"])) else "results")
+        root = (
+            "work_dir"
+            if a.where.startswith(str(cfg["work_dir"]))
+            else ("data_dir" if a.where.startswith(str(cfg["data_dir"])) else "results")
+        )
         by_root[root] = by_root.get(root, 0.0) + a.bytes
     total = sum(by_root.values())
-    lines.append(f"    {'total':<{width}}  {_gb(total):>11}  (" + ", ".join(f"{k} {_gb(v)}" for k, v in by_root.items())
-                 + f"); with margin x{cfg['budget']['margin']}: {_gb(total * cfg['budget']['margin'])}")
+    lines.append(
+        f"    {'total':<{width}}  {_gb(total):>11}  ("
+        + ", ".join(f"{k} {_gb(v)}" for k, v in by_root.items())
+        + f"); with margin x{cfg['budget']['margin']}: {_gb(total * cfg['budget']['margin'])}"
+    )
     lines += ["", "  jobs (GPUs, CPUs, memory, wall-time request each)"]
     for j in jobs(cfg):
         count = f" x{j.count}" if j.count > 1 else ""
-        lines.append(f"    {j.rule + count:<{width + 4}}  {j.gpus} GPU  {j.cpus} CPU  {j.mem_mb / 1000:,.0f} GB RAM  "
-                     f"{j.runtime_min / 60:,.1f} h")  # fmt: skip
+        lines.append(
+            f"    {j.rule + count:<{width + 4}}  {j.gpus} GPU  {j.cpus} CPU  {j.mem_mb / 1000:,.0f} GB RAM  "
+            f"{j.runtime_min / 60:,.1f} h"
+        )
     return "\n".join(lines)
 
 
@@ -251,7 +331,9 @@ def existing_bytes(path: str | Path) -> int:
     return total
 
 
-def require_free_disk(cfg: Mapping[str, Any], step: str, directory: str | Path, *, disk_usage=shutil.disk_usage) -> None:
+def require_free_disk(
+    cfg: Mapping[str, Any], step: str, directory: str | Path, *, disk_usage=shutil.disk_usage
+) -> None:
     """Refuse to start ``step`` when the free space of ``directory``'s filesystem is below what the step will
     still write (its budget with the margin, less what a previous attempt already wrote there)."""
     if not cfg["budget"]["check_free_disk"]:

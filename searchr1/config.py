@@ -114,7 +114,9 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
     slime = train["slime"]
     if train["backend"] == "slime":
         gpus = slime["nodes"] * slime["gpus_per_node"]
-        tp = slime["tensor_model_parallel_size"] * slime["pipeline_model_parallel_size"] * slime["context_parallel_size"]
+        tp = (
+            slime["tensor_model_parallel_size"] * slime["pipeline_model_parallel_size"] * slime["context_parallel_size"]
+        )
         if gpus % tp:
             problems.append(
                 f"config key 'train.slime.tensor_model_parallel_size': model parallel size {tp} does not divide "
@@ -222,8 +224,6 @@ def load_config(*paths: str | Path, overrides: Mapping[str, Any] | None = None) 
     if overrides:
         merged = deep_merge(merged, overrides)
     return validate_config(merged)
-
-
 
 
 def config_value(cfg: Mapping[str, Any], key: str) -> Any:

@@ -95,8 +95,9 @@ def fetch_image(slime_cfg: Mapping[str, Any], out: str | Path, *, run=subprocess
     if runtime == "apptainer":
         publish_file(str(out) + ".partial", out)
     else:
-        inspect = run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True,
-                      check=False)  # fmt: skip
+        inspect = run(
+            ["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True, check=False
+        )
         image_id = (inspect.stdout or "").strip()
         if inspect.returncode != 0 or not image_id:
             raise ContainerError(f"docker image inspect {image} failed after the pull: {inspect.stderr}")

@@ -95,8 +95,11 @@ def download_files(
         if record.get("revision") not in (None, revision):
             record = {}  # a different revision was asked for: nothing recorded applies
         local = dest_dir / name
-        if record and local.exists() and local.stat().st_size == record.get("size") and (
-            int(local.stat().st_mtime) == record.get("mtime")
+        if (
+            record
+            and local.exists()
+            and local.stat().st_size == record.get("size")
+            and (int(local.stat().st_mtime) == record.get("mtime"))
         ):
             out[name] = local  # verified before and untouched since: skip re-hashing many GB
             continue
@@ -267,8 +270,14 @@ def flashrag_rows(records: Iterable[Mapping[str, Any]], data_source: str) -> pd.
     record's position as index."""
     rows = []
     for index, record in enumerate(records):
-        row = make_row(record["question"], list(record["golden_answers"]), data_source=data_source, split="test",
-                       index=index, qid="")  # fmt: skip
+        row = make_row(
+            record["question"],
+            list(record["golden_answers"]),
+            data_source=data_source,
+            split="test",
+            index=index,
+            qid="",
+        )
         rows.append({c: row[c] for c in ROW_COLUMNS})
     import pandas as pd
 

@@ -369,7 +369,9 @@ def parse_sglang_output(output: Any) -> GenerationOutput:
     text = output.get("text")
     if not isinstance(text, str):
         raise EngineError(f"SGLang reply has no text: {str(output)[:300]}")
-    return GenerationOutput(token_ids=token_ids, logprobs=logprobs, text=text, finish_reason=reason_type, meta_info=meta)
+    return GenerationOutput(
+        token_ids=token_ids, logprobs=logprobs, text=text, finish_reason=reason_type, meta_info=meta
+    )
 
 
 class SGLangEngine:
@@ -436,13 +438,17 @@ class SGLangEngine:
                 else:
                     if response.status_code < 400:
                         return parse_sglang_output(response.json())
-                    error = EngineError(f"SGLang {self.url} answered HTTP {response.status_code}: {response.text[:500]}")
+                    error = EngineError(
+                        f"SGLang {self.url} answered HTTP {response.status_code}: {response.text[:500]}"
+                    )
                     if response.status_code < 500:
                         raise error
                 if attempt < self.max_retries:
                     logger.warning("SGLang request failed (%s); retry %d/%d", error, attempt + 1, self.max_retries)
                     await asyncio.sleep(self.backoff_s * 2**attempt)
-            raise EngineError(f"SGLang request to {self.url} failed after {self.max_retries + 1} attempts: {error}") from error
+            raise EngineError(
+                f"SGLang request to {self.url} failed after {self.max_retries + 1} attempts: {error}"
+            ) from error
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -180,8 +180,15 @@ def managed_process(
         )
         stack.callback(stop_process_group, proc, stop_grace_s)
         if healthy is not None:
-            wait_healthy(proc, healthy, name=name, log_path=log_path, timeout_s=startup_timeout_s,
-                         poll_interval_s=poll_interval_s, error=error)  # fmt: skip
+            wait_healthy(
+                proc,
+                healthy,
+                name=name,
+                log_path=log_path,
+                timeout_s=startup_timeout_s,
+                poll_interval_s=poll_interval_s,
+                error=error,
+            )
         yield proc
 
 
@@ -207,7 +214,5 @@ def wait_healthy(
         if healthy():
             return
         if time.monotonic() > deadline:
-            raise error(
-                f"{name} not healthy after {timeout_s:.0f} s; last lines of {log_path}:\n{log_tail(log_path)}"
-            )
+            raise error(f"{name} not healthy after {timeout_s:.0f} s; last lines of {log_path}:\n{log_tail(log_path)}")
         time.sleep(poll_interval_s)

@@ -24,16 +24,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from searchr1 import provenance  # noqa: E402
-from searchr1.stats import FAILURE_CATEGORIES, failure_category, read_jsonl, summarize_rows  # noqa: E402
 from searchr1.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
+from searchr1.stats import FAILURE_CATEGORIES, failure_category, read_jsonl, summarize_rows  # noqa: E402
 
 MODELS = ("base", "rl")  # always evaluated; eval.models adds named ones after them
 MODEL_NAMES = {"base": "base", "rl": "RL"}
 SPLIT_NAMES = {
-    "nq_test": "NQ", "triviaqa_test": "TriviaQA", "popqa_test": "PopQA", "hotpotqa_test": "HotpotQA",
-    "2wikimultihopqa_test": "2Wiki", "musique_test": "MuSiQue", "bamboogle_test": "Bamboogle",
-    "nq": "NQ", "hotpotqa": "HotpotQA",
-}  # fmt: skip
+    "nq_test": "NQ",
+    "triviaqa_test": "TriviaQA",
+    "popqa_test": "PopQA",
+    "hotpotqa_test": "HotpotQA",
+    "2wikimultihopqa_test": "2Wiki",
+    "musique_test": "MuSiQue",
+    "bamboogle_test": "Bamboogle",
+    "nq": "NQ",
+    "hotpotqa": "HotpotQA",
+}
 FIGSIZE = (7, 4)
 DPI = 120
 DEFAULT_EXAMPLES = 3
@@ -273,8 +279,11 @@ def headline_table(
             cells.append("—" if p is None or not comparable else _signed(ours - p))
         if average:
             ours, p = mean_em(summaries, model, splits), pub_avg(model)
-            cells += [f"{ours:.3f}", "—" if p is None else f"{p:.3f}",
-                      "—" if p is None or not comparable else _signed(ours - p)]  # fmt: skip
+            cells += [
+                f"{ours:.3f}",
+                "—" if p is None else f"{p:.3f}",
+                "—" if p is None or not comparable else _signed(ours - p),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["delta (RL − base)"]
     for split in splits:
@@ -290,7 +299,11 @@ def headline_table(
         ours = mean_em(summaries, "rl", splits) - mean_em(summaries, "base", splits)
         pb, pr = pub_avg("base"), pub_avg("rl")
         p = None if pb is None or pr is None else pr - pb
-        cells += [_signed(ours), "—" if p is None else _signed(p), "—" if p is None or not comparable else _signed(ours - p)]
+        cells += [
+            _signed(ours),
+            "—" if p is None else _signed(p),
+            "—" if p is None or not comparable else _signed(ours - p),
+        ]
     lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -331,7 +344,8 @@ def training_summary(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
         f"- reward: first step {first['reward_mean']:.3f}, last step {last['reward_mean']:.3f}; "
         f"mean of the first {k} steps {mean(metrics[:k], 'reward_mean'):.3f}, of the last {k} "
         f"{mean(metrics[-k:], 'reward_mean'):.3f}",
-        f"- response length (model tokens): first {first['response_len_mean']:.1f}, last {last['response_len_mean']:.1f}",
+        f"- response length (model tokens): first {first['response_len_mean']:.1f}, "
+        f"last {last['response_len_mean']:.1f}",
     ]
     if "searches_mean" in first and "searches_mean" in last:
         lines.append(f"- searches per response: first {first['searches_mean']:.2f}, last {last['searches_mean']:.2f}")
@@ -343,8 +357,11 @@ def curve_summary(points: Mapping[str, Sequence[Mapping[str, Any]]], every: int 
     """The learning curve in the headline: per split, EM [95% CI] at the first and the last point."""
     if not points:
         return []
-    n = max(p["n"] for ps in points.values() for p in ps if "n" in p) if any(
-        "n" in p for ps in points.values() for p in ps) else None  # fmt: skip
+    n = (
+        max(p["n"] for ps in points.values() for p in ps if "n" in p)
+        if any("n" in p for ps in points.values() for p in ps)
+        else None
+    )
     head = "- learning curve (greedy EM" + (f" on the first {n} questions of each split" if n else "")
     head += (f", every {every} rollouts" if every else "") + "; plot below):"
     lines = [head]
@@ -411,10 +428,11 @@ def examples_markdown(
     lines = [
         f"# {a_cap} vs {b_name}: example trajectories",
         "",
-        f"Greedy trajectories of {a_name} and {b_name} (eval.compare) on the same questions. Each block is the response "
-        "(the model's turns and the retrieved `<information>`); the prompt before it is the chat-templated "
-        "Search-R1 instruction with the question. The verdict is the seed's: the last `<answer>` of prompt + "
-        "response. Questions are picked in the order of a SHA-256 hash of their id (deterministic, not random).",
+        f"Greedy trajectories of {a_name} and {b_name} (eval.compare) on the same questions. "
+        "Each block is the response (the model's turns and the retrieved `<information>`); "
+        "the prompt before it is the chat-templated Search-R1 instruction with the question. "
+        "The verdict is the seed's: the last `<answer>` of prompt + response. "
+        "Questions are picked in the order of a SHA-256 hash of their id (deterministic, not random).",
         "",
     ]
     for split in splits:
@@ -586,7 +604,9 @@ def provenance_section(
     ]
     for label, rec in records.items():
         if rec:
-            lines.append(f"| `{label}` | {rec.get('step', '?')} | `{rec.get('settings_hash', '?')}` | {_code_text(rec)} |")
+            lines.append(
+                f"| `{label}` | {rec.get('step', '?')} | `{rec.get('settings_hash', '?')}` | {_code_text(rec)} |"
+            )
         else:
             lines.append(f"| `{label}` | ? | (no provenance recorded) | ? |")
     lines.append(f"| this report | {record.get('step')} | `{record['settings_hash']}` | {_code_text(record)} |")
@@ -594,6 +614,9 @@ def provenance_section(
     if len(codes) > 1:
         lines += ["", f"**Note:** the inputs were made by {len(codes)} different code versions (listed above)."]
     if provenance_json is not None:
-        lines += ["", f"Full records (settings of every step, operational settings, inputs): "
-                      f"[{Path(provenance_json).name}]({_rel(Path(provenance_json), out_md)})"]  # fmt: skip
+        lines += [
+            "",
+            f"Full records (settings of every step, operational settings, inputs): "
+            f"[{Path(provenance_json).name}]({_rel(Path(provenance_json), out_md)})",
+        ]
     return lines + [""]

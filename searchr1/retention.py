@@ -104,7 +104,9 @@ def prune(
             newest = exports[-1][0]
             for it, path in exports:
                 if not hf_kept(it, hf_interval, newest):
-                    log.info("retention: deleting HF export %s (kept: every %s rollouts and the newest)", path, hf_interval)
+                    log.info(
+                        "retention: deleting HF export %s (kept: every %s rollouts and the newest)", path, hf_interval
+                    )
                     remove(path)
                     result.deleted_exports.append(it)
     return result
@@ -114,8 +116,15 @@ class RetentionWatcher:
     """Prune once now and then every ``interval_s`` while slime trains (a background thread), and once more
     when stopped. A failed prune is logged, never raised into the training."""
 
-    def __init__(self, save_dir: str | Path, hf_dir: str | Path | None, *, keep: int, hf_interval: int | None,
-                 interval_s: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        save_dir: str | Path,
+        hf_dir: str | Path | None,
+        *,
+        keep: int,
+        hf_interval: int | None,
+        interval_s: float = 60.0,
+    ) -> None:
         self.args = (save_dir, hf_dir)
         self.kwargs = {"keep": keep, "hf_interval": hf_interval}
         self.interval_s = interval_s

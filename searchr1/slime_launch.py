@@ -273,7 +273,12 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
     if sl["recompute_granularity"]:
         f += ["--recompute-granularity", sl["recompute_granularity"]]
         if sl["recompute_granularity"] == "full":
-            f += ["--recompute-method", sl["recompute_method"], "--recompute-num-layers", str(sl["recompute_num_layers"])]
+            f += [
+                "--recompute-method",
+                sl["recompute_method"],
+                "--recompute-num-layers",
+                str(sl["recompute_num_layers"]),
+            ]
     if sl["use_dynamic_batch_size"]:
         f += ["--use-dynamic-batch-size", "--max-tokens-per-gpu", str(sl["max_tokens_per_gpu"])]
     else:
@@ -433,8 +438,13 @@ def build_plan(
         stop=["docker", "stop", container_name] if container_name else wrap(["ray", "stop"]),
         dashboard_url=dashboard_url,
         custom_config=custom_config(cfg, paths.retriever_url, paths.metrics_path, paths.eval_metrics_path),
-        make_dirs=[paths.save_dir, paths.save_hf_dir, paths.log_dir, os.path.dirname(paths.metrics_path),
-                   os.path.dirname(paths.eval_metrics_path)],  # fmt: skip
+        make_dirs=[
+            paths.save_dir,
+            paths.save_hf_dir,
+            paths.log_dir,
+            os.path.dirname(paths.metrics_path),
+            os.path.dirname(paths.eval_metrics_path),
+        ],  # fmt: skip
         save_dir=paths.save_dir,
         metrics_path=paths.metrics_path,
     )
@@ -493,9 +503,15 @@ def run_plan(
             return head
 
         started.enter_context(
-            managed_process(plan.head_start, name="the Ray head", error=LaunchError, startup_timeout_s=head_timeout_s,
-                            healthy=lambda: http_ok(f"{plan.dashboard_url}/api/version"), poll_interval_s=0.5,
-                            **{**common, "popen": start_head})  # fmt: skip
+            managed_process(
+                plan.head_start,
+                name="the Ray head",
+                error=LaunchError,
+                startup_timeout_s=head_timeout_s,
+                healthy=lambda: http_ok(f"{plan.dashboard_url}/api/version"),
+                poll_interval_s=0.5,
+                **{**common, "popen": start_head},
+            )  # fmt: skip
         )
         for i, worker in enumerate(plan.worker_starts):
             started.enter_context(managed_process(worker, name=f"Ray worker {i + 1}", **common))

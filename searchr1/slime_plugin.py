@@ -36,9 +36,15 @@ logger = logging.getLogger(__name__)
 # Our settings reach slime's ``args`` through --custom-config-path: searchr1.slime_launch.custom_config
 # writes every key below from the workflow config (their one home), so none has a default here.
 REQUIRED_ARGS = (
-    "search_url", "search_topk", "search_max_turns", "search_on_error", "search_timeout_s", "search_max_retries",
-    "search_concurrency", "search_input_mode",
-)  # fmt: skip
+    "search_url",
+    "search_topk",
+    "search_max_turns",
+    "search_on_error",
+    "search_timeout_s",
+    "search_max_retries",
+    "search_concurrency",
+    "search_input_mode",
+)
 # Not a config key: one /retrieve call per turn for the whole batch instead of one per trajectory.
 SEARCH_BATCH_DEFAULT = False
 

@@ -32,8 +32,11 @@ def _config(toy: bool) -> dict:
 
 def config(toy: bool = False, **overrides: Any) -> dict:
     """The validated config (a fresh copy), with nested ``overrides`` merged on top."""
-    return load_config(ROOT / "config.yaml", *([ROOT / "config.toy.yaml"] if toy else []), overrides=overrides) \
-        if overrides else deep_merge(_config(toy), {})
+    return (
+        load_config(ROOT / "config.yaml", *([ROOT / "config.toy.yaml"] if toy else []), overrides=overrides)
+        if overrides
+        else deep_merge(_config(toy), {})
+    )
 
 
 def agent_config(**fields: Any):
@@ -102,8 +105,9 @@ def rule_params(rule: str, *configfiles: str) -> dict[str, Any]:
     return dict(rules[rule])
 
 
-def run_job_in_fresh_process(rule: str, step: str, configfiles: tuple[str, ...], env: dict[str, str],
-                              **io: Any) -> subprocess.CompletedProcess:
+def run_job_in_fresh_process(
+    rule: str, step: str, configfiles: tuple[str, ...], env: dict[str, str], **io: Any
+) -> subprocess.CompletedProcess:
     """Rule ``rule``'s job (``step``, as searchr1.steps.resolve names it) under exactly the params Snakemake gives
     it with ``configfiles`` (parsed here: rule_params), run in a fresh process with ``env``, as the workflow runs
     it (huggingface_hub, for one, reads HF_ENDPOINT when it is imported); ``io``: its inputs and outputs."""
@@ -119,8 +123,9 @@ def run_job_in_fresh_process(rule: str, step: str, configfiles: tuple[str, ...],
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.pickle"
         job.write_bytes(pickle.dumps((rule, step, rule_params(rule, *configfiles), io)))
-        return subprocess.run([sys.executable, "-c", code, str(job)], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=ROOT)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-c", code, str(job)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+        )
 
 
 def copy_workflow(dst: Path) -> Path:
@@ -264,7 +269,7 @@ def serve_real_retriever(passages: list[dict], work_dir: Path) -> Iterator[str]:
 
 _BPE_TEXTS = [
     "<think> I need to search for this. </think> <search> who wrote the hobbit </search>",
-    "\n\n<information>Doc 1(Title: \"The Hobbit\") The Hobbit is a novel by Tolkien.\n</information>\n\n",
+    '\n\n<information>Doc 1(Title: "The Hobbit") The Hobbit is a novel by Tolkien.\n</information>\n\n',
     "<think> It was Tolkien. </think> <answer> Tolkien </answer>",
     "\nMy previous action is invalid. If I want to search, I should put the query between <search> and "
     "</search>. If I want to give the final answer, I should put the answer between <answer> and </answer>. "
@@ -308,8 +313,12 @@ def tiny_model(tokenizer, *, seed: int = 0, sharpen: float = 1.0, **size: int):
 
 
 # The GRPO tests' world: four questions, answered by the words of the passages scripted_hits returns.
-GRPO_QUESTIONS = [("where was ada born", "paris"), ("what is bob's job", "baker"), ("who is cy married to", "dee"),
-                  ("where was dee born", "rome")]  # fmt: skip
+GRPO_QUESTIONS = [
+    ("where was ada born", "paris"),
+    ("what is bob's job", "baker"),
+    ("who is cy married to", "dee"),
+    ("where was dee born", "rome"),
+]
 
 
 def grpo_world(root: Path) -> tuple[Path, Path]:
@@ -325,8 +334,12 @@ def grpo_world(root: Path) -> tuple[Path, Path]:
 
     tok = build_tokenizer([f"{q} {a}" for q, a in GRPO_QUESTIONS])
     model = tiny_model(tok, layers=1, heads=2, max_positions=512).train()
-    demos = ["<search> ada born </search>", "<answer> paris </answer>", "<answer> rome </answer>",
-             "<think> ada </think> <search> bob </search>"]  # fmt: skip
+    demos = [
+        "<search> ada born </search>",
+        "<answer> paris </answer>",
+        "<answer> rome </answer>",
+        "<think> ada </think> <search> bob </search>",
+    ]
     prompt = tok.apply_chat_template(make_messages(GRPO_QUESTIONS[0][0]), tokenize=False, add_generation_prompt=True)
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -341,11 +354,18 @@ def grpo_world(root: Path) -> tuple[Path, Path]:
     policy = root / "policy"
     model.save_pretrained(policy)
     tok.save_pretrained(policy)
-    rows = [{
-        "data_source": "nq", "prompt": make_messages(q), "ability": "fact-reasoning",
-        "reward_model": {"style": "rule", "ground_truth": {"target": [a, "beijing"]}},
-        "extra_info": {"split": "train", "index": i}, "question": q, "id": f"t{i}",
-    } for i, (q, a) in enumerate(GRPO_QUESTIONS)]  # fmt: skip
+    rows = [
+        {
+            "data_source": "nq",
+            "prompt": make_messages(q),
+            "ability": "fact-reasoning",
+            "reward_model": {"style": "rule", "ground_truth": {"target": [a, "beijing"]}},
+            "extra_info": {"split": "train", "index": i},
+            "question": q,
+            "id": f"t{i}",
+        }
+        for i, (q, a) in enumerate(GRPO_QUESTIONS)
+    ]
     parquet = root / "train.parquet"
     pd.DataFrame(rows).to_parquet(parquet)
     return policy, parquet

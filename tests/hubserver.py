@@ -164,7 +164,7 @@ class HubServer:
         env.pop("HF_HUB_OFFLINE", None)
         return env
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         return self
 

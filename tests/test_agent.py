@@ -7,8 +7,8 @@ import asyncio
 import logging
 
 import pytest
-
 from helpers import FakeRetriever, ScriptedEngine, agent_config, bpe_tokenizer
+
 from searchr1.agent import (
     INVALID_ACTION_TEXT,
     STOP_STRINGS,
@@ -217,7 +217,9 @@ def test_retrieval_failure_degrade_mode_inserts_empty_information(caplog):
 
 
 def test_empty_query_is_not_sent():
-    engine = ScriptedEngine(TOKENIZER, {Q1: [("<think> hm </think><search>  </search>", "stop"), (THINK_ANSWER, "stop")]})
+    engine = ScriptedEngine(
+        TOKENIZER, {Q1: [("<think> hm </think><search>  </search>", "stop"), (THINK_ANSWER, "stop")]}
+    )
     retriever = FakeRetriever()
     (traj,) = run(engine, retriever, [Q1])
     assert retriever.calls == []
@@ -233,7 +235,7 @@ def test_batch_is_turn_synchronous_with_one_retriever_call_per_turn():
             Q1: [(THINK_SEARCH, "stop"), (THINK_ANSWER, "stop")],
             Q2: [(THINK_ANSWER.replace("Tolkien", "1954"), "stop")],
             q3: [("<search> lotr </search>", "stop"), ("<answer> a hobbit </answer>", "stop")],
-        }
+        },
     )
     retriever = FakeRetriever({"hobbit author": [HOBBIT], "lotr": [LOTR]})
     t1, t2, t3 = run(engine, retriever, [Q1, Q2, q3], topk=1)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from helpers import config, run_job_in_fresh_process
 from hubserver import HubServer
+
 from searchr1.data import ROW_COLUMNS, make_row
 from searchr1.prompt import make_messages
 
@@ -40,34 +40,54 @@ def _search_r1_rows(n: int, source: str, split: str) -> list[dict]:
 
 def _flashrag(source: str, n: int, split: str) -> list[dict]:
     # FlashRAG's fields; questions without '?' and with stray spaces, as the raw datasets have them
-    return [{"id": f"{split}_{i}", "question": f"  {source} {split} question {i} ", "golden_answers": [f"a{i}", f"b{i}"],
-             "metadata": {}} for i in range(n)]  # fmt: skip
+    return [
+        {
+            "id": f"{split}_{i}",
+            "question": f"  {source} {split} question {i} ",
+            "golden_answers": [f"a{i}", f"b{i}"],
+            "metadata": {},
+        }
+        for i in range(n)
+    ]
 
 
-def _prepare(hub: HubServer, tmp_path: Path, splits: dict[str, dict], selected: list[str]) -> subprocess.CompletedProcess:
+def _prepare(
+    hub: HubServer, tmp_path: Path, splits: dict[str, dict], selected: list[str]
+) -> subprocess.CompletedProcess:
     """Rule prepare_data's job under exactly the params Snakemake gives it, in a fresh process (HF_ENDPOINT)."""
     qa = tmp_path / "qa"
     qa.mkdir(exist_ok=True)
     (qa / "train.parquet").write_bytes(_parquet(_search_r1_rows(3, "nq", "train")))
-    (qa / "test.parquet").write_bytes(_parquet(_search_r1_rows(4, "nq", "test") + _search_r1_rows(6, "hotpotqa", "test")))
+    (qa / "test.parquet").write_bytes(
+        _parquet(_search_r1_rows(4, "nq", "test") + _search_r1_rows(6, "hotpotqa", "test"))
+    )
     extra = {"data_dir": str(tmp_path / "data"), "data": {"splits": splits}, "eval": {"splits": selected}}
     (tmp_path / "extra.yaml").write_text(json.dumps(extra))
-    return run_job_in_fresh_process("prepare_data", "data.prepare_data", ("config.yaml", str(tmp_path / "extra.yaml")),
-                                    hub.client_env(), inputs={"train": str(qa / "train.parquet"),
-                                    "test": str(qa / "test.parquet")}, outputs={"train": str(tmp_path / "out/train.parquet")})  # fmt: skip
+    return run_job_in_fresh_process(
+        "prepare_data",
+        "data.prepare_data",
+        ("config.yaml", str(tmp_path / "extra.yaml")),
+        hub.client_env(),
+        inputs={"train": str(qa / "train.parquet"), "test": str(qa / "test.parquet")},
+        outputs={"train": str(tmp_path / "out/train.parquet")},
+    )
 
 
 @pytest.fixture()
 def flashrag_hub():
     with HubServer() as hub:
-        hub.state.add("dataset", FLASHRAG, {
-            "triviaqa/train.jsonl": _jsonl(_flashrag("triviaqa", 9, "train")),
-            "triviaqa/dev.jsonl": _jsonl(_flashrag("triviaqa", 7, "dev")),
-            "triviaqa/test.jsonl": _jsonl(_flashrag("triviaqa", 5, "test")),
-            "musique/train.jsonl": _jsonl(_flashrag("musique", 8, "train")),
-            "musique/dev.jsonl": _jsonl(_flashrag("musique", 3, "dev")),
-            "popqa/train.jsonl": _jsonl(_flashrag("popqa", 2, "train")),
-        })  # fmt: skip
+        hub.state.add(
+            "dataset",
+            FLASHRAG,
+            {
+                "triviaqa/train.jsonl": _jsonl(_flashrag("triviaqa", 9, "train")),
+                "triviaqa/dev.jsonl": _jsonl(_flashrag("triviaqa", 7, "dev")),
+                "triviaqa/test.jsonl": _jsonl(_flashrag("triviaqa", 5, "test")),
+                "musique/train.jsonl": _jsonl(_flashrag("musique", 8, "train")),
+                "musique/dev.jsonl": _jsonl(_flashrag("musique", 3, "dev")),
+                "popqa/train.jsonl": _jsonl(_flashrag("popqa", 2, "train")),
+            },
+        )
         yield hub
 
 
@@ -90,8 +110,11 @@ def test_missing_splits_are_built_from_flashrag_like_search_r1(flashrag_hub, tmp
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
     downloaded = pd.read_parquet(out / "nq_test.parquet")
-    for name, source, raw_split, n in (("triviaqa_test", "triviaqa", "test", 5), ("musique_test", "musique", "dev", 3),
-                                       ("popqa_test", "popqa", "train", 2)):  # fmt: skip
+    for name, source, raw_split, n in (
+        ("triviaqa_test", "triviaqa", "test", 5),
+        ("musique_test", "musique", "dev", 3),
+        ("popqa_test", "popqa", "train", 2),
+    ):
         built = pd.read_parquet(out / f"{name}.parquet")
         # the downloaded splits' row schema: same columns, same types, same nesting
         assert list(built.columns) == list(downloaded.columns) and len(built) == n
@@ -109,7 +132,9 @@ def test_missing_splits_are_built_from_flashrag_like_search_r1(flashrag_hub, tmp
     assert [dict(m) for m in downloaded.iloc[0]["prompt"]] == same
     # verified and locked like every download; recorded in the splits' provenance
     lock = json.loads((tmp_path / "data/download-lock.json").read_text())
-    assert {f"dataset:{FLASHRAG}/{s}" for s in ("triviaqa/test.jsonl", "musique/dev.jsonl", "popqa/train.jsonl")} <= set(lock)
+    assert {
+        f"dataset:{FLASHRAG}/{s}" for s in ("triviaqa/test.jsonl", "musique/dev.jsonl", "popqa/train.jsonl")
+    } <= set(lock)
     from searchr1.provenance import of_parquet
 
     record = of_parquet(out / "musique_test.parquet")

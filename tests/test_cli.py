@@ -50,16 +50,26 @@ def test_unknown_command_is_refused():
 def test_command_line_defaults_are_the_configs():
     """`serve`/`build-index` by hand use config.yaml's values, the toy commands config.toy.yaml's."""
     from helpers import config
+
     from searchr1.retrieval.__main__ import build_parser
     from searchr1.toy.__main__ import build_parser as toy_parser
 
     ret = config()["retriever"]
     a = build_parser().parse_args(["serve", "--corpus", "c", "--index", "i", "--encoder", "e"])
     assert (a.topk, a.topk_max, a.port, a.max_wait_ms, a.max_batch_size, a.query_prefix) == (
-        ret["topk"], ret["topk_max"], ret["port"], ret["max_wait_ms"], ret["max_batch_size"], "query: ")
+        ret["topk"],
+        ret["topk_max"],
+        ret["port"],
+        ret["max_wait_ms"],
+        ret["max_batch_size"],
+        "query: ",
+    )
     b = build_parser().parse_args(["build-index", "--corpus", "c", "--out", "o", "--encoder", "e"])
     assert (b.batch_size, b.shard_size) == (ret["index"]["build_batch_size"], ret["index"]["build_shard_size"])
     toy = config(toy=True)["toy"]
     w = toy_parser().parse_args(["warmstart", "--model", "m", "--world", "w", "--out-dir", "o"])
-    assert (w.steps, w.batch_size, w.lr) == (toy["warm_start"]["steps"], toy["warm_start"]["batch_size"],
-                                             toy["warm_start"]["lr"])  # fmt: skip
+    assert (w.steps, w.batch_size, w.lr) == (
+        toy["warm_start"]["steps"],
+        toy["warm_start"]["batch_size"],
+        toy["warm_start"]["lr"],
+    )

@@ -27,8 +27,18 @@ def test_shipped_configs_are_valid(full):
 
 def test_seed_recipe_values(full):
     t = full["train"]
-    assert (t["num_rollout"], t["rollout_batch_size"], t["n_samples_per_prompt"], t["global_batch_size"]) == (3000, 32, 8, 256)
-    assert (t["rollout_max_response_len"], t["rollout_temperature"], t["lr"], t["weight_decay"]) == (512, 1.0, 1e-6, 0.01)
+    assert (t["num_rollout"], t["rollout_batch_size"], t["n_samples_per_prompt"], t["global_batch_size"]) == (
+        3000,
+        32,
+        8,
+        256,
+    )
+    assert (t["rollout_max_response_len"], t["rollout_temperature"], t["lr"], t["weight_decay"]) == (
+        512,
+        1.0,
+        1e-6,
+        0.01,
+    )
     assert (t["adam_beta1"], t["adam_beta2"], t["kl_loss_coef"], t["kl_loss_type"]) == (0.9, 0.98, 1e-3, "low_var_kl")
     assert (t["eps_clip"], t["eps_clip_high"], t["entropy_coef"], t["use_tis"]) == (0.2, 0.28, 0.0, True)
     s = t["slime"]
@@ -39,7 +49,10 @@ def test_seed_recipe_values(full):
     # the seed's two splits with their checked counts; the other five Search-R1 benchmarks are unchecked (null)
     rows = {k: v["expected_rows"] for k, v in full["data"]["splits"].items()}
     assert (rows.pop("nq_test"), rows.pop("hotpotqa_test")) == (3610, 7405) and set(rows.values()) == {None}
-    assert full["published"] == {"base": {"nq_test": 0.1620, "hotpotqa_test": 0.0984}, "rl": {"nq_test": 0.4576, "hotpotqa_test": 0.3381}}
+    assert full["published"] == {
+        "base": {"nq_test": 0.1620, "hotpotqa_test": 0.0984},
+        "rl": {"nq_test": 0.4576, "hotpotqa_test": 0.3381},
+    }
     assert full["policy"]["repo"] == "Qwen/Qwen2.5-3B"
 
 
@@ -54,7 +67,11 @@ BAD = [
     ("topk above max", {"retriever": {"topk": 80}}, "retriever.topk': 80 exceeds"),
     ("unknown eval split", {"eval": {"splits": ["nq_test", "triviaqa"]}}, "eval.splits': split 'triviaqa'"),
     ("slime older than v0.3.1", {"train": {"slime": {"version": "v0.3.0"}}}, "train.slime.version"),
-    ("tensor parallel does not divide GPUs", {"train": {"slime": {"tensor_model_parallel_size": 3}}}, "tensor_model_parallel_size"),
+    (
+        "tensor parallel does not divide GPUs",
+        {"train": {"slime": {"tensor_model_parallel_size": 3}}},
+        "tensor_model_parallel_size",
+    ),
     ("bad url", {"retriever": {"url": "localhost:8000"}}, "retriever.url"),
 ]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from hubserver import HubServer
+
 from searchr1.data import DataError, make_row, prepare_data
 from searchr1.prompt import make_prompt
 
@@ -42,7 +42,9 @@ def _download(hub: HubServer, dest: Path, files: list[str], sha256: dict | None 
         f"out = download_files({REPO!r}, {files!r}, dest_dir=Path({str(dest)!r}), revision='main', "
         f"sha256={sha256!r}); print(json.dumps({{k: str(v) for k, v in out.items()}}))"
     )
-    return subprocess.run([sys.executable, "-c", code], env=hub.client_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=hub.client_env(), capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture()
@@ -51,7 +53,10 @@ def hub():
         server.state.add(
             "dataset",
             REPO,
-            {"train.parquet": _parquet_bytes(_hub_rows(5, 3, "train")), "test.parquet": _parquet_bytes(_hub_rows(4, 6, "test"))},
+            {
+                "train.parquet": _parquet_bytes(_hub_rows(5, 3, "train")),
+                "test.parquet": _parquet_bytes(_hub_rows(4, 6, "test")),
+            },
         )
         yield server
 
@@ -119,7 +124,10 @@ def _write_raw(tmp_path: Path, n_nq: int, n_hp: int) -> tuple[Path, Path]:
     return train, test
 
 
-SPLITS = {"nq_test": {"data_source": "nq", "expected_rows": 4}, "hotpotqa_test": {"data_source": "hotpotqa", "expected_rows": 6}}
+SPLITS = {
+    "nq_test": {"data_source": "nq", "expected_rows": 4},
+    "hotpotqa_test": {"data_source": "hotpotqa", "expected_rows": 6},
+}
 
 
 def test_prepare_splits_by_data_source(tmp_path):

@@ -221,9 +221,7 @@ def test_length_and_zero_budget_and_mixed_budgets(tokenizer, selectable):
     script = _ids(tokenizer, "who wrote the hobbit who wrote the hobbit")
     lm = ScriptedLM(script, len(tokenizer), selectable_cache=selectable)
     engine = HFEngine(lm, tokenizer, seed=0)
-    outs = engine.generate_sync(
-        [GenerationRequest([5], 3), GenerationRequest([5, 6, 7], 0), GenerationRequest([5], 5)]
-    )
+    outs = engine.generate_sync([GenerationRequest([5], 3), GenerationRequest([5, 6, 7], 0), GenerationRequest([5], 5)])
     assert [len(o.token_ids) for o in outs] == [3, 0, 5]
     assert [o.finish_reason for o in outs] == ["length"] * 3
     assert outs[1].text == ""

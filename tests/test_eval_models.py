@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, copy_workflow, run_job_in_fresh_process, snakemake
 from hubserver import HubServer
 
@@ -25,13 +24,16 @@ MODEL_FILES = {
 def _download_step(hub: HubServer, tmp_path: Path, revision: str = "main") -> subprocess.CompletedProcess:
     """The rule download_model_<name>'s job, under exactly the params Snakemake gives it, in a fresh process."""
     (tmp_path / "extra.yaml").write_text(
-        f"data_dir: {tmp_path / 'data'}\n"
-        f"eval:\n  models:\n    ppo7b: {{repo: {MODEL_REPO}, revision: {revision}}}\n"
+        f"data_dir: {tmp_path / 'data'}\neval:\n  models:\n    ppo7b: {{repo: {MODEL_REPO}, revision: {revision}}}\n"
     )
     out = str(tmp_path / "data/models/eval/ppo7b")
-    return run_job_in_fresh_process("download_model_ppo7b", "data.download_model",
-                                    ("config.yaml", str(tmp_path / "extra.yaml")), hub.client_env(),
-                                    outputs={"_list": [out]})  # fmt: skip
+    return run_job_in_fresh_process(
+        "download_model_ppo7b",
+        "data.download_model",
+        ("config.yaml", str(tmp_path / "extra.yaml")),
+        hub.client_env(),
+        outputs={"_list": [out]},
+    )
 
 
 def test_named_model_from_the_hub_is_downloaded_verified_and_locked(tmp_path):
@@ -121,8 +123,11 @@ def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(grpo_wo
 
     with pytest.raises(Killed):
         run(grpo_world, tmp_path / "out", s, hook=hook)
-    assert [(p["step"], p["split"]) for p in read_jsonl(curve)] == [(1, "nq_test"), (1, "hotpotqa_test"),
-                                                                     (3, "nq_test")]  # fmt: skip
+    assert [(p["step"], p["split"]) for p in read_jsonl(curve)] == [
+        (1, "nq_test"),
+        (1, "hotpotqa_test"),
+        (3, "nq_test"),
+    ]
     kill["at"] = None
     resumed = run(grpo_world, tmp_path / "out", s, hook=hook)
     assert resumed["resumed_from"] is None  # no checkpoint before the kill: steps 1 and 3 evaluated again
@@ -134,8 +139,9 @@ def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(grpo_wo
 def test_report_step_passes_published_numbers_of_every_model(tmp_path, monkeypatch):
     """The report job under its declared params: a named model with and without published numbers (a lookup of
     an absent one must be an ordinary miss, not an undeclared setting)."""
-    import searchr1.report
     from helpers import rule_params
+
+    import searchr1.report
     from searchr1.report import headline_table
     from searchr1.steps import resolve
     from searchr1.steps.settings import StepSettings
@@ -147,7 +153,12 @@ def test_report_step_passes_published_numbers_of_every_model(tmp_path, monkeypat
     params = rule_params("report", "config.yaml", str(tmp_path / "extra.yaml"))
     seen = {}
     monkeypatch.setattr(searchr1.report, "render_report", lambda **kw: seen.update(kw))
-    outputs = {"headline": "h.md", "examples": "x.md", "reward": str(tmp_path / "plots/reward.png"), "provenance": "p.json"}
+    outputs = {
+        "headline": "h.md",
+        "examples": "x.md",
+        "reward": str(tmp_path / "plots/reward.png"),
+        "provenance": "p.json",
+    }
     resolve("report.report")(
         StepSettings.from_params(params, step="report"),
         inputs={"evals": [str(tmp_path / "eval/base/nq_test.json")], "metrics": "m.jsonl", "final": "f.json"},
@@ -156,7 +167,8 @@ def test_report_step_passes_published_numbers_of_every_model(tmp_path, monkeypat
     assert seen["models"] == ["base", "rl", "ppo7b", "other"] and seen["compare"] == ["ppo7b", "rl"]
     assert seen["published"]["ppo7b"] == {"nq_test": 0.5} and "other" not in seen["published"]
     summary = {"em": 0.5, "ci95": {"low": 0.1, "high": 0.9}}
-    lines = headline_table({(m, "nq_test"): summary for m in seen["models"]}, seen["published"], ["nq_test"], True,
-                           seen["models"])  # fmt: skip
+    lines = headline_table(
+        {(m, "nq_test"): summary for m in seen["models"]}, seen["published"], ["nq_test"], True, seen["models"]
+    )
     assert any(line.startswith("| ppo7b | 0.500 [0.100, 0.900] | 0.500 | +0.000 |") for line in lines)
     assert any(line.startswith("| other | 0.500 [0.100, 0.900] | — | — |") for line in lines)

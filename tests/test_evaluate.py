@@ -13,10 +13,18 @@ import httpx
 import pandas as pd
 import pytest
 from fastapi import FastAPI, Request
+from helpers import (
+    EngineCrash,
+    FakeRetriever,
+    ScriptedEngine,
+    agent_config,
+    serve_app,
+    serve_real_retriever,
+    tiny_model,
+    wait_dead,
+)
 
 import searchr1.agent
-from helpers import (EngineCrash, FakeRetriever, ScriptedEngine, agent_config, serve_app, serve_real_retriever,
-                     tiny_model, wait_dead)
 from searchr1.engines import GenerationRequest
 from searchr1.evaluate import (
     JSONL_KEYS,
@@ -209,7 +217,9 @@ def first_turn_questions(engine: ScriptedEngine) -> list[str]:
 def capital_retriever() -> FakeRetriever:
     """The country's passage, named by the query."""
     capital = dict(CAPITALS)
-    return FakeRetriever(lambda q: [{"id": q, "contents": f'"{q}"\nthe capital is {capital.get(q.strip(), "unknown")}.'}])
+    return FakeRetriever(
+        lambda q: [{"id": q, "contents": f'"{q}"\nthe capital is {capital.get(q.strip(), "unknown")}.'}]
+    )
 
 
 CFG = agent_config(max_turns=2, topk=3, max_new_tokens=32, temperature=0.0)
@@ -268,9 +278,7 @@ def test_evaluate_rows_and_summary(tmp_path: Path) -> None:
 def test_in_memory_records_equal_the_file(tmp_path: Path) -> None:
     split = write_split(tmp_path / "s.parquet")
     run_eval(tmp_path, split, capitals_engine())
-    records = asyncio.run(
-        evaluate_rows(capitals_engine(), capital_retriever(), TOKENIZER, load_split(split), CFG, 2)
-    )
+    records = asyncio.run(evaluate_rows(capitals_engine(), capital_retriever(), TOKENIZER, load_split(split), CFG, 2))
     assert records == read_jsonl(tmp_path / "eval" / "nq_test.jsonl")
     assert summarize_rows(records)["em"] == pytest.approx(4 / 7)
 
@@ -339,12 +347,23 @@ class Killed(RuntimeError):
 
 def evaluate_one_split(**settings) -> dict:
     """evaluate_split on the nq_test split, with the retriever client's limits and the seed fixed here."""
-    return evaluate_split(**{"split_label": "nq_test", "max_questions": None, "retriever_timeout_s": 60.0,
-                             "retriever_max_retries": 3, "retriever_concurrency": 256, "seed": 0, "progress": False,
-                             **settings})  # fmt: skip
+    return evaluate_split(
+        **{
+            "split_label": "nq_test",
+            "max_questions": None,
+            "retriever_timeout_s": 60.0,
+            "retriever_max_retries": 3,
+            "retriever_concurrency": 256,
+            "seed": 0,
+            "progress": False,
+            **settings,
+        }
+    )
 
 
-def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(tmp_path: Path, monkeypatch, retriever_url: str) -> None:
+def test_evaluate_split_with_a_tiny_hf_model_resumes_identically(
+    tmp_path: Path, monkeypatch, retriever_url: str
+) -> None:
     model_dir = tmp_path / "model"
     tiny_model(TOKENIZER, layers=1, heads=2, max_positions=512).save_pretrained(str(model_dir))
     TOKENIZER.save_pretrained(str(model_dir))
@@ -399,7 +418,13 @@ def test_evaluate_split_sglang_engine_with_the_real_retriever(tmp_path: Path, re
         params = payload["sampling_params"]
         assert payload["return_logprob"] and params["temperature"] == 0.0 and params["no_stop_trim"]
         (out,) = await scripted.generate(
-            [GenerationRequest(TOKENIZER.encode(payload["text"], add_special_tokens=False), params["max_new_tokens"], stop=params["stop"])]
+            [
+                GenerationRequest(
+                    TOKENIZER.encode(payload["text"], add_special_tokens=False),
+                    params["max_new_tokens"],
+                    stop=params["stop"],
+                )
+            ]
         )
         pairs = [[lp, tid, None] for lp, tid in zip(out.logprobs, out.token_ids)]
         return {"text": out.text, "meta_info": {"finish_reason": {"type": "stop"}, "output_token_logprobs": pairs}}
@@ -443,12 +468,18 @@ def test_progress_made_with_another_index_is_not_resumed(tmp_path: Path, monkeyp
     split = write_split(tmp_path / "s.parquet")
     for index_hash in ("a", "b"):
         evaluate_one_split(
-            model_dir=tmp_path / "model", split_parquet=split, out_jsonl=tmp_path / "o.jsonl",
-            out_json=tmp_path / "o.json", retriever_url="http://127.0.0.1:1/retrieve",
-            agent_cfg=agent_config(topk=1, max_new_tokens=8, temperature=0.0), engine="sglang",
-            sglang_url="http://127.0.0.1:1", batch_size=4, model_label="base",
+            model_dir=tmp_path / "model",
+            split_parquet=split,
+            out_jsonl=tmp_path / "o.jsonl",
+            out_json=tmp_path / "o.json",
+            retriever_url="http://127.0.0.1:1/retrieve",
+            agent_cfg=agent_config(topk=1, max_new_tokens=8, temperature=0.0),
+            engine="sglang",
+            sglang_url="http://127.0.0.1:1",
+            batch_size=4,
+            model_label="base",
             inputs_record={"index": {"settings_hash": index_hash}},
-        )  # fmt: skip
+        )
     assert [f["inputs"] for f in seen] == [{"index": {"settings_hash": "a"}}, {"index": {"settings_hash": "b"}}]
     assert seen[0] != seen[1]
 
@@ -468,11 +499,17 @@ def test_a_model_that_never_searches_never_starts_the_retriever(tmp_path: Path) 
     TOKENIZER.save_pretrained(str(tmp_path / "model"))
     with serve_app(policy) as sglang:
         summary = evaluate_one_split(
-            model_dir=tmp_path / "model", split_parquet=write_split(tmp_path / "s.parquet"),
-            out_jsonl=tmp_path / "out.jsonl", out_json=tmp_path / "out.json", retriever_url=start,
-            agent_cfg=agent_config(topk=1, max_new_tokens=32, temperature=0.0), engine="sglang", sglang_url=sglang,
-            batch_size=4, model_label="base",
-        )  # fmt: skip
+            model_dir=tmp_path / "model",
+            split_parquet=write_split(tmp_path / "s.parquet"),
+            out_jsonl=tmp_path / "out.jsonl",
+            out_json=tmp_path / "out.json",
+            retriever_url=start,
+            agent_cfg=agent_config(topk=1, max_new_tokens=32, temperature=0.0),
+            engine="sglang",
+            sglang_url=sglang,
+            batch_size=4,
+            model_label="base",
+        )
     assert summary["n"] == 7 and summary["searched_at_least_once"] == 0.0 and summary["answered"] == 1.0
     assert summary["retriever_url"] is None and summary["retriever_stats"]["requests"] == 0
 
@@ -526,7 +563,12 @@ def test_sglang_server_starts_waits_and_stops(tmp_path: Path, fake_sglang_env: d
 def test_sglang_server_that_dies_is_reported_with_its_log(tmp_path: Path, fake_sglang_env: dict[str, str]) -> None:
     with pytest.raises(RuntimeError, match="(?s)exited with code 1.*model not found"):
         with sglang_server(
-            "/models/x", tp=1, mem_fraction=0.5, log_path=tmp_path / "s.log", env=fake_sglang_env, extra_args=["--fail"],
+            "/models/x",
+            tp=1,
+            mem_fraction=0.5,
+            log_path=tmp_path / "s.log",
+            env=fake_sglang_env,
+            extra_args=["--fail"],
             poll_interval_s=0.1,
         ):
             pass

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from searchr1.fsutil import (atomic_path, copy_file_atomic, copy_tree_atomic, move_dir, open_atomic, publish_dir,
-                             write_json_atomic)
+from searchr1.fsutil import (
+    atomic_path,
+    copy_file_atomic,
+    copy_tree_atomic,
+    move_dir,
+    open_atomic,
+    publish_dir,
+    write_json_atomic,
+)
 
 
 class Boom(Exception):

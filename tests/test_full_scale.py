@@ -118,7 +118,10 @@ def test_eval_partials_live_in_the_given_directory(tmp_path):
     from searchr1.evaluate import partial_path
 
     assert partial_path("results/eval/rl/nq_test.jsonl") == Path("results/eval/rl/nq_test.partial.jsonl")
-    assert partial_path("results/eval/rl/nq_test.jsonl", tmp_path / "eval/rl") == tmp_path / "eval/rl/nq_test.partial.jsonl"
+    assert (
+        partial_path("results/eval/rl/nq_test.jsonl", tmp_path / "eval/rl")
+        == tmp_path / "eval/rl/nq_test.partial.jsonl"
+    )
 
 
 def test_nothing_large_is_inside_the_checkout_by_default():
@@ -153,8 +156,11 @@ def test_budget_is_derived_from_model_size_retention_and_corpus(which):
     index = b["corpus_passages"] * b["embedding_dim"] * 4
     assert arts[("download_index", f"Flat index {b['corpus_passages']:,} x {b['embedding_dim']} fp32")] == 2 * index
     # changing retention or the corpus changes the numbers
-    more = config(train={"keep_checkpoints": t["keep_checkpoints"] + 1}) if which == "full" else smoke_config(
-        train={"keep_checkpoints": t["keep_checkpoints"] + 1})
+    more = (
+        config(train={"keep_checkpoints": t["keep_checkpoints"] + 1})
+        if which == "full"
+        else smoke_config(train={"keep_checkpoints": t["keep_checkpoints"] + 1})
+    )
     assert budget.need_bytes(more, "train") == pytest.approx(budget.need_bytes(cfg, "train") + ckpt * b["margin"])
     text = budget.format_plan(cfg)
     for step in ("download_index", "container_image", "train", "evaluate", "export_rl"):
@@ -251,12 +257,19 @@ def test_image_step_publishes_only_a_complete_pull(tmp_path):
 def _plan(cfg, tmp_path, runtime, image_file=None):
     cfg = {**cfg, "train": {**cfg["train"], "slime": {**cfg["train"]["slime"], "container_runtime": runtime}}}
     paths = {
-        "hf_checkpoint": "data/models/policy_base", "train_parquet": "results/data/train.parquet",
-        "save_dir": "data/work/train/slime_ckpt", "save_hf_dir": "data/work/train/hf",
-        "metrics_path": "data/work/train/metrics.jsonl", "eval_metrics_path": "data/work/train/eval_curve.jsonl",
-        "custom_config_path": "data/work/train/search_config.yaml", "retriever_url": "http://127.0.0.1:8000/retrieve",
-        "log_dir": "logs", "plugin_pythonpath": str(ROOT), "work_dir": "data/work", "image_file": image_file,
-    }  # fmt: skip
+        "hf_checkpoint": "data/models/policy_base",
+        "train_parquet": "results/data/train.parquet",
+        "save_dir": "data/work/train/slime_ckpt",
+        "save_hf_dir": "data/work/train/hf",
+        "metrics_path": "data/work/train/metrics.jsonl",
+        "eval_metrics_path": "data/work/train/eval_curve.jsonl",
+        "custom_config_path": "data/work/train/search_config.yaml",
+        "retriever_url": "http://127.0.0.1:8000/retrieve",
+        "log_dir": "logs",
+        "plugin_pythonpath": str(ROOT),
+        "work_dir": "data/work",
+        "image_file": image_file,
+    }
     return build_plan(cfg, paths=paths, env={})
 
 
@@ -380,15 +393,37 @@ def test_eval_sampling_params_equal_slimes_eval_rollouts(skip, tmp_path):
     from searchr1.slime_plugin import SlimePostEngine
 
     cfg = config(eval={"interval": 20}, agent={"skip_special_tokens": skip})
-    paths = {**{k: str(tmp_path / k) for k in ("hf_checkpoint", "train_parquet", "save_dir", "save_hf_dir",
-             "metrics_path", "eval_metrics_path", "custom_config_path", "log_dir", "plugin_pythonpath")},
-             "retriever_url": "u", "eval_prompt_data": {"nq_test": str(tmp_path / "nq.parquet")}}  # fmt: skip
-    slime_args = _args_from_flags(recipe_flags(cfg, __import__("searchr1.slime_launch").slime_launch.LaunchPaths.coerce(paths)))
+    paths = {
+        **{
+            k: str(tmp_path / k)
+            for k in (
+                "hf_checkpoint",
+                "train_parquet",
+                "save_dir",
+                "save_hf_dir",
+                "metrics_path",
+                "eval_metrics_path",
+                "custom_config_path",
+                "log_dir",
+                "plugin_pythonpath",
+            )
+        },
+        "retriever_url": "u",
+        "eval_prompt_data": {"nq_test": str(tmp_path / "nq.parquet")},
+    }
+    slime_args = _args_from_flags(
+        recipe_flags(cfg, __import__("searchr1.slime_launch").slime_launch.LaunchPaths.coerce(paths))
+    )
     agent = eval_agent_config(cfg)
     request = GenerationRequest(
-        input_ids=[1, 2], max_new_tokens=agent.max_new_tokens, temperature=agent.temperature,
-        top_p=agent.top_p, top_k=agent.top_k, stop=list(STOP_STRINGS), text="ctx",
-    )  # fmt: skip
+        input_ids=[1, 2],
+        max_new_tokens=agent.max_new_tokens,
+        temperature=agent.temperature,
+        top_p=agent.top_p,
+        top_k=agent.top_k,
+        stop=list(STOP_STRINGS),
+        text="ctx",
+    )
     slime_payload = SlimePostEngine("u", _slime_eval_sampling_params(slime_args), post=None).payload(request)
     ours = SGLangEngine("http://x", skip_special_tokens=cfg["agent"]["skip_special_tokens"]).payload(request)
     assert ours == slime_payload
@@ -435,15 +470,21 @@ def test_launch_flags_pass_the_checks(which, tmp_path):
     # --rollout-num-gpus before --rollout-num-gpus-per-engine (slime's SGLang pre-parser reads the other order
     # as an abbreviation of the latter)
     assert flags.index("--rollout-num-gpus") < flags.index("--rollout-num-gpus-per-engine")
-    for flag, key in (("--kl-loss-type", "kl_loss_type"), ("--advantage-estimator", "advantage_estimator"),
-                      ("--optimizer", "optimizer"), ("--lr-decay-style", "lr_decay_style"),
-                      ("--recompute-granularity", "slime.recompute_granularity"),
-                      ("--attention-backend", "slime.attention_backend")):  # fmt: skip
+    for flag, key in (
+        ("--kl-loss-type", "kl_loss_type"),
+        ("--advantage-estimator", "advantage_estimator"),
+        ("--optimizer", "optimizer"),
+        ("--lr-decay-style", "lr_decay_style"),
+        ("--recompute-granularity", "slime.recompute_granularity"),
+        ("--attention-backend", "slime.attention_backend"),
+    ):
         if flag in flags:
             assert flags[flags.index(flag) + 1] in ACCEPTED[key], flag
     gpus = cfg["train"]["slime"]["gpus_per_node"]
     assert flags[flags.index("--actor-num-gpus-per-node") + 1] == str(gpus)
-    assert flags[flags.index("--tensor-model-parallel-size") + 1] == str(cfg["train"]["slime"]["tensor_model_parallel_size"])
+    assert flags[flags.index("--tensor-model-parallel-size") + 1] == str(
+        cfg["train"]["slime"]["tensor_model_parallel_size"]
+    )
     if which == "smoke":
         assert gpus == 1 and "--colocate" in flags and "--sequence-parallel" not in flags
         assert budget.eval_questions(cfg) == 600

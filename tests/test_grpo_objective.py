@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import objective_settings
+
 from searchr1.grpo.objective import (
     approx_kl,
     clipped_policy_loss,
@@ -101,8 +101,14 @@ def test_grpo_loss_aggregation_masking_kl_and_tis_by_hand():
     adv = torch.tensor([1.0, 1.0, -2.0])
     s = objective(kl_loss_coef=0.1, use_tis=True, tis_clip=1.5)
     loss, m = grpo_loss(
-        log_probs=lp, old_log_probs=old, advantages=adv, sample_lengths=[2, 1], step_num_samples=4,
-        settings=s, ref_log_probs=ref, rollout_log_probs=rollout,
+        log_probs=lp,
+        old_log_probs=old,
+        advantages=adv,
+        sample_lengths=[2, 1],
+        step_num_samples=4,
+        settings=s,
+        ref_log_probs=ref,
+        rollout_log_probs=rollout,
     )
     # ratio 1 everywhere: pg per token = -A * w = [-1.5, -1, 2]; per-sample means: -1.25, 2
     pg = -1.25 + 2.0
@@ -125,23 +131,41 @@ def test_grpo_loss_entropy_term_and_requirements():
     ent = torch.tensor([1.0, 3.0], requires_grad=True)
     s = objective(use_kl_loss=False, entropy_coef=0.5)
     loss, m = grpo_loss(
-        log_probs=lp, old_log_probs=lp.detach(), advantages=torch.zeros(2), sample_lengths=[2],
-        step_num_samples=1, settings=s, entropy=ent,
+        log_probs=lp,
+        old_log_probs=lp.detach(),
+        advantages=torch.zeros(2),
+        sample_lengths=[2],
+        step_num_samples=1,
+        settings=s,
+        entropy=ent,
     )
     assert m["entropy"] == pytest.approx(2.0)
     assert loss.item() == pytest.approx(-0.5 * 2.0)
     with pytest.raises(ValueError, match="reference"):
-        grpo_loss(log_probs=lp, old_log_probs=lp.detach(), advantages=torch.zeros(2), sample_lengths=[2],
-                  step_num_samples=1, settings=objective())
+        grpo_loss(
+            log_probs=lp,
+            old_log_probs=lp.detach(),
+            advantages=torch.zeros(2),
+            sample_lengths=[2],
+            step_num_samples=1,
+            settings=objective(),
+        )
     with pytest.raises(ValueError, match="rollout"):
-        grpo_loss(log_probs=lp, old_log_probs=lp.detach(), advantages=torch.zeros(2), sample_lengths=[2],
-                  step_num_samples=1, settings=objective(use_kl_loss=False, use_tis=True))
+        grpo_loss(
+            log_probs=lp,
+            old_log_probs=lp.detach(),
+            advantages=torch.zeros(2),
+            sample_lengths=[2],
+            step_num_samples=1,
+            settings=objective(use_kl_loss=False, use_tis=True),
+        )
 
 
 def test_token_logprobs_with_a_shared_prompt_prefix_equal_one_forward_per_sequence():
     """token_logprobs runs the prefix all sequences share once (repeated key/value cache): every scored
     token's logprob, entropy and gradient equal those of each sequence run alone, at any scored position."""
     from helpers import tiny_model
+
     from searchr1.grpo.logprobs import TokenBatch, common_prefix_length, token_logprobs
 
     model = tiny_model(_word_tokenizer(), seed=3, sharpen=2.0)
@@ -172,5 +196,6 @@ def _word_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", *(f"w{i}" for i in range(2, 12))])}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-                                   pad_token="<pad>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>", eos_token="<eos>"
+    )

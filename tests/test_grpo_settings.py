@@ -7,8 +7,8 @@ import math
 from dataclasses import fields
 
 import pytest
-
 from helpers import config, grpo_settings
+
 from searchr1.grpo.objective import ObjectiveSettings
 from searchr1.grpo.settings import GRPOSettings
 from searchr1.grpo.trainer import lr_at
@@ -53,7 +53,15 @@ RECIPE = {
     "retriever.max_retries": ("retrieval_max_retries", 1),
     "eval.interval": ("eval_interval", 4),
 }
-OBJECTIVE_FIELDS = {"eps_clip", "eps_clip_high", "use_kl_loss", "kl_loss_type", "kl_loss_coef", "entropy_coef", "use_tis"}
+OBJECTIVE_FIELDS = {
+    "eps_clip",
+    "eps_clip_high",
+    "use_kl_loss",
+    "kl_loss_type",
+    "kl_loss_coef",
+    "entropy_coef",
+    "use_tis",
+}
 
 
 def nested(key: str, value) -> dict:
@@ -80,8 +88,9 @@ def test_changing_a_config_value_changes_its_field_and_only_it(key):
     if name in OBJECTIVE_FIELDS:
         assert getattr(objective, name) == value
     base_objective = GRPOSettings.from_config(config(toy=True)).objective()
-    assert {f.name for f in fields(ObjectiveSettings) if getattr(objective, f.name) != getattr(base_objective, f.name)} \
-        == ({name} & OBJECTIVE_FIELDS)
+    assert {
+        f.name for f in fields(ObjectiveSettings) if getattr(objective, f.name) != getattr(base_objective, f.name)
+    } == ({name} & OBJECTIVE_FIELDS)
 
 
 # --- learning-rate schedules (optimizer step i of n; the last step is the end of the decay) ---------------

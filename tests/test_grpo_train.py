@@ -1,4 +1,5 @@
-"""End-to-end runs of the local GRPO trainer on a tiny policy (conftest's grpo_world): learning step, kill and resume."""
+"""End-to-end runs of the local GRPO trainer on a tiny policy (conftest's grpo_world): learning step, kill and
+resume."""
 
 import json
 import math
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeRetriever, grpo_settings
 from safetensors.torch import load_file
 
-from helpers import FakeRetriever, grpo_settings
 from searchr1.grpo import GRPOSettings, train_grpo
 from searchr1.grpo.checkpoint import list_checkpoints
 
@@ -20,13 +21,29 @@ DEVICE = os.environ.get("SEARCHR1_TEST_DEVICE", "cpu")
 
 def scripted_retriever() -> FakeRetriever:
     """Hits that depend only on the query text (the real retriever's ranking is not what this test checks)."""
-    return FakeRetriever(lambda q: [{"id": str(k), "contents": f'"{q or "x"}"\n{q} paris baker dee rome'} for k in range(8)])
+    return FakeRetriever(
+        lambda q: [{"id": str(k), "contents": f'"{q or "x"}"\n{q} paris baker dee rome'} for k in range(8)]
+    )
 
 
 def settings(**kw):
-    base = dict(seed=3, num_rollout=5, rollout_batch_size=2, n_samples_per_prompt=4, global_batch_size=4,
-                rollout_max_response_len=8, max_turns=2, topk=2, lr=5e-3, checkpoint_interval=2,
-                micro_batch_size=3, bf16_autocast=False, device=DEVICE, use_tis=True, eval_interval=1)
+    base = dict(
+        seed=3,
+        num_rollout=5,
+        rollout_batch_size=2,
+        n_samples_per_prompt=4,
+        global_batch_size=4,
+        rollout_max_response_len=8,
+        max_turns=2,
+        topk=2,
+        lr=5e-3,
+        checkpoint_interval=2,
+        micro_batch_size=3,
+        bf16_autocast=False,
+        device=DEVICE,
+        use_tis=True,
+        eval_interval=1,
+    )
     base.update(kw)
     return grpo_settings(**base)
 
@@ -41,9 +58,17 @@ def without_timing(records):
 
 def run(world, out: Path, s: GRPOSettings, hook=None):
     policy, parquet = world
-    return train_grpo(policy_dir=policy, train_parquet=parquet, work_dir=out / "work", metrics_path=out / "metrics.jsonl",
-                      export_dir=out / "export", retriever_url=None, settings=s, eval_hook=hook,
-                      retriever=scripted_retriever())
+    return train_grpo(
+        policy_dir=policy,
+        train_parquet=parquet,
+        work_dir=out / "work",
+        metrics_path=out / "metrics.jsonl",
+        export_dir=out / "export",
+        retriever_url=None,
+        settings=s,
+        eval_hook=hook,
+        retriever=scripted_retriever(),
+    )
 
 
 class Killed(RuntimeError):
@@ -56,8 +81,21 @@ def test_killed_run_resumes_to_identical_metrics_and_weights(grpo_world, tmp_pat
     assert full["resumed_from"] is None
     ref = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in ref] == list(range(5))
-    for key in ("reward_mean", "response_len_mean", "searches_mean", "em_mean", "wall_time_s", "kl", "pg_loss",
-                "clipfrac", "entropy", "grad_norm", "search_rate", "retrieval_failures", "tis"):
+    for key in (
+        "reward_mean",
+        "response_len_mean",
+        "searches_mean",
+        "em_mean",
+        "wall_time_s",
+        "kl",
+        "pg_loss",
+        "clipfrac",
+        "entropy",
+        "grad_norm",
+        "search_rate",
+        "retrieval_failures",
+        "tis",
+    ):
         assert all(key in r for r in ref), key
     assert all(math.isfinite(r["pg_loss"]) and math.isfinite(r["grad_norm"]) for r in ref)
     assert any(r["searches_mean"] > 0 for r in ref)  # the retriever path ran

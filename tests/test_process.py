@@ -46,7 +46,12 @@ def test_without_the_guard_the_child_would_be_orphaned():
 
 def test_stop_process_group_stops_the_whole_tree():
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"],
+        [
+            sys.executable,
+            "-c",
+            "import subprocess,sys,time; "
+            "subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)",
+        ],
         start_new_session=True,
     )
 
@@ -84,8 +89,12 @@ def test_managed_children_are_gone_on_every_exit_path(user: str, exit_path: str,
     """The job (tests/process_users.py) leaves its block normally, by an exception, by SLURM's SIGTERM or is
     SIGKILLed; afterwards every server it started is gone, and so are the servers' own children, except after
     a SIGKILL, where only the server itself is told (its parent-death signal) and must take its children."""
-    job = subprocess.Popen([sys.executable, str(TESTS_DIR / "process_users.py"), user, exit_path, str(tmp_path)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    job = subprocess.Popen(
+        [sys.executable, str(TESTS_DIR / "process_users.py"), user, exit_path, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     pids: list[int] = []
     try:
         if exit_path in ("sigterm", "sigkill"):
@@ -115,8 +124,14 @@ def test_a_child_that_never_becomes_healthy_is_reported_with_its_log_and_stopped
     log = tmp_path / "x.log"
     code = "import time; print('loading weights', flush=True); time.sleep(60)"
     with pytest.raises(StartError, match="(?s)slow server not healthy after 1 s.*loading weights"):
-        with managed_process([sys.executable, "-c", code], name="slow server", log_path=log,
-                             healthy=lambda: False, startup_timeout_s=1.0, poll_interval_s=0.1) as proc:  # fmt: skip
+        with managed_process(
+            [sys.executable, "-c", code],
+            name="slow server",
+            log_path=log,
+            healthy=lambda: False,
+            startup_timeout_s=1.0,
+            poll_interval_s=0.1,
+        ):
             pytest.fail("must not yield")
     assert "starting" in log.read_text()
 
@@ -124,6 +139,11 @@ def test_a_child_that_never_becomes_healthy_is_reported_with_its_log_and_stopped
 def test_a_child_that_exits_first_is_reported_with_its_status_and_log(tmp_path: Path) -> None:
     code = "import sys; sys.exit('model not found')"
     with pytest.raises(StartError, match="(?s)server exited with code 1 before it was healthy.*model not found"):
-        with managed_process([sys.executable, "-c", code], name="server", log_path=tmp_path / "x.log",
-                             healthy=lambda: False, poll_interval_s=0.05):  # fmt: skip
+        with managed_process(
+            [sys.executable, "-c", code],
+            name="server",
+            log_path=tmp_path / "x.log",
+            healthy=lambda: False,
+            poll_interval_s=0.05,
+        ):
             pytest.fail("must not yield")

@@ -69,16 +69,46 @@ def test_headline_numbers_full_scale(full: Path) -> None:
     # base NQ: 4/10 -> 0.400, Wilson 95% [0.168, 0.687]; HotpotQA: 1/5 -> 0.200 [0.036, 0.624]
     base = _table_row(md, "base")
     # then the average over the splits (the Search-R1 papers' "Avg."): (0.4 + 0.2) / 2 vs (0.162 + 0.0984) / 2
-    assert base == ["base", "0.400 [0.168, 0.687]", "0.162", "+0.238", "0.200 [0.036, 0.624]", "0.098", "+0.102",
-                    "0.300", "0.130", "+0.170"]  # fmt: skip
+    assert base == [
+        "base",
+        "0.400 [0.168, 0.687]",
+        "0.162",
+        "+0.238",
+        "0.200 [0.036, 0.624]",
+        "0.098",
+        "+0.102",
+        "0.300",
+        "0.130",
+        "+0.170",
+    ]
     # RL NQ 8/10 -> 0.800 [0.490, 0.943]; HotpotQA 3/5 -> 0.600 [0.231, 0.882]
     rl = _table_row(md, "RL")
-    assert rl == ["RL", "0.800 [0.490, 0.943]", "0.458", "+0.342", "0.600 [0.231, 0.882]", "0.338", "+0.262",
-                  "0.700", "0.398", "+0.302"]  # fmt: skip
+    assert rl == [
+        "RL",
+        "0.800 [0.490, 0.943]",
+        "0.458",
+        "+0.342",
+        "0.600 [0.231, 0.882]",
+        "0.338",
+        "+0.262",
+        "0.700",
+        "0.398",
+        "+0.302",
+    ]
     delta = _table_row(md, "delta (RL − base)")
     # ours +0.400 vs published +0.2956 -> +0.104; HotpotQA ours +0.400 vs +0.2397 -> +0.160
-    assert delta == ["delta (RL − base)", "+0.400", "+0.296", "+0.104", "+0.400", "+0.240", "+0.160",
-                     "+0.400", "+0.268", "+0.132"]  # fmt: skip
+    assert delta == [
+        "delta (RL − base)",
+        "+0.400",
+        "+0.296",
+        "+0.104",
+        "+0.400",
+        "+0.240",
+        "+0.160",
+        "+0.400",
+        "+0.268",
+        "+0.132",
+    ]
 
 
 def test_behaviour_table(full: Path) -> None:
@@ -280,14 +310,25 @@ def test_headline_with_named_models_in_config_order_and_any_compared_pair(tmp_pa
     shutil.copytree(eval_dir / "rl", eval_dir / "alpha")
     results = tmp_path / "results"
     render_report(
-        eval_dir=eval_dir, metrics_path=FIXTURES / "metrics.jsonl", published={**PUBLISHED, "alpha": {"nq_test": 0.5}},
-        splits=SPLITS, out_md=results / "headline.md", examples_md=results / "examples.md",
-        plots_dir=results / "plots", scale="full", record=REPORT_RECORD, n_examples=1,
-        models=["base", "rl", "zeta", "alpha"], compare=("zeta", "alpha"),
-    )  # fmt: skip
+        eval_dir=eval_dir,
+        metrics_path=FIXTURES / "metrics.jsonl",
+        published={**PUBLISHED, "alpha": {"nq_test": 0.5}},
+        splits=SPLITS,
+        out_md=results / "headline.md",
+        examples_md=results / "examples.md",
+        plots_dir=results / "plots",
+        scale="full",
+        record=REPORT_RECORD,
+        n_examples=1,
+        models=["base", "rl", "zeta", "alpha"],
+        compare=("zeta", "alpha"),
+    )
     md = (results / "headline.md").read_text()
-    rows = [line.split("|")[1].strip() for line in md.split("## Exact match")[1].split("## Behaviour")[0].splitlines()
-            if line.startswith("| ") and not line.startswith("| model")]  # fmt: skip
+    rows = [
+        line.split("|")[1].strip()
+        for line in md.split("## Exact match")[1].split("## Behaviour")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| model")
+    ]
     assert rows == ["base", "RL", "zeta", "alpha", "delta (RL − base)"]
     base = _table_row(md, "base")
     assert _table_row(md, "zeta") == ["zeta", base[1], "—", "—", base[4], "—", "—", "0.300", "—", "—"]
@@ -298,10 +339,18 @@ def test_headline_with_named_models_in_config_order_and_any_compared_pair(tmp_pa
     assert examples.startswith("# Zeta vs alpha") and "### Zeta wrong, alpha right (1 of 4)" in examples
     with pytest.raises(ValueError, match="compare must name two of the evaluated models"):
         render_report(
-            eval_dir=eval_dir, metrics_path=FIXTURES / "metrics.jsonl", published=PUBLISHED, splits=SPLITS,
-            out_md=results / "h2.md", examples_md=results / "x2.md", plots_dir=results / "plots", scale="full",
-            record=REPORT_RECORD, models=["base", "rl"], compare=("base", "zeta"),
-        )  # fmt: skip
+            eval_dir=eval_dir,
+            metrics_path=FIXTURES / "metrics.jsonl",
+            published=PUBLISHED,
+            splits=SPLITS,
+            out_md=results / "h2.md",
+            examples_md=results / "x2.md",
+            plots_dir=results / "plots",
+            scale="full",
+            record=REPORT_RECORD,
+            models=["base", "rl"],
+            compare=("base", "zeta"),
+        )
 
 
 def test_learning_curve_summary_in_headline(full: Path) -> None:
@@ -316,9 +365,17 @@ def test_declared_curve_without_points_still_plots(tmp_path: Path) -> None:
     empty.write_text("")
     results = tmp_path / "results"
     render_report(
-        eval_dir=FIXTURES / "eval", metrics_path=FIXTURES / "metrics.jsonl", published=PUBLISHED, splits=SPLITS,
-        out_md=results / "headline.md", examples_md=results / "examples.md", plots_dir=results / "plots",
-        scale="full", record=REPORT_RECORD, curve_path=empty, n_examples=1,
-    )  # fmt: skip
+        eval_dir=FIXTURES / "eval",
+        metrics_path=FIXTURES / "metrics.jsonl",
+        published=PUBLISHED,
+        splits=SPLITS,
+        out_md=results / "headline.md",
+        examples_md=results / "examples.md",
+        plots_dir=results / "plots",
+        scale="full",
+        record=REPORT_RECORD,
+        curve_path=empty,
+        n_examples=1,
+    )
     assert (results / "plots" / "em_curve.png").stat().st_size > 0
     assert "- learning curve" not in (results / "headline.md").read_text()

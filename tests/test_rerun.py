@@ -24,9 +24,18 @@ ALL_EVALS = {"evaluate": 6, "report": 1}
 # the warm start feeds base and rl, not init
 FROM_WARM_START = {"toy_warm_start": 1, "train": 1, "export_rl": 1, "evaluate": 4, "report": 1}
 EVERYTHING_BUT_ENCODER = {
-    "toy_world": 1, "prepare_data": 1, "corpus_offsets": 1, "build_index": 1, "toy_policy_init": 1,
-    "toy_warm_start": 1, "retriever_check": 1, "train": 1, "export_rl": 1, "evaluate": 6, "report": 1,
-}  # fmt: skip
+    "toy_world": 1,
+    "prepare_data": 1,
+    "corpus_offsets": 1,
+    "build_index": 1,
+    "toy_policy_init": 1,
+    "toy_warm_start": 1,
+    "retriever_check": 1,
+    "train": 1,
+    "export_rl": 1,
+    "evaluate": 6,
+    "report": 1,
+}
 
 CASES = {
     # train
@@ -50,7 +59,11 @@ CASES = {
     "eval.curve_subset": ({"eval": {"curve_subset": 40}}, RL_DOWNSTREAM),
     "eval.compare (the examples' pair)": ({"eval": {"compare": ["init", "rl"]}}, {"report": 1}),
     "eval.models (one more named model: evaluated alone)": (
-        {"eval": {"models": {"init": {"path": "data/toy/models/policy_init"}, "rl_copy": {"path": "results/models/rl"}}}},
+        {
+            "eval": {
+                "models": {"init": {"path": "data/toy/models/policy_init"}, "rl_copy": {"path": "results/models/rl"}}
+            }
+        },
         {"evaluate": 2, "report": 1},
     ),
     "eval.batch_size (operational)": ({"eval": {"batch_size": 10}}, {}),
@@ -124,8 +137,17 @@ def test_summary_names_the_outputs_whose_settings_changed(toy_run):
     value; --summary tests the truth value.)
     """
     (toy_run / "change.yaml").write_text(yaml.safe_dump({"train": {"lr": 5.0e-4}}))
-    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", "--summary",
-           "--configfile", *TOY_CONFIGS, "change.yaml"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "profiles/toy",
+        "--summary",
+        "--configfile",
+        *TOY_CONFIGS,
+        "change.yaml",
+    ]
     res = subprocess.run(cmd, cwd=toy_run, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]

@@ -21,8 +21,10 @@ def _cli(*commands: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     """`python -m searchr1.retrieval ARGS` for each of ``commands`` in turn, in one fresh process (HF_ENDPOINT is
     read when huggingface_hub is imported; one process imports torch and the rest once): its exit status is the
     first nonzero one."""
-    code = ("import sys; from searchr1.retrieval.__main__ import main; "
-            f"sys.exit(next((rc for argv in {list(commands)!r} if (rc := main(argv))), 0))")  # fmt: skip
+    code = (
+        "import sys; from searchr1.retrieval.__main__ import main; "
+        f"sys.exit(next((rc for argv in {list(commands)!r} if (rc := main(argv))), 0))"
+    )
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -44,9 +46,22 @@ def test_download_corpus_and_index_then_pair_checks(hub_files, tmp_path: Path) -
         hub.state.add("dataset", "PeterJinGo/wiki-18-e5-index", index_files)
         corpus = tmp_path / "data" / "corpus.jsonl"
         index = tmp_path / "data" / "e5_Flat.index"
-        r = _cli(["download-corpus", "--revision", "main", "--dest-dir", str(tmp_path / "dl"), "--out", str(corpus)],
-                 ["download-index", "--revision", "main", "--dest-dir", str(tmp_path / "dl"), "--out", str(index),
-                  "--corpus", str(corpus), "--delete-parts"], env=hub.client_env(HF_HOME=str(tmp_path / "hf")))  # fmt: skip
+        r = _cli(
+            ["download-corpus", "--revision", "main", "--dest-dir", str(tmp_path / "dl"), "--out", str(corpus)],
+            [
+                "download-index",
+                "--revision",
+                "main",
+                "--dest-dir",
+                str(tmp_path / "dl"),
+                "--out",
+                str(index),
+                "--corpus",
+                str(corpus),
+                "--delete-parts",
+            ],
+            env=hub.client_env(HF_HOME=str(tmp_path / "hf")),
+        )
         assert r.returncode == 0, r.stderr
     store = CorpusStore(corpus, build_offsets_if_needed=False)  # offsets were built by the command
     assert len(store) == 40 and store.get(39) == json.loads(lines[39])

@@ -91,7 +91,9 @@ def test_one_query_per_request_by_default(serve):
     behaviour: dict = {}
     base = serve(behaviour)
     hits = run_search(base + "/retrieve", ["alpha", "beta", "gamma"], topk=3)
-    assert [[h["id"] for h in hs] for hs in hits] == [[f"{q}-{r}" for r in range(3)] for q in ["alpha", "beta", "gamma"]]
+    assert [[h["id"] for h in hs] for hs in hits] == [
+        [f"{q}-{r}" for r in range(3)] for q in ["alpha", "beta", "gamma"]
+    ]
     assert hits[0][0] == corpus_row("alpha", 0)
     assert sorted(p["queries"][0] for p in behaviour["payloads"]) == ["alpha", "beta", "gamma"]
     assert all(p == {"queries": p["queries"], "topk": 3, "return_scores": False} for p in behaviour["payloads"])
@@ -219,16 +221,21 @@ def test_idle_connections_are_not_reused_into_a_closing_server(monkeypatch):
         requests = 0
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length"))  # fmt: skip
+            length = next(
+                int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+            )
             await reader.readexactly(length)
             requests += 1
             if requests > 1:
                 writer.close()
                 return
             body = b'{"result": [[{"id": "1", "contents": "x"}]]}'
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                         + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
             await writer.drain()
 
     async def main() -> dict:

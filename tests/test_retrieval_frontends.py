@@ -48,7 +48,8 @@ from searchr1.retrieval.corpus import CorpusStore
 from searchr1.retrieval.frontends import MultiProcessServer, bind_group
 from searchr1.retrieval.server import BatchingWorker, HttpLimits, Limits, index_info
 
-class Encoder(HashEncoder):  # "fail ...": a server fault; "timed ...": a real encoder's cost, 20 ms a call + 2 ms a query
+# "fail ...": a server fault; "timed ...": a real encoder's cost, 20 ms a call + 2 ms a query
+class Encoder(HashEncoder):
     def encode_queries(self, texts):
         if any(t.startswith("fail") for t in texts):
             raise RuntimeError("encoder fault")
@@ -57,7 +58,8 @@ class Encoder(HashEncoder):  # "fail ...": a server fault; "timed ...": a real e
         return super().encode_queries(texts)
 
 logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-root, port, n, grace, batch = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+root, port, n = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+grace, batch = float(sys.argv[5]), int(sys.argv[6])
 body_timeout = float(sys.argv[7])
 sockets = bind_group("127.0.0.1", port, n)
 world = World(root)
@@ -65,7 +67,8 @@ encoder, backend = Encoder(), NumpyBackend(world.vectors)
 worker = BatchingWorker(None, encoder, backend, max_batch_size=batch, max_wait_ms=1.0)
 limits = HttpLimits(max_header_bytes=4096, max_headers=20, keep_alive_timeout_s=5.0, header_timeout_s=0.5,
                     body_timeout_s=body_timeout, shutdown_grace_s=grace)
-server = MultiProcessServer(worker, corpus_path=world.corpus_path, info=index_info(CorpusStore(world.corpus_path), encoder, backend),
+info = index_info(CorpusStore(world.corpus_path), encoder, backend)
+server = MultiProcessServer(worker, corpus_path=world.corpus_path, info=info,
                             limits=Limits(topk_max=10, max_queries=300), http_limits=limits, sockets=sockets)
 sys.exit(server.run())
 """
@@ -74,17 +77,36 @@ sys.exit(server.run())
 class Multi:
     """A multi-process server started through managed_process (its own process group), as jobs start one."""
 
-    def __init__(self, tmp: Path, n: int = 3, grace_s: float = 1.0, batch: int = 256, body_timeout_s: float = 0.6) -> None:
+    def __init__(
+        self, tmp: Path, n: int = 3, grace_s: float = 1.0, batch: int = 256, body_timeout_s: float = 0.6
+    ) -> None:
         self.tmp, self.n = tmp, n
         self.port = bind_socket("127.0.0.1", 0).getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = self.base + "/retrieve"
         self.world = World(tmp / "world")
         self.log = tmp / "server.log"
-        self.cmd = [sys.executable, "-c", SERVE_SCRIPT, str(TESTS_DIR), str(tmp / "world"), str(self.port), str(n),
-                    str(grace_s), str(batch), str(body_timeout_s)]  # fmt: skip
-        self._cm = managed_process(self.cmd, name="multi-process retriever", log_path=self.log, healthy=self._healthy,
-                                   startup_timeout_s=60, poll_interval_s=0.05, stop_grace_s=10)  # fmt: skip
+        self.cmd = [
+            sys.executable,
+            "-c",
+            SERVE_SCRIPT,
+            str(TESTS_DIR),
+            str(tmp / "world"),
+            str(self.port),
+            str(n),
+            str(grace_s),
+            str(batch),
+            str(body_timeout_s),
+        ]
+        self._cm = managed_process(
+            self.cmd,
+            name="multi-process retriever",
+            log_path=self.log,
+            healthy=self._healthy,
+            startup_timeout_s=60,
+            poll_interval_s=0.05,
+            stop_grace_s=10,
+        )
 
     def _healthy(self) -> bool:
         try:
@@ -174,8 +196,11 @@ def test_disconnects_and_limits_are_counted_across_front_ends(multi: Multi) -> N
 
     def counted() -> bool:
         c = multi.health()["clients"]
-        return (c["disconnects"] >= before["disconnects"] + 3 and c["header_too_large"] == before["header_too_large"] + 1
-                and c["header_timeouts"] == before["header_timeouts"] + 1)  # fmt: skip
+        return (
+            c["disconnects"] >= before["disconnects"] + 3
+            and c["header_too_large"] == before["header_too_large"] + 1
+            and c["header_timeouts"] == before["header_timeouts"] + 1
+        )
 
     assert wait_for(counted, 5.0), multi.health()["clients"]
     assert "Traceback" not in multi.log.read_bytes()[log_start:].decode()
@@ -210,7 +235,9 @@ def test_sigterm_of_the_main_process_answers_in_flight_requests_and_stops_every_
         hostile = [_half_body(m.port) for _ in range(4)]  # on whichever front ends: none may hold the exit up
         assert_serves(m.world, m.url)
         out: dict = {}
-        t = threading.Thread(target=lambda: out.update(r=httpx.post(m.url, json={"queries": ["slow in flight"]}, timeout=10)))
+        t = threading.Thread(
+            target=lambda: out.update(r=httpx.post(m.url, json={"queries": ["slow in flight"]}, timeout=10))
+        )
         t.start()
         time.sleep(0.1)  # the worker is computing it (0.3 s)
         t0 = time.monotonic()
@@ -265,7 +292,9 @@ def test_a_huge_request_on_one_front_end_does_not_hold_back_a_small_one(multi: M
     alone = sorted(small(f"timed alone {i}") for i in range(5))[2]
     huge = [f"timed huge query {i}" for i in range(256)]
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(r=httpx.post(multi.url, json={"queries": huge, "topk": 2}, timeout=60)))
+    t = threading.Thread(
+        target=lambda: out.update(r=httpx.post(multi.url, json={"queries": huge, "topk": 2}, timeout=60))
+    )
     t.start()
     time.sleep(0.1)
     # Fresh connections: some land on other front ends; all wait for at most the batch in flight.

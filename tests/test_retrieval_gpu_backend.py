@@ -110,10 +110,45 @@ def test_gpu_bench_runs_every_stage_on_the_cpu(tmp_path) -> None:
     import sys
 
     out = tmp_path / "gpu.json"
-    cmd = [sys.executable, "-m", "searchr1.retrieval", "--log-level", "warning", "gpu-bench", "--device-type", "cpu",
-           "--out", str(out), "--sizes", "5000", "--gpus", "1", "--reps", "2", "--batch", "8", "--check-queries", "8",
-           "--cpu-check-queries", "4", "--variants", "65536:128", "--e2e-sizes", "5000", "--duration", "1",
-           "--load-procs", "1", "--concurrency", "8", "--e2e-configs", "2:1", "2:1:7.5", "--encoder-layers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "searchr1.retrieval",
+        "--log-level",
+        "warning",
+        "gpu-bench",
+        "--device-type",
+        "cpu",
+        "--out",
+        str(out),
+        "--sizes",
+        "5000",
+        "--gpus",
+        "1",
+        "--reps",
+        "2",
+        "--batch",
+        "8",
+        "--check-queries",
+        "8",
+        "--cpu-check-queries",
+        "4",
+        "--variants",
+        "65536:128",
+        "--e2e-sizes",
+        "5000",
+        "--duration",
+        "1",
+        "--load-procs",
+        "1",
+        "--concurrency",
+        "8",
+        "--e2e-configs",
+        "2:1",
+        "2:1:7.5",
+        "--encoder-layers",
+        "1",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     cell = json.loads(out.read_text())["results"]["1gpu"]["5000"]

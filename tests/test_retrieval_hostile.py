@@ -87,8 +87,14 @@ class ThreadServer:
 
 
 # Small limits so that every timeout fires within a second.
-TEST_LIMITS = HttpLimits(max_header_bytes=4096, max_headers=20, keep_alive_timeout_s=0.5, header_timeout_s=0.5,
-                         body_timeout_s=0.6, shutdown_grace_s=1.0)  # fmt: skip
+TEST_LIMITS = HttpLimits(
+    max_header_bytes=4096,
+    max_headers=20,
+    keep_alive_timeout_s=0.5,
+    header_timeout_s=0.5,
+    body_timeout_s=0.6,
+    shutdown_grace_s=1.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +104,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture(scope="module")
 def server(world: World) -> Iterator[ThreadServer]:
-    app = world.app(topk_max=10, max_queries=8, max_query_chars=200, max_body_bytes=64_000, max_batch_size=8,
-                    http_limits=TEST_LIMITS)  # fmt: skip
+    app = world.app(
+        topk_max=10,
+        max_queries=8,
+        max_query_chars=200,
+        max_body_bytes=64_000,
+        max_batch_size=8,
+        http_limits=TEST_LIMITS,
+    )
     with ThreadServer(app) as s:
         yield s
 
@@ -152,7 +164,7 @@ def closed_within(sock: socket.socket, timeout_s: float) -> bool:
     try:
         while sock.recv(65536):
             pass
-    except socket.timeout:
+    except TimeoutError:
         return False
     except ConnectionResetError:
         pass
@@ -200,8 +212,11 @@ def _while_computing(port: int) -> None:
         time.sleep(0.1)  # the encoder is busy with it for 0.3 s
 
 
-@pytest.mark.parametrize("hostile", [_mid_body, _malformed_chunked, _slow_then_gives_up, _while_computing],
-                         ids=["mid-body", "malformed-chunked", "slow-then-gives-up", "while-computing"])  # fmt: skip
+@pytest.mark.parametrize(
+    "hostile",
+    [_mid_body, _malformed_chunked, _slow_then_gives_up, _while_computing],
+    ids=["mid-body", "malformed-chunked", "slow-then-gives-up", "while-computing"],
+)
 def test_client_disconnect_is_handled_and_counted(world: World, server: ThreadServer, hostile) -> None:
     before = server.health()["clients"]["disconnects"]
     hostile(server.port)
@@ -252,8 +267,10 @@ class ServerProcess:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", SERVE_SCRIPT, str(TESTS_DIR), str(tmp / "world"), str(self.port), str(grace_s)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         ok = wait_for(self._healthy, 30)
         assert ok, self.log.read_text()
 
@@ -359,8 +376,9 @@ def test_managed_server_dies_with_its_sigkilled_job_despite_a_half_sent_body(tmp
     log = tmp_path / "retriever.log"
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT_SCRIPT, str(TESTS_DIR), str(tmp_path / "world"), SERVE_SCRIPT, str(log)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     pid = None
     try:
         url = parent.stdout.readline().strip()
@@ -399,9 +417,11 @@ def _small_vs_huge(world: World, max_batch_size: int, tries: int = 1, enough=lam
         for rep in range(tries):
             huge = [f"huge {rep} query {i}" for i in range(256)]
             out: dict = {}
-            t = threading.Thread(
-                target=lambda: out.update(r=httpx.post(srv.url, json={"queries": huge, "topk": 2}, timeout=60))
-            )
+
+            def post_huge(out: dict = out, huge: list = huge) -> None:
+                out.update(r=httpx.post(srv.url, json={"queries": huge, "topk": 2}, timeout=60))
+
+            t = threading.Thread(target=post_huge)
             t.start()
             time.sleep(0.1)
             with_huge.append(_small_latency(srv.url, f"small {rep}"))
@@ -435,8 +455,14 @@ def test_long_queries_are_sliced_by_characters(world: World) -> None:
     from searchr1.retrieval.server import BatchingWorker
 
     enc = HashEncoder()
-    worker = BatchingWorker(CorpusStore(world.corpus_path), enc, NumpyBackend(world.vectors), max_batch_size=256,
-                            max_wait_ms=5, max_batch_chars=4000)  # fmt: skip
+    worker = BatchingWorker(
+        CorpusStore(world.corpus_path),
+        enc,
+        NumpyBackend(world.vectors),
+        max_batch_size=256,
+        max_wait_ms=5,
+        max_batch_chars=4000,
+    )
     long = [f"{i} " + "x" * 998 for i in range(24)]  # 1,000 characters each: 4 per batch
 
     async def drive() -> tuple[list, list]:
@@ -544,10 +570,24 @@ def test_busy_port_fails_fast_before_loading_anything(world: World, server: Thre
     missing = "/nonexistent/issue17"
     t0 = time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-m", "searchr1.retrieval", "serve", "--corpus", f"{missing}/corpus.jsonl",
-         "--index", f"{missing}/index.faiss", "--encoder", f"{missing}/model", "--port", str(server.port)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "searchr1.retrieval",
+            "serve",
+            "--corpus",
+            f"{missing}/corpus.jsonl",
+            "--index",
+            f"{missing}/index.faiss",
+            "--encoder",
+            f"{missing}/model",
+            "--port",
+            str(server.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2, r.stderr
     assert f"port {server.port}" in r.stderr and "in use" in r.stderr, r.stderr
     assert missing not in r.stderr
@@ -595,8 +635,10 @@ def from_schema(schema: dict):
     if t == "object":
         props = {k: from_schema(v) for k, v in schema["properties"].items()}
         required = set(schema.get("required", ()))
-        return st.fixed_dictionaries({k: v for k, v in props.items() if k in required},
-                                     optional={k: v for k, v in props.items() if k not in required})  # fmt: skip
+        return st.fixed_dictionaries(
+            {k: v for k, v in props.items() if k in required},
+            optional={k: v for k, v in props.items() if k not in required},
+        )
     if t == "array":
         return st.lists(
             from_schema(schema["items"]), min_size=schema.get("minItems", 0), max_size=schema.get("maxItems")
@@ -622,15 +664,19 @@ def test_openapi_schema_property_no_5xx_no_traceback(world: World, server: Threa
     app_schema = httpx.get(server.base + "/openapi.json").json()
     body_schema = app_schema["paths"]["/retrieve"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "get" in app_schema["paths"]["/health"] and "head" in app_schema["paths"]["/health"]
-    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                               max_leaves=12)  # fmt: skip
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12,
+    )
     bodies = (
         from_schema(body_schema).map(lambda b: ("valid", b))
-        | st.dictionaries(st.sampled_from(["queries", "topk", "return_scores", "other"]), json_values, max_size=3).map(lambda b: ("json", b))
+        | st.dictionaries(st.sampled_from(["queries", "topk", "return_scores", "other"]), json_values, max_size=3).map(
+            lambda b: ("json", b)
+        )
         | json_values.map(lambda b: ("json", b))
         | st.binary(max_size=64).map(lambda b: ("bytes", b))
-    )  # fmt: skip
+    )
     client = httpx.Client(timeout=10)
 
     @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -28,8 +28,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("managed")
     corpus = root / "corpus.jsonl"
-    texts = ['"Paris"\nParis is the capital of France.', '"Nile"\nThe Nile is a river in Africa.',
-             '"Python"\nPython is a programming language.', '"Everest"\nMount Everest is the highest mountain.']  # fmt: skip
+    texts = [
+        '"Paris"\nParis is the capital of France.',
+        '"Nile"\nThe Nile is a river in Africa.',
+        '"Python"\nPython is a programming language.',
+        '"Everest"\nMount Everest is the highest mountain.',
+    ]
     corpus.write_text("".join(json.dumps({"id": str(i), "contents": t}) + "\n" for i, t in enumerate(texts)))
     index = root / "index.faiss"
     build_index(corpus, Encoder(MINILM, query_prefix="", passage_prefix="", device="cpu"), index, progress=False)
@@ -45,11 +49,14 @@ def test_managed_server_serves_and_is_stopped_on_exception(pair: tuple[Path, Pat
     log = tmp_path / "retriever.log"
     seen_url = None
     with pytest.raises(KeyError, match="boom"):
-        with managed_server(corpus=corpus, index=index, encoder=MINILM, log_path=log, extra_args=PREFIXES,
-                            startup_timeout_s=120) as url:  # fmt: skip
+        with managed_server(
+            corpus=corpus, index=index, encoder=MINILM, log_path=log, extra_args=PREFIXES, startup_timeout_s=120
+        ) as url:
             seen_url = url
             assert url.startswith("http://127.0.0.1:") and url.endswith("/retrieve")
-            r = httpx.post(url, json={"queries": ["Which river flows through Africa?"], "topk": 1, "return_scores": False})
+            r = httpx.post(
+                url, json={"queries": ["Which river flows through Africa?"], "topk": 1, "return_scores": False}
+            )
             assert r.status_code == 200
             assert r.json()["result"][0][0]["id"] == "1"
             info = check_health(url)
@@ -66,7 +73,9 @@ def test_mismatched_pair_fails_fast_with_both_names(pair: tuple[Path, Path], tmp
     other = tmp_path / "other.jsonl"
     other.write_text(corpus.read_text() + json.dumps({"id": "4", "contents": '"X"\nextra'}) + "\n")
     with pytest.raises(RetrieverStartError) as e:
-        with managed_server(corpus=other, index=index, encoder=MINILM, log_path=tmp_path / "r.log", startup_timeout_s=120):
+        with managed_server(
+            corpus=other, index=index, encoder=MINILM, log_path=tmp_path / "r.log", startup_timeout_s=120
+        ):
             pytest.fail("must not start")
     msg = str(e.value)
     assert "exited with code 2" in msg and str(other) in msg and str(index) in msg
@@ -89,8 +98,14 @@ def test_cli_multiprocess_server_serves_and_its_whole_group_stops(pair: tuple[Pa
     from helpers import alive
 
     corpus, index = pair
-    with managed_server(corpus=corpus, index=index, encoder=MINILM, log_path=tmp_path / "r.log", startup_timeout_s=120,
-                        extra_args=[*PREFIXES, "--http-workers", "2"]) as url:  # fmt: skip
+    with managed_server(
+        corpus=corpus,
+        index=index,
+        encoder=MINILM,
+        log_path=tmp_path / "r.log",
+        startup_timeout_s=120,
+        extra_args=[*PREFIXES, "--http-workers", "2"],
+    ) as url:
         r = httpx.post(url, json={"queries": ["Which river flows through Africa?", "highest mountain"], "topk": 1})
         assert r.status_code == 200 and [hits[0]["id"] for hits in r.json()["result"]] == ["1", "3"]
         info = check_health(url)

@@ -17,7 +17,7 @@ from searchr1.retrieval.bench import write_synthetic_corpus
 from searchr1.retrieval.corpus import CorpusStore
 from searchr1.retrieval.peer import PeerSourceError, managed_peer, peer_command
 
-STANDIN = '''
+STANDIN = """
 import argparse, sys
 import torch, uvicorn
 from fastapi import FastAPI
@@ -40,15 +40,22 @@ def retrieve():
 
 if __name__ == "__main__":
     uvicorn.run(app, host="0.0.0.0", port=8000)
-'''
+"""
 
 
 def test_runner_keeps_the_peer_on_cpu_fp32_and_loopback(tmp_path: Path) -> None:
     src = tmp_path / "Search-R1"
     (src / "search_r1" / "search").mkdir(parents=True)
     (src / "search_r1" / "search" / "retrieval_server.py").write_text(STANDIN)
-    with managed_peer(src, index="/i.faiss", corpus="/c.jsonl", encoder="/m", retriever_name="e5",
-                      log_path=tmp_path / "peer.log", startup_timeout_s=120) as url:  # fmt: skip
+    with managed_peer(
+        src,
+        index="/i.faiss",
+        corpus="/c.jsonl",
+        encoder="/m",
+        retriever_name="e5",
+        log_path=tmp_path / "peer.log",
+        startup_timeout_s=120,
+    ) as url:
         assert url.startswith("http://127.0.0.1:") and not url.startswith("http://127.0.0.1:8000/")
         info = httpx.post(url, timeout=10).json()
     assert info["device"] == "cpu" and info["dtype"] == "torch.float32" and info["input"] == "cpu"
@@ -70,4 +77,6 @@ def test_synthetic_corpus_rows_are_numbered_json(tmp_path: Path) -> None:
     for i in (0, 999, 1_000, 2_499):
         row = store.get(i)
         assert row == json.loads(lines[i])
-        assert row["id"] == f"{i:010d}" and row["contents"] == f'"Synthetic {i:010d}"\nSynthetic passage number {i:010d}.'
+        assert (
+            row["id"] == f"{i:010d}" and row["contents"] == f'"Synthetic {i:010d}"\nSynthetic passage number {i:010d}.'
+        )

@@ -50,7 +50,10 @@ class HashEncoder:
 class World:
     def __init__(self, root: Path) -> None:
         self.corpus_path = root / "corpus.jsonl"
-        rows = [{"id": f"doc{i}", "contents": f'"Title {i}"\nBody of passage {i}, with “quotes” and é.'} for i in range(N_PASSAGES)]
+        rows = [
+            {"id": f"doc{i}", "contents": f'"Title {i}"\nBody of passage {i}, with “quotes” and é.'}
+            for i in range(N_PASSAGES)
+        ]
         self.lines = [json.dumps(r, ensure_ascii=False) for r in rows]
         self.corpus_path.write_text("\n".join(self.lines) + "\n", encoding="utf-8")
         self.encoder = HashEncoder()
@@ -70,7 +73,9 @@ class ServerThread:
     def __init__(self, app) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/retrieve"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, backlog=2048)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, backlog=2048
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -95,8 +100,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture(scope="module")
 def server(world: World) -> Iterator[ServerThread]:
-    app = create_app(world.corpus, world.encoder, world.backend, topk_max=50, max_queries=64,
-                     max_query_chars=500, max_body_bytes=20_000, max_batch_size=64, max_wait_ms=2.0)  # fmt: skip
+    app = create_app(
+        world.corpus,
+        world.encoder,
+        world.backend,
+        topk_max=50,
+        max_queries=64,
+        max_query_chars=500,
+        max_body_bytes=20_000,
+        max_batch_size=64,
+        max_wait_ms=2.0,
+    )
     with ServerThread(app) as s:
         yield s
 
@@ -163,7 +177,12 @@ def test_load_256_clients_x_4_requests_all_correct(world: World, server: ServerT
 
 BAD_REQUESTS = [
     # (description, kwargs for httpx.post, expected status, a word the message must contain)
-    ("malformed JSON", {"content": b'{"queries": [', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
+    (
+        "malformed JSON",
+        {"content": b'{"queries": [', "headers": {"content-type": "application/json"}},
+        400,
+        "malformed JSON",
+    ),
     ("not an object", {"json": ["q"]}, 422, "JSON object"),
     ("missing queries", {"json": {"topk": 3}}, 422, "missing field 'queries'"),
     ("queries not a list", {"json": {"queries": "who?"}}, 422, "'queries' must be a list"),
@@ -179,16 +198,33 @@ BAD_REQUESTS = [
     ("topk zero", {"json": {"queries": ["q"], "topk": 0}}, 422, "'topk' must be positive"),
     ("topk negative", {"json": {"queries": ["q"], "topk": -2}}, 422, "'topk' must be positive"),
     ("topk too large", {"json": {"queries": ["q"], "topk": 51}}, 422, "topk_max=50"),
-    ("return_scores not bool", {"json": {"queries": ["q"], "return_scores": "yes"}}, 422, "'return_scores' must be a boolean"),
+    (
+        "return_scores not bool",
+        {"json": {"queries": ["q"], "return_scores": "yes"}},
+        422,
+        "'return_scores' must be a boolean",
+    ),
     ("body too large", {"json": {"queries": ["q" * 400] * 60}}, 413, "max_body_bytes=20000"),
-    ("wrong content type", {"content": b'{"queries": ["q"]}', "headers": {"content-type": "text/plain"}}, 415, "application/json"),
+    (
+        "wrong content type",
+        {"content": b'{"queries": ["q"]}', "headers": {"content-type": "text/plain"}},
+        415,
+        "application/json",
+    ),
     ("no content type", {"content": b'{"queries": ["q"]}'}, 415, "application/json"),
-    ("invalid utf-8", {"content": b'{"queries": ["\xff"]}', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
-]  # fmt: skip
+    (
+        "invalid utf-8",
+        {"content": b'{"queries": ["\xff"]}', "headers": {"content-type": "application/json"}},
+        400,
+        "malformed JSON",
+    ),
+]
 
 
 @pytest.mark.parametrize("desc,kwargs,status,needle", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_input_gets_4xx_naming_the_problem(server: ServerThread, desc: str, kwargs: dict, status: int, needle: str) -> None:
+def test_bad_input_gets_4xx_naming_the_problem(
+    server: ServerThread, desc: str, kwargs: dict, status: int, needle: str
+) -> None:
     r = httpx.post(server.url, **kwargs)
     assert r.status_code == status, (desc, r.status_code, r.text)
     assert needle in r.json()["detail"], r.text
@@ -374,8 +410,12 @@ def test_a_batch_whose_queries_all_come_tokenized_skips_the_tokenizer(world: Wor
 
     async def drive(with_ids: list[bool]) -> list:
         worker.start()
-        out = await asyncio.gather(*(worker.submit([f"query {i}"], 3, False) if not w else
-                                     _submit_ids(worker, [f"query {i}"], [[i]]) for i, w in enumerate(with_ids)))  # fmt: skip
+        out = await asyncio.gather(
+            *(
+                worker.submit([f"query {i}"], 3, False) if not w else _submit_ids(worker, [f"query {i}"], [[i]])
+                for i, w in enumerate(with_ids)
+            )
+        )
         await worker.stop()
         return out
 
@@ -400,13 +440,34 @@ def test_bench_tables_show_ratio_and_stages() -> None:
     from searchr1.retrieval.bench import markdown_table, stage_table
 
     def run(c: int, qps: float, batch: float) -> dict:
-        return {"concurrency": c, "requests": 100, "errors": 0, "qps": qps, "p50_ms": 10.0, "p99_ms": 20.0,
-                "mean_batch_queries": batch, "worker_encode_ms_per_query": 1.0, "worker_search_ms_per_query": 2.0,
-                "worker_lookup_ms_per_query": 0.01, "server_cpu_s": 0.5, "server_loop_thread_cpu_s": 0.1,
-                "load_generator_cpu_s": 0.02}  # fmt: skip
+        return {
+            "concurrency": c,
+            "requests": 100,
+            "errors": 0,
+            "qps": qps,
+            "p50_ms": 10.0,
+            "p99_ms": 20.0,
+            "mean_batch_queries": batch,
+            "worker_encode_ms_per_query": 1.0,
+            "worker_search_ms_per_query": 2.0,
+            "worker_lookup_ms_per_query": 0.01,
+            "server_cpu_s": 0.5,
+            "server_loop_thread_cpu_s": 0.1,
+            "load_generator_cpu_s": 0.02,
+        }
 
-    report = {"results": {"fp32": {"1000": {"modes": {
-        "per_request": {"runs": [run(256, 10.0, 1)]}, "batching": {"runs": [run(256, 125.0, 200)]}}}}}}  # fmt: skip
+    report = {
+        "results": {
+            "fp32": {
+                "1000": {
+                    "modes": {
+                        "per_request": {"runs": [run(256, 10.0, 1)]},
+                        "batching": {"runs": [run(256, 125.0, 200)]},
+                    }
+                }
+            }
+        }
+    }
     assert "| fp32 | 1,000 | 256 | 10.0 | 125.0 | 12.5x |" in markdown_table(report)
     stages = stage_table(report)
     assert "| fp32 | 1,000 | batching | 200 | 1.0 | 2.0 | 0.01 | 5.0 | 1.00 | 0.20 |" in stages

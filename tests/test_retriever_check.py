@@ -8,15 +8,33 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import rule_params, serve_real_retriever
+
 from searchr1.steps.retrieval import CHECK_PROBES, MIN_SELF_RECALL, retriever_check
 from searchr1.steps.settings import StepSettings
 
-CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito", "accra", "hanoi", "kabul", "dakar",
-          "sofia", "minsk", "riga", "doha"]  # fmt: skip
-PASSAGES = [{"id": f"p{i}", "contents": f'"Person {i}"\nperson {i} was born in {city} and works as a {job}'}
-            for i, (city, job) in enumerate(zip(CITIES, ["baker", "pilot", "nurse", "judge"] * 4))]
+CITIES = [
+    "paris",
+    "rome",
+    "oslo",
+    "lima",
+    "cairo",
+    "delhi",
+    "tokyo",
+    "quito",
+    "accra",
+    "hanoi",
+    "kabul",
+    "dakar",
+    "sofia",
+    "minsk",
+    "riga",
+    "doha",
+]
+PASSAGES = [
+    {"id": f"p{i}", "contents": f'"Person {i}"\nperson {i} was born in {city} and works as a {job}'}
+    for i, (city, job) in enumerate(zip(CITIES, ["baker", "pilot", "nurse", "judge"] * 4))
+]
 assert len(PASSAGES) <= CHECK_PROBES  # every passage is probed
 
 
@@ -40,9 +58,15 @@ def run_check(tmp_path: Path, monkeypatch, served: list[dict]) -> dict:
     monkeypatch.setattr(searchr1.retrieval.managed, "managed_server", managed_server)
     monkeypatch.setattr(searchr1.retrieval.index, "check_pair", lambda i, c: {"n": len(PASSAGES)})
     out = tmp_path / "check.json"
-    cfg = StepSettings.from_params(rule_params("retriever_check", "config.yaml", "config.toy.yaml"), step="retriever_check")
-    retriever_check(cfg, inputs={"corpus": str(corpus), "index": str(index), "encoder": str(tmp_path / "enc")},
-                    outputs={"_list": [str(out)]}, log_path=tmp_path / "logs" / "check.log")
+    cfg = StepSettings.from_params(
+        rule_params("retriever_check", "config.yaml", "config.toy.yaml"), step="retriever_check"
+    )
+    retriever_check(
+        cfg,
+        inputs={"corpus": str(corpus), "index": str(index), "encoder": str(tmp_path / "enc")},
+        outputs={"_list": [str(out)]},
+        log_path=tmp_path / "logs" / "check.log",
+    )
     return json.loads(out.read_text())
 
 

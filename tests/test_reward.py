@@ -29,7 +29,7 @@ PROMPT = qwen_chat(make_prompt("who wrote the hobbit"))
 
 GOOD_SEARCH = (
     "<think> I need to look this up. </think>\n<search> the hobbit author </search>\n\n"
-    "<information>Doc 1(Title: \"The Hobbit\") written by J. R. R. Tolkien</information>\n\n"
+    '<information>Doc 1(Title: "The Hobbit") written by J. R. R. Tolkien</information>\n\n'
     "<think> It is Tolkien. </think>\n<answer> J. R. R. Tolkien </answer>"
 )
 
@@ -133,9 +133,12 @@ def test_response_only_diagnostic_ignores_prompt_examples():
     [
         (GOOD_SEARCH, True, "Valid"),
         ("<think>x</think><answer>y</answer>", True, "Valid"),
-        ("<think>a</think><search>q</search><information>i</information>"
-         "<think>b</think><search>q2</search><information>j</information><think>c</think><answer>y</answer>",
-         True, "Valid"),
+        (
+            "<think>a</think><search>q</search><information>i</information>"
+            "<think>b</think><search>q2</search><information>j</information><think>c</think><answer>y</answer>",
+            True,
+            "Valid",
+        ),
         ("<answer>y</answer>", False, "Unexpected tag <answer> in state start"),
         ("<think>x</think><answer>y</answer> junk", False, "Unexpected content"),
         ("<think>x</think>", False, "Incomplete sequence"),

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, config
 
 import searchr1
-from helpers import ROOT, config
 from searchr1.config import ConfigError, complete, config_value, load_config, load_schema, validate_config
 from searchr1.steps.settings import flatten, operational_keys
 
@@ -52,7 +52,9 @@ SETTINGS_CLASSES = [(name, cls) for name, cls in _dataclasses() if hasattr(cls, 
 # Fields named like a config key that are something else, each with its reason.
 NOT_CONFIG_VALUES = {
     "searchr1.engines.GenerationRequest.temperature": "per request; the agent always sets the rollout/eval one",
-    "searchr1.retrieval.server.Limits.topk_max": "the server library's limit; `serve` and the DAG pass retriever.topk_max",
+    "searchr1.retrieval.server.Limits.topk_max": (
+        "the server library's limit; `serve` and the DAG pass retriever.topk_max"
+    ),
     "searchr1.toy.warmstart.WarmStartConfig.weight_decay": "the warm start's own optimiser, not train.weight_decay",
     "searchr1.toy.warmstart.WarmStartConfig.grad_clip": "the warm start's own optimiser, not train.torch.grad_clip",
     "searchr1.toy.world.World.splits": "the generated question splits (data), not data.splits",
@@ -194,12 +196,20 @@ def test_steps_and_launchers_have_no_second_default_for_a_config_key():
     """`cfg.get("key", <default>)` would be a second home for a value config.yaml holds."""
     leaves = _leaf_names()
     offenders = []
-    for path in [*sorted((PACKAGE / "steps").glob("*.py")), PACKAGE / "slime_launch.py", PACKAGE / "grpo" / "settings.py"]:
+    for path in [
+        *sorted((PACKAGE / "steps").glob("*.py")),
+        PACKAGE / "slime_launch.py",
+        PACKAGE / "grpo" / "settings.py",
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if (
-                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                and len(node.args) == 2 and isinstance(node.args[0], ast.Constant) and node.args[0].value in leaves
-            ):  # fmt: skip
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "get"
+                and len(node.args) == 2
+                and isinstance(node.args[0], ast.Constant)
+                and node.args[0].value in leaves
+            ):
                 offenders.append(f"{path.name}:{node.lineno} .get({node.args[0].value!r}, ...)")
     assert not offenders, offenders
 

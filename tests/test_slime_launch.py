@@ -29,10 +29,16 @@ def cfg():
 
 def paths(tmp: Path, **kw):
     base = dict(
-        hf_checkpoint=tmp / "models" / "base", train_parquet=tmp / "data" / "train.parquet",
-        save_dir=tmp / "train" / "slime ckpt", save_hf_dir=tmp / "train" / "hf", metrics_path=tmp / "train" / "metrics.jsonl",
-        eval_metrics_path=tmp / "train" / "eval_metrics.jsonl", custom_config_path=tmp / "train" / "custom.yaml",
-        retriever_url="http://127.0.0.1:8000/retrieve", log_dir=tmp / "logs", plugin_pythonpath=ROOT,
+        hf_checkpoint=tmp / "models" / "base",
+        train_parquet=tmp / "data" / "train.parquet",
+        save_dir=tmp / "train" / "slime ckpt",
+        save_hf_dir=tmp / "train" / "hf",
+        metrics_path=tmp / "train" / "metrics.jsonl",
+        eval_metrics_path=tmp / "train" / "eval_metrics.jsonl",
+        custom_config_path=tmp / "train" / "custom.yaml",
+        retriever_url="http://127.0.0.1:8000/retrieve",
+        log_dir=tmp / "logs",
+        plugin_pythonpath=ROOT,
     )
     base.update(kw)
     return base
@@ -59,33 +65,61 @@ def test_every_recipe_value_reaches_its_flag(cfg, tmp_path):
     a = train_argv(plan)
     t, sl = cfg["train"], cfg["train"]["slime"]
     expect = {
-        "--num-rollout": t["num_rollout"], "--rollout-batch-size": t["rollout_batch_size"],
-        "--n-samples-per-prompt": t["n_samples_per_prompt"], "--global-batch-size": t["global_batch_size"],
-        "--rollout-max-response-len": t["rollout_max_response_len"], "--rollout-temperature": t["rollout_temperature"],
-        "--rollout-top-p": t["rollout_top_p"], "--lr": t["lr"], "--weight-decay": t["weight_decay"],
-        "--adam-beta1": t["adam_beta1"], "--adam-beta2": t["adam_beta2"], "--kl-loss-coef": t["kl_loss_coef"],
-        "--entropy-coef": t["entropy_coef"], "--eps-clip": t["eps_clip"], "--eps-clip-high": t["eps_clip_high"],
-        "--save-interval": t["save_interval"], "--rollout-seed": cfg["seed"],
+        "--num-rollout": t["num_rollout"],
+        "--rollout-batch-size": t["rollout_batch_size"],
+        "--n-samples-per-prompt": t["n_samples_per_prompt"],
+        "--global-batch-size": t["global_batch_size"],
+        "--rollout-max-response-len": t["rollout_max_response_len"],
+        "--rollout-temperature": t["rollout_temperature"],
+        "--rollout-top-p": t["rollout_top_p"],
+        "--lr": t["lr"],
+        "--weight-decay": t["weight_decay"],
+        "--adam-beta1": t["adam_beta1"],
+        "--adam-beta2": t["adam_beta2"],
+        "--kl-loss-coef": t["kl_loss_coef"],
+        "--entropy-coef": t["entropy_coef"],
+        "--eps-clip": t["eps_clip"],
+        "--eps-clip-high": t["eps_clip_high"],
+        "--save-interval": t["save_interval"],
+        "--rollout-seed": cfg["seed"],
         "--tensor-model-parallel-size": sl["tensor_model_parallel_size"],
         "--pipeline-model-parallel-size": sl["pipeline_model_parallel_size"],
-        "--context-parallel-size": sl["context_parallel_size"], "--max-tokens-per-gpu": sl["max_tokens_per_gpu"],
+        "--context-parallel-size": sl["context_parallel_size"],
+        "--max-tokens-per-gpu": sl["max_tokens_per_gpu"],
         "--recompute-num-layers": sl["recompute_num_layers"],
         "--rollout-num-gpus-per-engine": sl["rollout_num_gpus_per_engine"],
         "--sglang-mem-fraction-static": sl["sglang_mem_fraction_static"],
-        "--actor-num-nodes": sl["nodes"], "--actor-num-gpus-per-node": sl["gpus_per_node"],
-        "--rollout-num-gpus": sl["rollout_num_gpus"], "--num-gpus-per-node": sl["gpus_per_node"],
-    }  # fmt: skip
+        "--actor-num-nodes": sl["nodes"],
+        "--actor-num-gpus-per-node": sl["gpus_per_node"],
+        "--rollout-num-gpus": sl["rollout_num_gpus"],
+        "--num-gpus-per-node": sl["gpus_per_node"],
+    }
     for name, value in expect.items():
         assert float(flag(a, name)) == pytest.approx(float(value)), name
     for name, value in {
-        "--advantage-estimator": "grpo", "--kl-loss-type": "low_var_kl", "--optimizer": "adam",
-        "--lr-decay-style": "constant", "--recompute-granularity": "full", "--recompute-method": "uniform",
-        "--attention-backend": "flash", "--input-key": "prompt", "--label-key": "reward_model",
-    }.items():  # fmt: skip
+        "--advantage-estimator": "grpo",
+        "--kl-loss-type": "low_var_kl",
+        "--optimizer": "adam",
+        "--lr-decay-style": "constant",
+        "--recompute-granularity": "full",
+        "--recompute-method": "uniform",
+        "--attention-backend": "flash",
+        "--input-key": "prompt",
+        "--label-key": "reward_model",
+    }.items():
         assert flag(a, name) == value, name
-    for switch in ("--rollout-shuffle", "--balance-data", "--sequence-parallel", "--use-dynamic-batch-size",
-                   "--use-kl-loss", "--use-tis", "--colocate", "--apply-chat-template",
-                   "--accumulate-allreduce-grads-in-fp32", "--attention-softmax-in-fp32"):  # fmt: skip
+    for switch in (
+        "--rollout-shuffle",
+        "--balance-data",
+        "--sequence-parallel",
+        "--use-dynamic-batch-size",
+        "--use-kl-loss",
+        "--use-tis",
+        "--colocate",
+        "--apply-chat-template",
+        "--accumulate-allreduce-grads-in-fp32",
+        "--attention-softmax-in-fp32",
+    ):
         assert switch in a, switch
     assert flag(a, "--attention-dropout") == "0.0" and flag(a, "--hidden-dropout") == "0.0"
     assert flag(a, "--custom-generate-function-path") == "searchr1.slime_plugin.generate"
@@ -200,8 +234,13 @@ def test_multi_node_workers_from_slurm_nodelist(cfg, tmp_path):
         seen.append(nodelist)
         return ["gpu07", "gpu08", "gpu09", "gpu10"]
 
-    plan = build_plan(c, paths=paths(tmp_path), env={"SLURM_JOB_NODELIST": "gpu[07-10]"},
-                      expand_hostnames=expand, resolve_ip=lambda host: {"gpu07": "10.0.0.7"}[host])
+    plan = build_plan(
+        c,
+        paths=paths(tmp_path),
+        env={"SLURM_JOB_NODELIST": "gpu[07-10]"},
+        expand_hostnames=expand,
+        resolve_ip=lambda host: {"gpu07": "10.0.0.7"}[host],
+    )
     assert seen == ["gpu[07-10]"]
     assert flag(plan.head_start, "--node-ip-address") == "10.0.0.7"
     assert len(plan.worker_starts) == 2
@@ -221,8 +260,13 @@ def test_no_command_kills_by_name(cfg, tmp_path):
         c = copy.deepcopy(cfg)
         c["train"]["slime"]["container_runtime"] = runtime
         c["train"]["slime"]["nodes"] = 2
-        plan = build_plan(c, paths=paths(tmp_path), env={"SLURM_JOB_NODELIST": "n[1-2]"},
-                          expand_hostnames=lambda s: ["n1", "n2"], resolve_ip=lambda h: "10.1.1.1")
+        plan = build_plan(
+            c,
+            paths=paths(tmp_path),
+            env={"SLURM_JOB_NODELIST": "n[1-2]"},
+            expand_hostnames=lambda s: ["n1", "n2"],
+            resolve_ip=lambda h: "10.1.1.1",
+        )
         for cmd in plan.commands():
             assert not {"pkill", "killall", "kill"} & set(cmd), cmd
             assert "--force" not in cmd
@@ -235,8 +279,12 @@ def test_eval_during_training_flags(cfg, tmp_path):
     p = paths(tmp_path, eval_prompt_data={"nq_test": tmp_path / "nq.parquet", "hotpotqa_test": tmp_path / "hq.parquet"})
     a = train_argv(build_plan(c, paths=p, env={}))
     assert flag(a, "--eval-interval") == "25"
-    assert flag(a, "--eval-prompt-data", 4) == ["hotpotqa_test", f"{tmp_path}/hq.parquet@[0:500]",
-                                                "nq_test", f"{tmp_path}/nq.parquet@[0:500]"]
+    assert flag(a, "--eval-prompt-data", 4) == [
+        "hotpotqa_test",
+        f"{tmp_path}/hq.parquet@[0:500]",
+        "nq_test",
+        f"{tmp_path}/nq.parquet@[0:500]",
+    ]
     assert flag(a, "--eval-temperature") == "0.0"
     assert flag(a, "--custom-eval-rollout-log-function-path") == "searchr1.slime_plugin.log_eval"
 
@@ -256,10 +304,17 @@ def test_write_custom_config(cfg, tmp_path):
     data = write_custom_config(out, cfg, "http://127.0.0.1:9/retrieve", tmp_path / "m.jsonl", tmp_path / "e.jsonl")
     assert yaml.safe_load(out.read_text()) == data
     assert data == {
-        "search_url": "http://127.0.0.1:9/retrieve", "search_topk": 3, "search_max_turns": 2,
-        "search_on_error": "fail", "search_timeout_s": 60.0, "search_max_retries": 3, "search_concurrency": 256,
-        "search_input_mode": "text", "search_metrics_path": str(tmp_path / "m.jsonl"), "search_eval_metrics_path": str(tmp_path / "e.jsonl"),
-    }  # fmt: skip
+        "search_url": "http://127.0.0.1:9/retrieve",
+        "search_topk": 3,
+        "search_max_turns": 2,
+        "search_on_error": "fail",
+        "search_timeout_s": 60.0,
+        "search_max_retries": 3,
+        "search_concurrency": 256,
+        "search_input_mode": "text",
+        "search_metrics_path": str(tmp_path / "m.jsonl"),
+        "search_eval_metrics_path": str(tmp_path / "e.jsonl"),
+    }
 
 
 def test_final_hf_checkpoint_and_atomic_export(tmp_path):
@@ -288,9 +343,8 @@ def test_resume_rollout_id(tmp_path):
 def test_run_plan_streams_submit_and_stops_what_it_started(tmp_path):
     import sys
 
-    from searchr1.slime_launch import LaunchPlan, run_plan
-
     from searchr1.process import free_port
+    from searchr1.slime_launch import LaunchPlan, run_plan
 
     port = free_port()
     head_code = (
@@ -340,8 +394,10 @@ def test_the_launcher_does_not_load_torch():
     import subprocess
     import sys
 
-    code = ("import sys, searchr1.slime_launch, searchr1.metrics_file, searchr1.steps.train; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    code = (
+        "import sys, searchr1.slime_launch, searchr1.metrics_file, searchr1.steps.train; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"

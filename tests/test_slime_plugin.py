@@ -9,17 +9,16 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import faiss
 import pytest
 import slime_standin
 from fastapi import FastAPI, Request
+from helpers import bpe_tokenizer, config, free_port, serve_app, serve_real_retriever
 from test_agent import chat
 
-from helpers import bpe_tokenizer, config, free_port, serve_app, serve_real_retriever
-from searchr1.slime_launch import custom_config
 from searchr1 import slime_plugin
 from searchr1.agent import observation_text
 from searchr1.retrieval.client import RetrievalError
+from searchr1.slime_launch import custom_config
 
 PASSAGES = [
     {"id": "0", "contents": '"The Hobbit"\nThe Hobbit is a fantasy novel written by J. R. R. Tolkien.'},
@@ -183,7 +182,10 @@ def test_token_ids_input_mode(slime, tokenizer, tokenizer_dir, retriever_url, tm
         (out,) = run_plugin(args, [Sample(prompt=chat("who wrote the hobbit"), label=GOLDEN)])
     prompt_len = len(out.tokens) - out.response_length
     search_len = len(tokenizer.encode(SEARCH_TURN, add_special_tokens=False))
-    assert [p["input_ids"] for _, p in slime.POSTED] == [out.tokens[:prompt_len], out.tokens[: len(out.tokens) - len(tokenizer.encode(ANSWER_TURN, add_special_tokens=False))]]
+    assert [p["input_ids"] for _, p in slime.POSTED] == [
+        out.tokens[:prompt_len],
+        out.tokens[: len(out.tokens) - len(tokenizer.encode(ANSWER_TURN, add_special_tokens=False))],
+    ]
     assert all("text" not in p for _, p in slime.POSTED) and search_len > 0 and out.reward == 1.0
 
 
@@ -255,8 +257,12 @@ def _done_sample(slime, reward, searches, status="COMPLETED", mask=(1, 1, 0, 1))
 
 def test_log_rollout_appends_common_metrics(slime, tmp_path):
     args = SimpleNamespace(search_metrics_path=str(tmp_path / "m" / "metrics.jsonl"), n_samples_per_prompt=2)
-    samples = [_done_sample(slime, 1, 1), _done_sample(slime, 1, 0), _done_sample(slime, 0, 2, "TRUNCATED"),
-               _done_sample(slime, 1, 1)]
+    samples = [
+        _done_sample(slime, 1, 1),
+        _done_sample(slime, 1, 0),
+        _done_sample(slime, 0, 2, "TRUNCATED"),
+        _done_sample(slime, 1, 1),
+    ]
     assert slime_plugin.log_rollout(0, args, samples, {"perf/x": 1.5, "note": "s"}, 12.0) is False
     assert slime_plugin.log_rollout(1, args, samples[:2], None, 3.0) is False
     lines = [json.loads(line) for line in Path(args.search_metrics_path).read_text().splitlines()]
@@ -290,7 +296,10 @@ def test_log_eval_appends_per_dataset_and_per_question(slime, tmp_path):
         (0, "hotpotqa_test", 1, 1.0),
     ]
     rows = [json.loads(x) for x in (tmp_path / "rows" / "nq_test" / "step_0.jsonl").read_text().splitlines()]
-    assert [(r["em"], r["extracted_answer"], r["num_searches"]) for r in rows] == [(1.0, "Tolkien", 1), (0.0, "Lewis", 0)]
+    assert [(r["em"], r["extracted_answer"], r["num_searches"]) for r in rows] == [
+        (1.0, "Tolkien", 1),
+        (0.0, "Lewis", 0),
+    ]
     # the learning-curve point the report plots: EM with its 95% (Wilson) interval, as the torch backend writes it
     assert (records[0]["split"], records[0]["em"], records[0]["n"]) == ("nq_test", 0.5, 2)
     assert records[0]["ci95_low"] < 0.5 < records[0]["ci95_high"]

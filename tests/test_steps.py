@@ -17,22 +17,32 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, rule_params
+
 from searchr1.steps import resolve
 from searchr1.steps.settings import Operational, StepSettings, UndeclaredSetting, declare
 
 FULL = ("config.yaml",)
 TOY = ("config.yaml", "config.toy.yaml")
 STEP_OF_RULE = {
-    "download_qa": "data.download_qa", "download_policy": "data.download_policy", "prepare_data": "data.prepare_data",
-    "download_corpus": "retrieval.download_corpus", "corpus_offsets": "retrieval.corpus_offsets",
-    "fetch_encoder": "retrieval.fetch_encoder", "download_index": "retrieval.download_index",
-    "build_index": "retrieval.build_index", "retriever_check": "retrieval.retriever_check", "train": "train.train",
-    "export_rl": "train.export_rl", "evaluate": "evaluate.evaluate", "report": "report.report",
-    "toy_world": "toy.toy_world", "toy_policy_init": "toy.toy_policy_init", "toy_warm_start": "toy.toy_warm_start",
+    "download_qa": "data.download_qa",
+    "download_policy": "data.download_policy",
+    "prepare_data": "data.prepare_data",
+    "download_corpus": "retrieval.download_corpus",
+    "corpus_offsets": "retrieval.corpus_offsets",
+    "fetch_encoder": "retrieval.fetch_encoder",
+    "download_index": "retrieval.download_index",
+    "build_index": "retrieval.build_index",
+    "retriever_check": "retrieval.retriever_check",
+    "train": "train.train",
+    "export_rl": "train.export_rl",
+    "evaluate": "evaluate.evaluate",
+    "report": "report.report",
+    "toy_world": "toy.toy_world",
+    "toy_policy_init": "toy.toy_policy_init",
+    "toy_warm_start": "toy.toy_warm_start",
     "container_image": "train.container_image",
-}  # fmt: skip
+}
 
 
 # --- StepSettings itself -------------------------------------------------------------------------------
@@ -96,11 +106,11 @@ class Recorder:
 @pytest.fixture
 def stubs(monkeypatch, tmp_path):
     """Replace what needs network, GPUs or minutes by recorders; leave every config read real."""
+    import searchr1.budget
+    import searchr1.container
     import searchr1.data
     import searchr1.evaluate
     import searchr1.grpo.trainer
-    import searchr1.budget
-    import searchr1.container
     import searchr1.report
     import searchr1.retrieval.corpus
     import searchr1.retrieval.download
@@ -143,13 +153,25 @@ def stubs(monkeypatch, tmp_path):
             pass
 
     for module, name, value in [
-        (searchr1.data, "download_files", rec("download_files", lambda repo, names, dest_dir, **k: {n: _touch(Path(dest_dir) / n) for n in names})),
-        (searchr1.data, "download_snapshot", rec("download_snapshot", lambda repo, dest_dir, **k: Path(dest_dir).mkdir(parents=True, exist_ok=True))),
+        (
+            searchr1.data,
+            "download_files",
+            rec("download_files", lambda repo, names, dest_dir, **k: {n: _touch(Path(dest_dir) / n) for n in names}),
+        ),
+        (
+            searchr1.data,
+            "download_snapshot",
+            rec("download_snapshot", lambda repo, dest_dir, **k: Path(dest_dir).mkdir(parents=True, exist_ok=True)),
+        ),
         (searchr1.data, "prepare_data", rec("prepare_data", {})),
         (searchr1.data, "fetch_flashrag", rec("fetch_flashrag")),
         (searchr1.retrieval.download, "download_corpus", rec("download_corpus")),
         (searchr1.retrieval.download, "download_index", rec("download_index")),
-        (searchr1.retrieval.corpus, "build_offsets", rec("build_offsets", lambda p, **k: Path(str(p) + ".offsets.npy"))),
+        (
+            searchr1.retrieval.corpus,
+            "build_offsets",
+            rec("build_offsets", lambda p, **k: Path(str(p) + ".offsets.npy")),
+        ),
         (searchr1.retrieval.corpus, "CorpusStore", Store),
         (searchr1.retrieval.encoder, "Encoder", rec("Encoder")),
         (searchr1.retrieval.index, "build_index", rec("build_index")),
@@ -158,7 +180,11 @@ def stubs(monkeypatch, tmp_path):
         (searchr1.retrieval.managed, "check_health", rec("check_health", {"status": "ok"})),
         (searchr1.retrieval.client, "RetrievalClient", Client),
         (steps_retrieval, "add_index_record", rec("add_index_record")),
-        (searchr1.grpo.trainer, "train_grpo", rec("train_grpo", lambda **k: _wrote_metrics(k["work_dir"], {"export_dir": "x", "steps": 1}))),
+        (
+            searchr1.grpo.trainer,
+            "train_grpo",
+            rec("train_grpo", lambda **k: _wrote_metrics(k["work_dir"], {"export_dir": "x", "steps": 1})),
+        ),
         (searchr1.slime_launch, "run_plan", rec("run_plan", lambda *a, **k: _wrote_metrics(_work_of_this_run(), 0))),
         (searchr1.budget, "require_free_disk", rec("require_free_disk")),
         (searchr1.container, "fetch_image", rec("fetch_image")),
@@ -170,9 +196,13 @@ def stubs(monkeypatch, tmp_path):
         (searchr1.toy.world, "write_world", rec("write_world", lambda seed, out, sizes: _fake_world(Path(out)))),
         (searchr1.toy.world, "load_world", rec("load_world")),
         (searchr1.toy.tokenizer, "write_tokenizer", rec("write_tokenizer")),
-        (searchr1.toy.model, "write_model", rec("write_model", lambda tok, out, size, seed: Path(out).mkdir(parents=True))),
+        (
+            searchr1.toy.model,
+            "write_model",
+            rec("write_model", lambda tok, out, size, seed: Path(out).mkdir(parents=True)),
+        ),
         (searchr1.toy.warmstart, "warm_start", rec("warm_start", lambda *a, **k: _WarmResult())),
-    ]:  # fmt: skip
+    ]:
         monkeypatch.setattr(module, name, value)
     return rec
 
@@ -220,22 +250,38 @@ def _paths(rule: str, tmp: Path) -> tuple[dict, dict, dict]:
 
         pd.DataFrame({"data_source": ["nq"]}).to_parquet(tmp / "test.parquet")
     inputs = {
-        "corpus": str(tmp / "corpus.jsonl"), "index": str(tmp / "index.faiss"), "encoder": str(tmp / "enc"),
-        "model": str(model), "base": str(model), "world": str(tmp / "w" / "world.json"),
-        "train": str(tmp / "train.parquet"), "test": str(tmp / "test.parquet"), "split": str(tmp / "s.parquet"),
-        "splits": [str(tmp / "nq_test.parquet"), str(tmp / "hotpotqa_test.parquet")], "final": str(tmp / "final.json"),
-        "evals": [str(tmp / "results/eval/base/nq_test.json")], "metrics": str(tmp / "results/train/metrics.jsonl"),
-    }  # fmt: skip
+        "corpus": str(tmp / "corpus.jsonl"),
+        "index": str(tmp / "index.faiss"),
+        "encoder": str(tmp / "enc"),
+        "model": str(model),
+        "base": str(model),
+        "world": str(tmp / "w" / "world.json"),
+        "train": str(tmp / "train.parquet"),
+        "test": str(tmp / "test.parquet"),
+        "split": str(tmp / "s.parquet"),
+        "splits": [str(tmp / "nq_test.parquet"), str(tmp / "hotpotqa_test.parquet")],
+        "final": str(tmp / "final.json"),
+        "evals": [str(tmp / "results/eval/base/nq_test.json")],
+        "metrics": str(tmp / "results/train/metrics.jsonl"),
+    }
     inputs["_list"] = [inputs["corpus"]]
     outputs = {
-        "train": str(tmp / "out/qa/train.parquet"), "test": str(tmp / "out/qa/test.parquet"),
-        "corpus": str(tmp / "out/corpus.jsonl"), "world": str(tmp / "out/world/world.json"),
-        "tokenizer": str(tmp / "out/tok"), "model": str(tmp / "out/init"), "index": str(tmp / "out/index.faiss"),
-        "metrics": str(tmp / "results/train/metrics.jsonl"), "final": str(tmp / "results/train/final.json"),
-        "jsonl": str(tmp / "out/e.jsonl"), "summary": str(tmp / "out/e.json"), "headline": str(tmp / "out/h.md"),
-        "examples": str(tmp / "out/x.md"), "reward": str(tmp / "out/plots/reward.png"),
+        "train": str(tmp / "out/qa/train.parquet"),
+        "test": str(tmp / "out/qa/test.parquet"),
+        "corpus": str(tmp / "out/corpus.jsonl"),
+        "world": str(tmp / "out/world/world.json"),
+        "tokenizer": str(tmp / "out/tok"),
+        "model": str(tmp / "out/init"),
+        "index": str(tmp / "out/index.faiss"),
+        "metrics": str(tmp / "results/train/metrics.jsonl"),
+        "final": str(tmp / "results/train/final.json"),
+        "jsonl": str(tmp / "out/e.jsonl"),
+        "summary": str(tmp / "out/e.json"),
+        "headline": str(tmp / "out/h.md"),
+        "examples": str(tmp / "out/x.md"),
+        "reward": str(tmp / "out/plots/reward.png"),
         "provenance": str(tmp / "out/provenance.json"),
-    }  # fmt: skip
+    }
     outputs["_list"] = [str(tmp / "corpus.jsonl.offsets.npy") if rule == "corpus_offsets" else str(tmp / f"out/{rule}")]
     wildcards = {"model": "rl", "split": "nq_test"} if rule == "evaluate" else {}
     return inputs, outputs, wildcards
@@ -245,17 +291,45 @@ def _run(rule: str, params: dict, tmp: Path) -> None:
     inputs, outputs, wildcards = _paths(rule, tmp)
     resolve(STEP_OF_RULE[rule])(
         StepSettings.from_params(params, step=rule),
-        inputs=inputs, outputs=outputs, wildcards=wildcards, threads=1, log_path=tmp / f"logs/{rule}.log",
-    )  # fmt: skip
+        inputs=inputs,
+        outputs=outputs,
+        wildcards=wildcards,
+        threads=1,
+        log_path=tmp / f"logs/{rule}.log",
+    )
 
 
-CASES = [(FULL, rule) for rule in (
-    "download_qa", "download_policy", "prepare_data", "download_corpus", "corpus_offsets", "fetch_encoder",
-    "download_index", "retriever_check", "train", "export_rl", "evaluate", "report", "container_image",
-)] + [(TOY, rule) for rule in (
-    "toy_world", "toy_policy_init", "toy_warm_start", "build_index", "prepare_data", "retriever_check", "train",
-    "evaluate", "report",
-)]  # fmt: skip
+CASES = [
+    (FULL, rule)
+    for rule in (
+        "download_qa",
+        "download_policy",
+        "prepare_data",
+        "download_corpus",
+        "corpus_offsets",
+        "fetch_encoder",
+        "download_index",
+        "retriever_check",
+        "train",
+        "export_rl",
+        "evaluate",
+        "report",
+        "container_image",
+    )
+] + [
+    (TOY, rule)
+    for rule in (
+        "toy_world",
+        "toy_policy_init",
+        "toy_warm_start",
+        "build_index",
+        "prepare_data",
+        "retriever_check",
+        "train",
+        "evaluate",
+        "report",
+    )
+]
 
 
 @pytest.mark.parametrize("configs,rule", CASES, ids=[f"{'toy' if len(c) > 1 else 'full'}-{r}" for c, r in CASES])
@@ -276,8 +350,15 @@ def test_learning_curve_and_build_switch_settings_are_declared(stubs, tmp_path):
     assert kinds[1][2]["eval_hook"] is not None
 
 
-@pytest.mark.parametrize("rule,key", [("train", "train.lr"), ("evaluate", "eval.max_questions"),
-                                      ("retriever_check", "retriever.topk"), ("report", "published")])
+@pytest.mark.parametrize(
+    "rule,key",
+    [
+        ("train", "train.lr"),
+        ("evaluate", "eval.max_questions"),
+        ("retriever_check", "retriever.topk"),
+        ("report", "published"),
+    ],
+)
 def test_a_step_reading_an_undeclared_key_fails(rule, key, stubs, tmp_path):
     """The check above can fail: drop one declared key and the step stops, naming it."""
     params = {k: v for k, v in rule_params(rule, *FULL).items() if not (isinstance(v, tuple) and v[0].startswith(key))}
@@ -346,10 +427,14 @@ def test_run_step_hands_the_job_only_its_params(tmp_path, monkeypatch):
     monkeypatch.setattr(steps, "resolve", lambda name: job)
     log = tmp_path / "logs" / "x.log"
     smk = types.SimpleNamespace(
-        log=[str(log)], rule="x", threads=3,
+        log=[str(log)],
+        rule="x",
+        threads=3,
         params=types.SimpleNamespace(items=lambda: declare({"seed": 7, "eval": {"max_questions": 5}}, "seed").items()),
-        input=_Named({"a": "in.txt"}), output=_Named({"b": "out.txt"}), wildcards=_Named({"model": "rl"}),
-    )  # fmt: skip
+        input=_Named({"a": "in.txt"}),
+        output=_Named({"b": "out.txt"}),
+        wildcards=_Named({"model": "rl"}),
+    )
     with contextlib.ExitStack() as stack:
         import os
         import sys

@@ -74,7 +74,9 @@ def test_three_models_and_a_learning_curve(toy_run):
     results = toy_run / "results"
     headline = (results / "headline.md").read_text()
     table = headline.split("## Exact match", 1)[1].split("## Behaviour", 1)[0]
-    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "EM [95% CI]" not in line]
+    rows = [
+        line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "EM [95% CI]" not in line
+    ]
     assert rows[:3] == ["base", "RL", "init"], rows
     assert "average EM" in table
     for split in SPLITS:
@@ -96,8 +98,13 @@ def test_every_result_records_what_made_it(toy_run):
     final = provenance.of_path(results / "train/final.json")
     assert final["step"] == "train" and final["settings"]["train.lr"] == 1e-4 and final["code"]["source_sha"]
     assert "retriever.port" in final["operational"] and "retriever.port" not in final["settings"]
-    for path in [results / "data/nq_test.parquet", results / "retriever/check.json", toy_run / "data/toy/index/index.faiss",
-                 results / "models/rl", toy_run / "data/toy/models/policy_base"]:  # fmt: skip
+    for path in [
+        results / "data/nq_test.parquet",
+        results / "retriever/check.json",
+        toy_run / "data/toy/index/index.faiss",
+        results / "models/rl",
+        toy_run / "data/toy/models/policy_base",
+    ]:
         assert provenance.of_path(path), path
     rl = provenance.of_path(results / "eval/rl/nq_test.json")
     assert rl["inputs"]["model"]["inputs"]["final"]["settings_hash"] == final["settings_hash"]
@@ -113,8 +120,11 @@ def test_every_result_records_what_made_it(toy_run):
 def test_snakemake_report_bundles_results(toy_run):
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", "--report", "report.html"],
-        cwd=toy_run, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=toy_run,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     html = (toy_run / "report.html").read_text(errors="replace")
     assert "headline.md" in html and "reward.png" in html

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import model_size
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import model_size
 from searchr1.prompt import make_messages
 from searchr1.toy.model import count_parameters, make_model, write_model
 from searchr1.toy.tokenizer import write_tokenizer
@@ -40,7 +40,8 @@ def test_model_dir_loads_and_tokenizer_is_ours(dirs):
     assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
     assert model.dtype == torch.float32
     assert sorted(model.generation_config.eos_token_id) == sorted(
-        {tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")})
+        {tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")}
+    )
     # the special ids are the chat markers', in the model config and the generation config alike
     assert tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>") != tok.unk_token_id
     assert tok.pad_token_id == tok.convert_tokens_to_ids("<|endoftext|>") != tok.unk_token_id
@@ -75,8 +76,7 @@ def test_model_generates(dirs):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ids = torch.tensor([tok.encode("where was", add_special_tokens=False)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                         eos_token_id=None)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, eos_token_id=None)
     assert out.shape == (1, ids.shape[1] + 4)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     # greedy: each new token is the argmax of the logits over everything before it
@@ -91,8 +91,12 @@ def test_default_size_is_the_toy_config_size(dirs):
     model = make_model(tok, model_size())  # the toy config's: hidden 256, 2 layers, 4 heads, intermediate 512
     n = count_parameters(model)
     assert 1.2e6 < n < 1.8e6, n  # ~1.5M at a ~600-word vocabulary
-    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.num_attention_heads,
-            model.config.intermediate_size) == (256, 2, 4, 512)
+    assert (
+        model.config.hidden_size,
+        model.config.num_hidden_layers,
+        model.config.num_attention_heads,
+        model.config.intermediate_size,
+    ) == (256, 2, 4, 512)
 
 
 def test_same_seed_same_weights(dirs):

@@ -33,8 +33,10 @@ def tok(world_dir, tmp_path_factory):
 def test_chat_template_is_qwen_format(tok):
     q = "where was Ann Smith born"
     text = tok.apply_chat_template(make_messages(q), tokenize=False, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                    f"<|im_start|>user\n{make_prompt(q)}<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{make_prompt(q)}<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_special_tokens(tok):
@@ -50,17 +52,21 @@ def test_protocol_tags_are_single_non_special_tokens(tok):
         ids = tok.encode(tag, add_special_tokens=False)
         assert len(ids) == 1 and ids[0] not in tok.all_special_ids, tag
     # A tag glued to other text is still its own token, and decoding keeps it.
-    ids = tok.encode("<|im_start|>assistant\n<think>born</think><answer>where</answer><|im_end|>",
-                     add_special_tokens=False)
+    ids = tok.encode(
+        "<|im_start|>assistant\n<think>born</think><answer>where</answer><|im_end|>", add_special_tokens=False
+    )
     assert tok.decode(ids, skip_special_tokens=True) == "assistant <think> born </think> <answer> where </answer>"
 
 
 def test_round_trip_of_protocol_text(tok, world_dir):
     row = json.loads((world_dir / "corpus.jsonl").read_text().splitlines()[0])
     name = row["contents"].split("\n")[0].strip('"')
-    response = (f"<think> about {name} </think> <search> {name} </search>"
-                + observation_text([row]) + f"<think> {name} was born in x </think> <answer> {name} </answer>"
-                + INVALID_ACTION_TEXT)
+    response = (
+        f"<think> about {name} </think> <search> {name} </search>"
+        + observation_text([row])
+        + f"<think> {name} was born in x </think> <answer> {name} </answer>"
+        + INVALID_ACTION_TEXT
+    )
     ids = tok.encode(response, add_special_tokens=False)
     decoded = tok.decode(ids, skip_special_tokens=True)
     assert tok.unk_token_id not in ids

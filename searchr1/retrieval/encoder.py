@@ -166,7 +166,9 @@ class Encoder:
         no check of its values on the host, which a CUDA graph capture cannot contain)."""
         n, length = input_ids.shape
         mask4 = attention_mask.bool()[:, None, None, :].expand(n, 1, length, length)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask4, token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=mask4, token_type_ids=torch.zeros_like(input_ids)
+        ).last_hidden_state
         return self._pool(hidden, attention_mask)
 
 
@@ -249,7 +251,9 @@ class GraphedForward:
             self.max_cosine_gap = max(self.max_cosine_gap, gap)
         except Exception as e:  # any failure: eager from now on (correct, slower)
             self.disabled = f"{type(e).__name__}: {e}"
-            log.warning("CUDA graphs off for the encoder (capture of batch %d x %d tokens failed): %s", batch, tokens, e)
+            log.warning(
+                "CUDA graphs off for the encoder (capture of batch %d x %d tokens failed): %s", batch, tokens, e
+            )
             try:
                 torch.cuda.synchronize(dev)
             except Exception:  # the failed capture's own error was already reported above

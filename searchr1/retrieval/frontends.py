@@ -203,7 +203,9 @@ class _RemoteJob:
 class RemoteWorker:
     """BatchingWorker's interface in a front end: requests go to the worker process, passages are looked up here."""
 
-    def __init__(self, ipc: socket.socket, corpus: Any, tokenize: Callable[[list[str]], list[list[int]]] | None = None) -> None:
+    def __init__(
+        self, ipc: socket.socket, corpus: Any, tokenize: Callable[[list[str]], list[list[int]]] | None = None
+    ) -> None:
         """``tokenize``: the worker encoder's query tokenization (``query_token_ids``), done here so the
         worker process spends its time on the GPU; None sends the texts alone."""
         self.ipc, self.corpus, self.tokenize = ipc, corpus, tokenize
@@ -228,8 +230,9 @@ class RemoteWorker:
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        _, self._proto = await loop.create_connection(lambda: FrameProtocol(self._on_message, self._on_lost),
-                                                      sock=self.ipc)  # fmt: skip
+        _, self._proto = await loop.create_connection(
+            lambda: FrameProtocol(self._on_message, self._on_lost), sock=self.ipc
+        )
         self._timer = loop.call_later(0.2, self._tick)
 
     def _tick(self) -> None:  # counters of clients that never sent a request (431, idle) reach /health too
@@ -361,8 +364,10 @@ def frontend_main(config: dict) -> int:
     _die_with(config["parent_pid"])
     from searchr1.retrieval.corpus import CorpusStore
 
-    logging.basicConfig(level=config["log_level"].upper(),
-                        format=f"%(asctime)s %(name)s[frontend {config['index']}] %(levelname)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=config["log_level"].upper(),
+        format=f"%(asctime)s %(name)s[frontend {config['index']}] %(levelname)s %(message)s",
+    )
     listen = socket.socket(fileno=config["listen_fd"])
     ipc = socket.socket(fileno=config["ipc_fd"])
     corpus = CorpusStore(config["corpus"], build_offsets_if_needed=False)
@@ -488,8 +493,11 @@ class MultiProcessServer:
         try:
             for i in range(len(self.sockets)):
                 await self._spawn(i)
-            log.info("%d HTTP front ends started (pids %s)", len(self.frontends),
-                     [fe.proc.pid for fe in self.frontends.values()])  # fmt: skip
+            log.info(
+                "%d HTTP front ends started (pids %s)",
+                len(self.frontends),
+                [fe.proc.pid for fe in self.frontends.values()],
+            )
             self.started.set()
             await self._stop.wait()
             await self._shutdown()
@@ -598,8 +606,12 @@ class MultiProcessServer:
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW_S] + [now]
         if len(self.restarts) > MAX_RESTARTS:
-            log.error("HTTP front end %d died; %d restarts within %.0f s: stopping the server", fe.index,
-                      len(self.restarts) - 1, RESTART_WINDOW_S)  # fmt: skip
+            log.error(
+                "HTTP front end %d died; %d restarts within %.0f s: stopping the server",
+                fe.index,
+                len(self.restarts) - 1,
+                RESTART_WINDOW_S,
+            )
             self.exit_code = 1
             self._begin_shutdown("front ends keep dying", False)
             return
@@ -612,8 +624,9 @@ class MultiProcessServer:
             await asyncio.sleep(0.05)
         else:
             fe.proc.kill()
-        log.error("HTTP front end %d (pid %d) exited with code %s: starting a new one", fe.index, fe.proc.pid,
-                  fe.proc.wait())  # fmt: skip
+        log.error(
+            "HTTP front end %d (pid %d) exited with code %s: starting a new one", fe.index, fe.proc.pid, fe.proc.wait()
+        )
         if not self._stopping:
             await self._spawn(fe.index)
 
@@ -666,8 +679,10 @@ class MultiProcessServer:
 
     def _watchdog(self, after_s: float) -> None:
         time.sleep(after_s)
-        log.error("shutdown did not finish within shutdown_grace_s=%.1f s + 1.5 s: exiting hard",
-                  self.http_limits.shutdown_grace_s)  # fmt: skip
+        log.error(
+            "shutdown did not finish within shutdown_grace_s=%.1f s + 1.5 s: exiting hard",
+            self.http_limits.shutdown_grace_s,
+        )
         for fe in list(self.frontends.values()):
             try:
                 fe.proc.kill()

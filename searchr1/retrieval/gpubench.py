@@ -202,7 +202,12 @@ def floors(backend, q: np.ndarray, reps: int) -> dict:
     return {
         "matmul_one_product_ms": mm_full["median_ms"],
         "matmul_4m_row_chunks_ms": mm_chunked["median_ms"],
-        "matmul": {**mm, "what": "the faster of the two above", "tflops": round(flops / (mm["median_ms"] / 1000) / 1e12, 1), "qps": round(len(q) / mm["median_ms"] * 1000)},
+        "matmul": {
+            **mm,
+            "what": "the faster of the two above",
+            "tflops": round(flops / (mm["median_ms"] / 1000) / 1e12, 1),
+            "qps": round(len(q) / mm["median_ms"] * 1000),
+        },
         "read": {**rd, "tb_per_s": round(nbytes / (rd["median_ms"] / 1000) / 1e12, 2)},
     }
 
@@ -211,16 +216,20 @@ def floors(backend, q: np.ndarray, reps: int) -> dict:
 # The e5-base-shaped encoder and the HTTP run
 # ---------------------------------------------------------------------------------------------
 
-_WORDS = ("query passage who what when where which how is was the of in a an to by for wrote born name "
-          "river king album treaty novel mountain film election bridge species number long directed "
-          "capital country city won first largest song written played team president").split()  # fmt: skip
+_WORDS = (
+    "query passage who what when where which how is was the of in a an to by for wrote born name "
+    "river king album treaty novel mountain film election bridge species number long directed "
+    "capital country city won first largest song written played team president"
+).split()
 
 
 def make_e5_shaped_encoder(workdir: Path, device: str, layers: int = 12):
     """Our ``Encoder`` over ``make_e5_shaped_model`` (in fp16 on CUDA)."""
     from searchr1.retrieval.encoder import Encoder
 
-    return Encoder(make_e5_shaped_model(workdir, layers), query_prefix="query: ", passage_prefix="passage: ", device=device)
+    return Encoder(
+        make_e5_shaped_model(workdir, layers), query_prefix="query: ", passage_prefix="passage: ", device=device
+    )
 
 
 def make_e5_shaped_model(workdir: Path, layers: int = 12) -> Path:
@@ -240,8 +249,15 @@ def make_e5_shaped_model(workdir: Path, layers: int = 12) -> Path:
         vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
         (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
         BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt"), do_lower_case=True).save_pretrained(model_dir)
-        config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
-                            intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)  # fmt: skip
+        config = BertConfig(
+            vocab_size=30522,
+            hidden_size=768,
+            num_hidden_layers=layers,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+            type_vocab_size=2,
+        )
         torch.manual_seed(0)
         BertModel(config).save_pretrained(model_dir)
     return model_dir
@@ -250,19 +266,32 @@ def make_e5_shaped_model(workdir: Path, layers: int = 12) -> Path:
 _LOADGEN = r"""
 import json, sys, time
 from searchr1.retrieval.bench import run_load_sync, synthetic_queries
-url, conc, warm, start_at, dur, seed, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+url, conc, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[6]), sys.argv[7]
+warm, start_at, dur = float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 qs = synthetic_queries(60000, seed=seed)
 run_load_sync(url, qs[-5000:], conc, duration_s=warm)
 while time.time() < start_at:
     time.sleep(0.005)
 r = run_load_sync(url, qs, conc, duration_s=dur)
 with open(out, "w") as f:
-    json.dump({"requests": r.requests, "errors": r.errors, "wall_s": r.wall_s, "lat": r.latencies_s, "cpu_s": r.client_cpu_s}, f)
+    json.dump({"requests": r.requests, "errors": r.errors, "wall_s": r.wall_s, "lat": r.latencies_s,
+               "cpu_s": r.client_cpu_s}, f)
 """
 
 
-def e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: float, procs: int, http_workers: int = 1,
-        pipeline: int | None = None, switch_ms: float | None = None, max_wait_ms: float) -> dict:
+def e2e(
+    backend,
+    encoder,
+    corpus_path: Path,
+    *,
+    concurrency: int,
+    duration_s: float,
+    procs: int,
+    http_workers: int = 1,
+    pipeline: int | None = None,
+    switch_ms: float | None = None,
+    max_wait_ms: float,
+) -> dict:
     """QPS and latency of the HTTP server at ``concurrency`` requests in flight (``procs`` load processes).
 
     ``http_workers`` 1: the single-process server (``create_app`` + ``RetrieverServer``) in a thread of
@@ -273,8 +302,17 @@ def e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: fl
     if switch_ms is not None:
         sys.setswitchinterval(switch_ms / 1000)
     try:
-        return _e2e(backend, encoder, corpus_path, concurrency=concurrency, duration_s=duration_s, procs=procs,
-                    http_workers=http_workers, pipeline=pipeline, max_wait_ms=max_wait_ms)  # fmt: skip
+        return _e2e(
+            backend,
+            encoder,
+            corpus_path,
+            concurrency=concurrency,
+            duration_s=duration_s,
+            procs=procs,
+            http_workers=http_workers,
+            pipeline=pipeline,
+            max_wait_ms=max_wait_ms,
+        )
     finally:
         sys.setswitchinterval(old_switch)
 
@@ -295,8 +333,15 @@ def _start_server(backend, encoder, corpus_path: Path, http_workers: int, pipeli
         started = lambda: server.started  # noqa: E731
     else:
         worker = BatchingWorker(None, encoder, backend, max_batch_size=256, max_wait_ms=max_wait_ms, pipeline=pipeline)
-        server = MultiProcessServer(worker, corpus_path=corpus_path, info=index_info(corpus, encoder, backend),
-                                    limits=Limits(), http_limits=HttpLimits(), sockets=sockets, log_level="warning")  # fmt: skip
+        server = MultiProcessServer(
+            worker,
+            corpus_path=corpus_path,
+            info=index_info(corpus, encoder, backend),
+            limits=Limits(),
+            http_limits=HttpLimits(),
+            sockets=sockets,
+            log_level="warning",
+        )
         started = server.started.is_set
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -321,8 +366,18 @@ def _healthy(url: str) -> bool:
     return http_ok(url.replace("/retrieve", "/health"), timeout_s=2.0)
 
 
-def _e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: float, procs: int, http_workers: int,
-         pipeline: int | None, max_wait_ms: float) -> dict:  # fmt: skip
+def _e2e(
+    backend,
+    encoder,
+    corpus_path: Path,
+    *,
+    concurrency: int,
+    duration_s: float,
+    procs: int,
+    http_workers: int,
+    pipeline: int | None,
+    max_wait_ms: float,
+) -> dict:
     url, worker, stop = _start_server(backend, encoder, corpus_path, http_workers, pipeline, max_wait_ms)
     start_at = time.time() + 6.0  # after the load processes have started and warmed up
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -330,8 +385,24 @@ def _e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: f
     tmp = Path(tempfile.mkdtemp(prefix="gpu_bench_load_"))
     files = [tmp / f"load{i}.json" for i in range(procs)]
     try:
-        ps = [subprocess.Popen([sys.executable, "-c", _LOADGEN, url, str(c), "3", str(start_at), str(duration_s), str(i + 1),
-                                str(files[i])], env=env) for i, c in enumerate(per)]  # fmt: skip
+        ps = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _LOADGEN,
+                    url,
+                    str(c),
+                    "3",
+                    str(start_at),
+                    str(duration_s),
+                    str(i + 1),
+                    str(files[i]),
+                ],
+                env=env,
+            )
+            for i, c in enumerate(per)
+        ]
         while time.time() < start_at:
             time.sleep(0.005)
         before = worker.stats()
@@ -352,7 +423,9 @@ def _e2e(backend, encoder, corpus_path: Path, *, concurrency: int, duration_s: f
     return {
         "concurrency": concurrency,
         "http_workers": http_workers,
-        "server": "one process" if http_workers == 1 else f"{http_workers} HTTP front-end processes + the worker process",
+        "server": "one process"
+        if http_workers == 1
+        else f"{http_workers} HTTP front-end processes + the worker process",
         "load_processes": procs,
         "pipeline_batches_in_flight": worker.pipeline,
         "max_wait_ms": max_wait_ms,
@@ -387,7 +460,10 @@ def encoder_check(encoder, texts: list[str], devices: list, reps: int) -> dict:
     """The encoder with CUDA graphs (the default on a GPU) and eagerly: time per batch and per query, and
     how far the graph embeddings are from the eager ones."""
     graphs = encoder.graphs
-    out: dict = {"batch": len(texts), "padded_tokens": len(encoder.tokenizer(["query: " + t for t in texts], padding=True)["input_ids"][0])}
+    out: dict = {
+        "batch": len(texts),
+        "padded_tokens": len(encoder.tokenizer(["query: " + t for t in texts], padding=True)["input_ids"][0]),
+    }
     runs = {}
     for mode in ("graphs", "eager"):
         encoder.graphs = graphs if mode == "graphs" else None
@@ -403,7 +479,9 @@ def encoder_check(encoder, texts: list[str], devices: list, reps: int) -> dict:
         out["graphs_state"] = "on" if graphs.disabled is None else f"off: {graphs.disabled}"
         out["graphs_captured"] = sorted(graphs.graphs)
         out["graphs_vs_eager_max_abs_diff"] = float(np.abs(a - b).max())
-        out["graphs_vs_eager_min_cosine"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+        out["graphs_vs_eager_min_cosine"] = float(
+            ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()
+        )
     return out
 
 
@@ -440,9 +518,14 @@ def worker_only(backend, encoder, *, concurrency: int, duration_s: float, pipeli
     asyncio.run(drive(2.0))
     b0, q0 = worker.batches, worker.queries
     done, wall = asyncio.run(drive(duration_s))
-    return {"concurrency": concurrency, "requests": done, "qps": round(done / wall, 1), "pipeline_batches_in_flight": worker.pipeline,
-            "mean_batch_queries": round((worker.queries - q0) / max(worker.batches - b0, 1), 1),
-            "path": "BatchingWorker.submit directly (no HTTP), raw hits"}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": done,
+        "qps": round(done / wall, 1),
+        "pipeline_batches_in_flight": worker.pipeline,
+        "mean_batch_queries": round((worker.queries - q0) / max(worker.batches - b0, 1), 1),
+        "path": "BatchingWorker.submit directly (no HTTP), raw hits",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +540,9 @@ def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_fo
 
     from searchr1.retrieval.index import TorchBackend
 
-    devices = [torch.device(a.device_type, i) for i in range(n_gpus)] if a.device_type == "cuda" else [torch.device("cpu")]
+    devices = (
+        [torch.device(a.device_type, i) for i in range(n_gpus)] if a.device_type == "cuda" else [torch.device("cpu")]
+    )
     rng = np.random.default_rng(n + n_gpus)
     queries = rng.standard_normal((8 * a.batch, a.dim), dtype=np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -465,9 +550,16 @@ def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_fo
     shards32 = make_vectors(n, a.dim, devices, seed=n)
     backend = TorchBackend.from_shards(shards32, fp16=True)
     _sync(devices)
-    out: dict = {"passages": n, "dim": a.dim, "gpus": n_gpus, "backend": backend.name,
-                 "chunk_rows": backend.chunk_rows, "group": backend.group, "candidates_per_chunk": backend.candidates + a.topk,
-                 "setup_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    out: dict = {
+        "passages": n,
+        "dim": a.dim,
+        "gpus": n_gpus,
+        "backend": backend.name,
+        "chunk_rows": backend.chunk_rows,
+        "group": backend.group,
+        "candidates_per_chunk": backend.candidates + a.topk,
+        "setup_s": round(time.perf_counter() - t0, 1),
+    }
     out["check"] = check_exact(backend, shards32, queries[: a.check_queries], a.topk)
     if cpu_check:
         out["reference_vs_cpu_fp32"] = check_reference_on_cpu(shards32, queries[: a.cpu_check_queries], a.topk)
@@ -500,7 +592,11 @@ def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_fo
     out["variants"] = variants
     before = TorchBackend.from_shards(shard_list, method="plain")
     b = _median_ms(run(before, sets), devices, max(3, a.reps // 4), warmup=1)
-    out["before_plain"] = {**b, "qps": round(a.batch / b["median_ms"] * 1000), "what": "former path: 1M-row chunks, fp32 score copy, host copy per chunk"}
+    out["before_plain"] = {
+        **b,
+        "qps": round(a.batch / b["median_ms"] * 1000),
+        "what": "former path: 1M-row chunks, fp32 score copy, host copy per chunk",
+    }
     out["speedup_over_before"] = round(b["median_ms"] / search["median_ms"], 2)
     del before
     torch.cuda.empty_cache()
@@ -517,15 +613,25 @@ def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_fo
         configs = a.e2e_configs if n == max(a.e2e_sizes) else a.e2e_configs[:1]
         out["e2e_runs"] = []
         for workers, pipe, wait in configs:
-            r = e2e(backend, encoder, corpus_path, concurrency=a.concurrency, duration_s=a.duration, procs=a.load_procs,
-                    http_workers=workers, pipeline=pipe, switch_ms=a.switch_ms,
-                    max_wait_ms=a.max_wait_ms if wait is None else wait)  # fmt: skip
+            r = e2e(
+                backend,
+                encoder,
+                corpus_path,
+                concurrency=a.concurrency,
+                duration_s=a.duration,
+                procs=a.load_procs,
+                http_workers=workers,
+                pipeline=pipe,
+                switch_ms=a.switch_ms,
+                max_wait_ms=a.max_wait_ms if wait is None else wait,
+            )
             out["e2e_runs"].append(r)
             out["e2e"] = out["e2e_runs"][0]
             save(out)
             print(f"[gpu-bench] {n_gpus} GPU, {n:,}: e2e {r}", flush=True)
-        out["worker_only"] = [worker_only(backend, encoder, concurrency=a.concurrency, duration_s=a.duration, pipeline=p)
-                              for p in (1, 2)]  # fmt: skip
+        out["worker_only"] = [
+            worker_only(backend, encoder, concurrency=a.concurrency, duration_s=a.duration, pipeline=p) for p in (1, 2)
+        ]
         print(f"[gpu-bench] {n_gpus} GPU, {n:,}: worker only {out['worker_only']}", flush=True)
     del backend, shard_list
     torch.cuda.empty_cache()
@@ -538,7 +644,7 @@ def markdown_table(report: dict) -> str:
         "| before ms | speedup | HTTP e2e QPS (256 in flight) | p50 / p99 ms | top-k check |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for g, sizes in sorted(report["results"].items()):
+    for _, sizes in sorted(report["results"].items()):
         for n, c in sorted(sizes.items(), key=lambda kv: int(kv[0])):
             e = c.get("e2e")
             e_qps = f"{e['qps']:,.0f}" if e else "-"
@@ -546,9 +652,11 @@ def markdown_table(report: dict) -> str:
             lines.append(
                 f"| {c['gpus']} | {int(n):,} | {c['search']['median_ms']:.1f} | {c['search']['qps']:,} "
                 f"| {c['floors']['matmul']['median_ms']:.1f} | {c['floors']['read']['median_ms']:.1f} "
-                f"| {c['ratio_search_over_matmul']:.2f}x | {c['before_plain']['median_ms']:.1f} | {c['speedup_over_before']:.1f}x "
+                f"| {c['ratio_search_over_matmul']:.2f}x | {c['before_plain']['median_ms']:.1f} "
+                f"| {c['speedup_over_before']:.1f}x "
                 f"| {e_qps} | {e_lat} "
-                f"| {'ok' if c['check']['ok'] else 'FAIL'} ({c['check']['id_sets_equal']}/{c['check']['queries']} id sets equal) |"
+                f"| {'ok' if c['check']['ok'] else 'FAIL'} "
+                f"({c['check']['id_sets_equal']}/{c['check']['queries']} id sets equal) |"
             )
     return "\n".join(lines)
 
@@ -571,8 +679,10 @@ def e2e_table(report: dict) -> str:
                     f"| {100 * r['worker_busy_fraction']:.0f}% | {cpu} | {r['errors']} |"
                 )
             for w in c.get("worker_only", []) if isinstance(c.get("worker_only"), list) else []:
-                lines.append(f"| {c['gpus']} | {int(n):,} | worker alone (no HTTP) | {w['pipeline_batches_in_flight']} | 1 "
-                             f"| {w['qps']:,.0f} | - | {w['mean_batch_queries']:.0f} | - | - | - |")  # fmt: skip
+                lines.append(
+                    f"| {c['gpus']} | {int(n):,} | worker alone (no HTTP) | {w['pipeline_batches_in_flight']} | 1 "
+                    f"| {w['qps']:,.0f} | - | {w['mean_batch_queries']:.0f} | - | - | - |"
+                )
     return "\n".join(lines)
 
 
@@ -591,18 +701,29 @@ def finalize(report: dict) -> dict:
     for stale in ("device_time_s", "gpu_model"):  # written by hand by earlier versions
         report.pop(stale, None)
     one, two = (results.get(f"{g}gpu", {}).get(str(WIKI18_ROWS)) for g in (1, 2))
-    targets: dict = {"exact_topk_up_to_ties_all_cells": {"met": all(c["check"]["ok"] for s in results.values() for c in s.values())}}
+    targets: dict = {
+        "exact_topk_up_to_ties_all_cells": {"met": all(c["check"]["ok"] for s in results.values() for c in s.values())}
+    }
     if one:
-        targets["search_qps_21m_1gpu"] = {"target": TARGET_SEARCH_QPS, "measured": one["search"]["qps"],
-                                          "met": one["search"]["qps"] >= TARGET_SEARCH_QPS}  # fmt: skip
-        targets["search_over_matmul_floor_21m_1gpu"] = {"target": TARGET_SEARCH_OVER_MATMUL, "measured": one["ratio_search_over_matmul"],
-                                                        "met": one["ratio_search_over_matmul"] <= TARGET_SEARCH_OVER_MATMUL}  # fmt: skip
+        targets["search_qps_21m_1gpu"] = {
+            "target": TARGET_SEARCH_QPS,
+            "measured": one["search"]["qps"],
+            "met": one["search"]["qps"] >= TARGET_SEARCH_QPS,
+        }
+        targets["search_over_matmul_floor_21m_1gpu"] = {
+            "target": TARGET_SEARCH_OVER_MATMUL,
+            "measured": one["ratio_search_over_matmul"],
+            "met": one["ratio_search_over_matmul"] <= TARGET_SEARCH_OVER_MATMUL,
+        }
         if one.get("e2e"):
             e = one["e2e"]
             targets["e2e_http_qps_21m_1gpu_256_in_flight"] = {
-                "target": TARGET_E2E_QPS, "measured": e["qps"], "met": e["qps"] >= TARGET_E2E_QPS,
+                "target": TARGET_E2E_QPS,
+                "measured": e["qps"],
+                "met": e["qps"] >= TARGET_E2E_QPS,
                 "server": f"{e['http_workers']} front ends, {e['pipeline_batches_in_flight']} batch in flight, "
-                          f"max wait {e.get('max_wait_ms', 1.0):g} ms"}  # fmt: skip
+                f"max wait {e.get('max_wait_ms', 1.0):g} ms",
+            }
     if one and two:
         scaling = {"search": round(two["search"]["qps"] / one["search"]["qps"], 2)}
         if one.get("e2e") and two.get("e2e"):
@@ -633,17 +754,22 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
             report = old if old.get("format") == FORMAT else {}
         except json.JSONDecodeError:
             report = {}
-    report.update({
-        "format": FORMAT,
-        "what": "torch GPU backend (TorchBackend, grouped top-k) vs its matmul/read floors, the former path, an fp32 "
-                "reference, and the HTTP server end to end with an e5-base-shaped encoder",
-        "data": "synthetic: random unit vectors (fp32, generated on the GPUs, stored fp16 by the backend); no real index "
-                "exists on the GPU machine",
-        "encoder": "randomly initialised BertModel with intfloat/e5-base-v2's config (768 hidden, 12 layers, 12 heads, "
-                   "vocab 30522), fp16, WordPiece over a synthetic vocabulary; built in-process (no downloads there)",
-        "timing": "median wall time of repeated search() calls (result on the host), queries rotating over 8 sets",
-        "command": "python -m searchr1.retrieval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else " ".join(sys.argv),
-    })  # fmt: skip
+    report.update(
+        {
+            "format": FORMAT,
+            "what": "torch GPU backend (TorchBackend, grouped top-k) vs its matmul/read floors, the former path, "
+            "an fp32 reference, and the HTTP server end to end with an e5-base-shaped encoder",
+            "data": "synthetic: random unit vectors (fp32, generated on the GPUs, stored fp16 by the backend); "
+            "no real index exists on the GPU machine",
+            "encoder": "randomly initialised BertModel with intfloat/e5-base-v2's config "
+            "(768 hidden, 12 layers, 12 heads, vocab 30522), fp16, WordPiece over a synthetic vocabulary; "
+            "built in-process (no downloads there)",
+            "timing": "median wall time of repeated search() calls (result on the host), queries rotating over 8 sets",
+            "command": "python -m searchr1.retrieval " + " ".join(sys.argv[1:])
+            if sys.argv[0].endswith("__main__.py")
+            else " ".join(sys.argv),
+        }
+    )
     report.setdefault("machines", {})
     gpu_name = torch.cuda.get_device_name(0) if a.device_type == "cuda" else "cpu (smoke test)"
     report["machines"][f"{n_visible}x {gpu_name}"] = {
@@ -677,13 +803,15 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
     first = True
     for n in a.sizes:
         for g in gpu_counts:
+
             def save(cell: dict, g: int = g, n: int = n) -> None:
                 cell["gpu_model"], cell["machine"] = gpu_name, machine
                 report["results"].setdefault(f"{g}gpu", {})[str(n)] = cell
                 write_json_atomic(out_path, finalize(report))  # a run cut short keeps what it measured
 
-            cell = bench_cell(n, g, a, encoder=encoder, corpus_for=corpus_for,
-                              cpu_check=first and a.cpu_check_queries > 0, save=save)  # fmt: skip
+            cell = bench_cell(
+                n, g, a, encoder=encoder, corpus_for=corpus_for, cpu_check=first and a.cpu_check_queries > 0, save=save
+            )
             first = False
             save(cell)
     print(markdown_table(report))
@@ -720,19 +848,40 @@ def add_subcommands(sub: argparse._SubParsersAction, recipe: dict) -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--check-queries", type=int, default=256, help="queries checked against the fp32 reference")
     p.add_argument("--cpu-check-queries", type=int, default=32, help="first cell: GPU fp32 reference vs numpy")
-    p.add_argument("--variants", type=_variant, nargs="*", default=[(1 << 21, 128), (1 << 23, 128), (1 << 22, 32), (1 << 22, 512)],
-                   help="CHUNK_ROWS:GROUP backend variants also timed")  # fmt: skip
-    p.add_argument("--e2e-sizes", type=int, nargs="*", default=[1_000_000, 10_000_000, WIKI18_ROWS],
-                   help="sizes also measured through HTTP (none: skip the encoder and server)")  # fmt: skip
+    p.add_argument(
+        "--variants",
+        type=_variant,
+        nargs="*",
+        default=[(1 << 21, 128), (1 << 23, 128), (1 << 22, 32), (1 << 22, 512)],
+        help="CHUNK_ROWS:GROUP backend variants also timed",
+    )
+    p.add_argument(
+        "--e2e-sizes",
+        type=int,
+        nargs="*",
+        default=[1_000_000, 10_000_000, WIKI18_ROWS],
+        help="sizes also measured through HTTP (none: skip the encoder and server)",
+    )
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--duration", type=float, default=10.0, help="seconds of HTTP load per measurement")
     p.add_argument("--load-procs", type=int, default=4, help="load-generator processes")
-    p.add_argument("--max-wait-ms", type=float, default=recipe["max_wait_ms"],
-                   help="the server's batch wait in the HTTP runs (default: config.yaml's retriever.max_wait_ms)")
-    p.add_argument("--e2e-configs", type=_e2e_config, nargs="+", default=[(GPU_HTTP_WORKERS, 1, None), (1, 1, None), (4, 1, None), (8, 1, None), (GPU_HTTP_WORKERS, 2, None)],
-                   help="HTTP_WORKERS:PIPELINE[:MAX_WAIT_MS] server configurations measured side by side at the largest e2e size "
-                        "(the first also at the other sizes; make it the serve default)")  # fmt: skip
-    p.add_argument("--switch-ms", type=float, default=5.0, help="GIL switch interval of the worker process during e2e runs")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=recipe["max_wait_ms"],
+        help="the server's batch wait in the HTTP runs (default: config.yaml's retriever.max_wait_ms)",
+    )
+    p.add_argument(
+        "--e2e-configs",
+        type=_e2e_config,
+        nargs="+",
+        default=[(GPU_HTTP_WORKERS, 1, None), (1, 1, None), (4, 1, None), (8, 1, None), (GPU_HTTP_WORKERS, 2, None)],
+        help="HTTP_WORKERS:PIPELINE[:MAX_WAIT_MS] server configurations measured side by side at the largest e2e size "
+        "(the first also at the other sizes; make it the serve default)",
+    )
+    p.add_argument(
+        "--switch-ms", type=float, default=5.0, help="GIL switch interval of the worker process during e2e runs"
+    )
     p.add_argument("--encoder-layers", type=int, default=12, help=argparse.SUPPRESS)  # smoke tests only
     p.add_argument("--device-type", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test of the code paths
     p.set_defaults(func=cmd_gpu_bench)

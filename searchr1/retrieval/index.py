@@ -448,7 +448,9 @@ class TorchBackend:
             raise ValueError(f"vectors must be 2-D, got shape {vectors.shape}")
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dev.type == "cuda":
-            devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if dev.index is None else [dev]
+            devices = (
+                [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if dev.index is None else [dev]
+            )
         else:
             devices = [dev]
         fp16 = (dev.type == "cuda") if fp16 is None else fp16
@@ -580,7 +582,9 @@ class TorchBackend:
         all_s = np.concatenate([d for d, _ in found], axis=1)
         all_i = np.concatenate([i for _, i in found], axis=1)
         order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(all_s, order, 1).astype(np.float32), np.take_along_axis(all_i, order, 1).astype(np.int64)
+        return np.take_along_axis(all_s, order, 1).astype(np.float32), np.take_along_axis(all_i, order, 1).astype(
+            np.int64
+        )
 
     def _search_plain(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch

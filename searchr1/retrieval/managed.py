@@ -22,8 +22,15 @@ import httpx
 
 from searchr1.process import ParentTerminated, StartError, free_port, managed_process, stop_process_group
 
-__all__ = ["ParentTerminated", "RetrieverStartError", "check_health", "free_port", "managed_server",
-           "serve_command", "stop_process_group"]  # fmt: skip
+__all__ = [
+    "ParentTerminated",
+    "RetrieverStartError",
+    "check_health",
+    "free_port",
+    "managed_server",
+    "serve_command",
+    "stop_process_group",
+]
 
 
 class RetrieverStartError(StartError):
@@ -61,11 +68,22 @@ def serve_command(
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     return [
-        sys.executable, "-m", "searchr1.retrieval", "serve",
-        "--corpus", str(corpus), "--index", str(index), "--encoder", str(encoder),
-        "--host", host, "--port", str(port),
+        sys.executable,
+        "-m",
+        "searchr1.retrieval",
+        "serve",
+        "--corpus",
+        str(corpus),
+        "--index",
+        str(index),
+        "--encoder",
+        str(encoder),
+        "--host",
+        host,
+        "--port",
+        str(port),
         *extra_args,
-    ]  # fmt: skip
+    ]
 
 
 @contextmanager
@@ -110,7 +128,14 @@ def managed_server(
             return False
         return True
 
-    with managed_process(cmd, name=f"retriever at {retrieve_url}", log_path=log_path, healthy=healthy,
-                         startup_timeout_s=startup_timeout_s, stop_grace_s=stop_grace_s, env=env,
-                         error=RetrieverStartError):  # fmt: skip
+    with managed_process(
+        cmd,
+        name=f"retriever at {retrieve_url}",
+        log_path=log_path,
+        healthy=healthy,
+        startup_timeout_s=startup_timeout_s,
+        stop_grace_s=stop_grace_s,
+        env=env,
+        error=RetrieverStartError,
+    ):
         yield retrieve_url

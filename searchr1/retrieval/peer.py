@@ -38,7 +38,9 @@ class PeerSourceError(FileNotFoundError):
 def server_file(source: str | os.PathLike) -> Path:
     path = Path(source) / SERVER
     if not path.is_file():
-        raise PeerSourceError(f"{path} not found: --peer-source must be a checkout of Search-R1 (PeterGriffinJin/Search-R1)")
+        raise PeerSourceError(
+            f"{path} not found: --peer-source must be a checkout of Search-R1 (PeterGriffinJin/Search-R1)"
+        )
     return path
 
 
@@ -56,11 +58,27 @@ def peer_command(
     """The command that serves ``index``/``corpus`` with Search-R1's server on 127.0.0.1:``port``."""
     server_file(source)
     return [
-        sys.executable, "-m", "searchr1.retrieval.peer", "--source", str(source), "--port", str(port), "--device", device,
+        sys.executable,
+        "-m",
+        "searchr1.retrieval.peer",
+        "--source",
+        str(source),
+        "--port",
+        str(port),
+        "--device",
+        device,
         "--",
-        "--index_path", str(index), "--corpus_path", str(corpus), "--topk", str(topk),
-        "--retriever_name", retriever_name, "--retriever_model", str(encoder),
-    ]  # fmt: skip
+        "--index_path",
+        str(index),
+        "--corpus_path",
+        str(corpus),
+        "--topk",
+        str(topk),
+        "--retriever_name",
+        retriever_name,
+        "--retriever_model",
+        str(encoder),
+    ]
 
 
 @contextmanager
@@ -83,9 +101,15 @@ def managed_peer(
     port = port or free_port()
     cmd = peer_command(source, index=index, corpus=corpus, encoder=encoder, retriever_name=retriever_name, port=port)
     base = f"http://127.0.0.1:{port}"
-    with managed_process(cmd, name=f"Search-R1 retrieval server at {base}", log_path=log_path,
-                         healthy=lambda: http_ok(base + "/openapi.json"), startup_timeout_s=startup_timeout_s,
-                         env=env, error=StartError):  # fmt: skip
+    with managed_process(
+        cmd,
+        name=f"Search-R1 retrieval server at {base}",
+        log_path=log_path,
+        healthy=lambda: http_ok(base + "/openapi.json"),
+        startup_timeout_s=startup_timeout_s,
+        env=env,
+        error=StartError,
+    ):
         yield base + "/retrieve"
 
 

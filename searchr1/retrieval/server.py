@@ -178,8 +178,9 @@ class BatchingWorker:
         job = self.enqueue(queries, topk, return_scores)
         return await job.future
 
-    def enqueue(self, queries: list[str], topk: int, return_scores: bool,
-                token_ids: list[list[int]] | None = None) -> _Job:  # fmt: skip
+    def enqueue(
+        self, queries: list[str], topk: int, return_scores: bool, token_ids: list[list[int]] | None = None
+    ) -> _Job:
         """Queue a request; its ``future`` gets the hits. Cancelling the future drops the request.
 
         ``token_ids``: the queries as the encoder's ``query_token_ids`` tokenizes them (the multi-process
@@ -298,7 +299,12 @@ class BatchingWorker:
         # would otherwise pay max_wait_ms on every request for nothing. The wait ends as soon as
         # max_batch_size queries wait: the clients answered by the last batch come back within a few
         # ms, and a full batch costs little more than a half one on a GPU.
-        if self.batching and self.max_wait_s > 0 and self._last_batch_requests > 1 and self._waiting() < self.max_batch_size:
+        if (
+            self.batching
+            and self.max_wait_s > 0
+            and self._last_batch_requests > 1
+            and self._waiting() < self.max_batch_size
+        ):
             self._filled = asyncio.Event()
             try:
                 await asyncio.wait_for(self._filled.wait(), self.max_wait_s)
@@ -402,8 +408,12 @@ class BatchingWorker:
         else:
             docs: dict[int, dict] = {}
             for job, lo, hi in batch:
-                out.append([hits_for(self.corpus, scores[r], ids[r], job.topk, job.return_scores, docs)
-                            for r in rows[i : i + hi - lo]])  # fmt: skip
+                out.append(
+                    [
+                        hits_for(self.corpus, scores[r], ids[r], job.topk, job.return_scores, docs)
+                        for r in rows[i : i + hi - lo]
+                    ]
+                )
                 i += hi - lo
         with self._search_lock:  # counters shared by the pipeline's threads
             self.lookup_s += time.perf_counter() - t2
@@ -577,12 +587,16 @@ def _retrieve_openapi(limits: Limits) -> dict:
             "return_scores": {"type": "boolean", "default": False},
         },
     }
-    error = {"description": "the request is wrong; `detail` names the problem",
-             "content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}}  # fmt: skip
+    error = {
+        "description": "the request is wrong; `detail` names the problem",
+        "content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}},
+    }
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-        "responses": {"200": {"description": "`result`: one list of hits per query"},
-                      **{str(c): error for c in (400, 408, 413, 415, 422)}},  # fmt: skip
+        "responses": {
+            "200": {"description": "`result`: one list of hits per query"},
+            **{str(c): error for c in (400, 408, 413, 415, 422)},
+        },
     }
 
 
@@ -610,16 +624,32 @@ def create_app(
     """
     if len(corpus) != backend.ntotal:
         raise ValueError(f"corpus {corpus.path} has {len(corpus)} rows but the index has {backend.ntotal} vectors")
-    worker = BatchingWorker(corpus, encoder, backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                            batching=batching, max_batch_chars=max_batch_chars, pipeline=pipeline)  # fmt: skip
-    return build_app(worker, index_info(corpus, encoder, backend),
-                     Limits(topk_max, max_queries, max_query_chars, max_body_bytes, default_topk), http_limits)  # fmt: skip
+    worker = BatchingWorker(
+        corpus,
+        encoder,
+        backend,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        batching=batching,
+        max_batch_chars=max_batch_chars,
+        pipeline=pipeline,
+    )
+    return build_app(
+        worker,
+        index_info(corpus, encoder, backend),
+        Limits(topk_max, max_queries, max_query_chars, max_body_bytes, default_topk),
+        http_limits,
+    )
 
 
 def index_info(corpus: Any, encoder: Any, backend: Any) -> dict:
     """What /health says about the data: passages, dim, backend and encoder names."""
-    return {"passages": len(corpus), "dim": backend.dim, "backend": backend.name,
-            "encoder": getattr(encoder, "name", type(encoder).__name__)}  # fmt: skip
+    return {
+        "passages": len(corpus),
+        "dim": backend.dim,
+        "backend": backend.name,
+        "encoder": getattr(encoder, "name", type(encoder).__name__),
+    }
 
 
 def build_app(worker: Any, info: dict, limits: Limits, http_limits: HttpLimits | None = None) -> FastAPI:
@@ -753,8 +783,10 @@ def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
 
     def reply(status: int, reason: str, detail: str) -> bytes:
         body = orjson.dumps({"detail": detail})
-        head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
         return head.encode("ascii") + body
 
     class GuardedHttpProtocol(HttpToolsProtocol):
@@ -791,8 +823,12 @@ def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
                 self.transport.close()
                 return
             counters.header_timeouts += 1
-            self._reject(408, "Request Timeout",
-                         f"request headers not received within header_timeout_s={limits.header_timeout_s:g} (--header-timeout-s)")  # fmt: skip
+            self._reject(
+                408,
+                "Request Timeout",
+                f"request headers not received within header_timeout_s={limits.header_timeout_s:g} "
+                "(--header-timeout-s)",
+            )
 
         def _reject(self, status: int, reason: str, detail: str) -> None:
             self._rejected = True
@@ -841,8 +877,12 @@ def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
                 super().data_received(piece)
                 if not self._in_body and self._header_raw > limits.max_header_bytes and not self._rejected:
                     counters.header_too_large += 1
-                    self._reject(431, "Request Header Fields Too Large",
-                                 f"request line and headers exceed max_header_bytes={limits.max_header_bytes} (--max-header-bytes)")  # fmt: skip
+                    self._reject(
+                        431,
+                        "Request Header Fields Too Large",
+                        f"request line and headers exceed max_header_bytes={limits.max_header_bytes} "
+                        "(--max-header-bytes)",
+                    )
 
         # -- httptools callbacks --
         def on_message_begin(self) -> None:
@@ -859,8 +899,11 @@ def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
             self._header_fields += 1
             if self._header_fields > limits.max_headers:
                 counters.header_too_large += 1
-                self._reject(431, "Request Header Fields Too Large",
-                             f"more than max_headers={limits.max_headers} header fields (--max-headers)")  # fmt: skip
+                self._reject(
+                    431,
+                    "Request Header Fields Too Large",
+                    f"more than max_headers={limits.max_headers} header fields (--max-headers)",
+                )
                 return
             super().on_header(name, value)
 
@@ -972,8 +1015,9 @@ class RetrieverServer:
 
     def _watchdog(self, after_s: float) -> None:
         time.sleep(after_s)
-        log.error("shutdown did not finish within shutdown_grace_s=%.1f s + 1.5 s: exiting hard",
-                  self.limits.shutdown_grace_s)  # fmt: skip
+        log.error(
+            "shutdown did not finish within shutdown_grace_s=%.1f s + 1.5 s: exiting hard", self.limits.shutdown_grace_s
+        )
         _hard_exit(1)
 
     def request_exit(self) -> None:

@@ -57,11 +57,10 @@ def download_model(cfg: StepSettings, *, outputs, **_: Any) -> None:
 
 
 def prepare_data(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
-    from searchr1.data import prepare_data as prepare
-
     import pandas as pd
 
     from searchr1.data import fetch_flashrag
+    from searchr1.data import prepare_data as prepare
 
     splits = {name: cfg["data"]["splits"][name] for name in cfg["eval"]["splits"]}
     split_outputs = {name: Path(f"{Path(outputs['train']).parent}/{name}.parquet") for name in splits}
@@ -73,13 +72,20 @@ def prepare_data(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
     for source in dict.fromkeys(spec["data_source"] for spec in splits.values()):
         if source in held:
             continue
-        found = fetch_flashrag(source, repo_id=flashrag["repo"], revision=flashrag["revision"],
-                               dest_dir=Path(cfg["data_dir"]) / "qa" / "flashrag", lock_path=lock_path(cfg))  # fmt: skip
+        found = fetch_flashrag(
+            source,
+            repo_id=flashrag["repo"],
+            revision=flashrag["revision"],
+            dest_dir=Path(cfg["data_dir"]) / "qa" / "flashrag",
+            lock_path=lock_path(cfg),
+        )
         if found is not None:
             extra[source], split = found
             built[source] = {"repo": flashrag["repo"], "revision": flashrag["revision"], "split": split}
             log.info("%s: built from %s (%s split, %d rows)", source, flashrag["repo"], split, len(extra[source]))
-    record = cfg.record(inputs={"test": provenance.of_parquet(inputs["test"]), **({"flashrag": built} if built else {})})
+    record = cfg.record(
+        inputs={"test": provenance.of_parquet(inputs["test"]), **({"flashrag": built} if built else {})}
+    )
     counts = prepare(
         inputs["train"],
         inputs["test"],

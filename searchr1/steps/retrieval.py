@@ -45,12 +45,17 @@ def encoder_server_args(cfg: StepSettings) -> list[str]:
     """The same encoder settings as flags of ``python -m searchr1.retrieval serve`` (a separate process)."""
     enc = cfg["retriever"]["encoder"]
     args = [
-        "--query-prefix", enc["query_prefix"],
-        "--passage-prefix", enc["passage_prefix"],
-        "--pooling", enc["pooling"],
-        "--max-length", str(enc["max_length"]),
-        "--fp16", "auto" if enc["fp16"] else "off",
-    ]  # fmt: skip
+        "--query-prefix",
+        enc["query_prefix"],
+        "--passage-prefix",
+        enc["passage_prefix"],
+        "--pooling",
+        enc["pooling"],
+        "--max-length",
+        str(enc["max_length"]),
+        "--fp16",
+        "auto" if enc["fp16"] else "off",
+    ]
     if not enc["normalize"]:
         args.append("--no-normalize")
     if enc["cpu_bf16"]:
@@ -81,8 +86,14 @@ def download_corpus(cfg: StepSettings, *, outputs, **_: Any) -> None:
 
     corpus = cfg["retriever"]["corpus"]
     out = Path(outputs["_list"][0])
-    fetch(corpus["repo"], corpus["file"], revision=corpus["revision"], dest_dir=out.parent / "download", out=out,
-          lock_path=lock_path(cfg))  # fmt: skip
+    fetch(
+        corpus["repo"],
+        corpus["file"],
+        revision=corpus["revision"],
+        dest_dir=out.parent / "download",
+        out=out,
+        lock_path=lock_path(cfg),
+    )
 
 
 def corpus_offsets(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
@@ -120,22 +131,28 @@ def fetch_encoder(cfg: StepSettings, *, outputs, **_: Any) -> None:
 
 
 def download_index(cfg: StepSettings, *, inputs, outputs, **_: Any) -> None:
-    from searchr1.retrieval.download import download_index as fetch
-
     from searchr1.budget import require_free_disk
+    from searchr1.retrieval.download import download_index as fetch
 
     idx = cfg["retriever"]["index"]
     out = Path(outputs["index"])
     require_free_disk(cfg, "download_index", out.parent)  # the parts and the concatenated index, at the peak
-    fetch(idx["repo"], idx["parts"], revision=idx["revision"], dest_dir=out.parent / "download", out=out,
-          corpus=Path(inputs["corpus"]), encoder=encoder_record(cfg), lock_path=lock_path(cfg))  # fmt: skip
+    fetch(
+        idx["repo"],
+        idx["parts"],
+        revision=idx["revision"],
+        dest_dir=out.parent / "download",
+        out=out,
+        corpus=Path(inputs["corpus"]),
+        encoder=encoder_record(cfg),
+        lock_path=lock_path(cfg),
+    )
     add_index_record(out, cfg.record())
 
 
 def build_index(cfg: StepSettings, *, inputs, outputs, threads: int = 1, **_: Any) -> None:
-    from searchr1.retrieval.index import build_index as build
-
     from searchr1.budget import require_free_disk
+    from searchr1.retrieval.index import build_index as build
 
     set_threads(threads)
     idx = cfg["retriever"]["index"]
@@ -161,10 +178,18 @@ def retriever(cfg: StepSettings, inputs: Mapping[str, str], log_path: Path | Non
     ret = cfg["retriever"]
     server_log = log_path.with_suffix(".retriever.log") if log_path else Path("logs/retriever.log")
     extra = [
-        *encoder_server_args(cfg), "--backend", ret["backend"], "--topk", str(ret["topk"]),
-        "--topk-max", str(ret["topk_max"]),
-        "--max-batch-size", str(ret["max_batch_size"]), "--max-wait-ms", str(ret["max_wait_ms"]),
-    ]  # fmt: skip
+        *encoder_server_args(cfg),
+        "--backend",
+        ret["backend"],
+        "--topk",
+        str(ret["topk"]),
+        "--topk-max",
+        str(ret["topk_max"]),
+        "--max-batch-size",
+        str(ret["max_batch_size"]),
+        "--max-wait-ms",
+        str(ret["max_wait_ms"]),
+    ]
     with managed_server(
         corpus=inputs.get("corpus"),
         index=inputs.get("index"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from types import MappingProxyType
 from typing import Any
 
@@ -47,7 +47,7 @@ class Operational:
     value: Any
 
 
-@lru_cache(maxsize=None)  # asked once per key and prefix by every rule's declaration at start-up
+@cache  # asked once per key and prefix by every rule's declaration at start-up
 def _node(path: str) -> Mapping[str, Any] | None:
     """The schema of a dotted config key (None where the schema has no ``properties`` for it)."""
     root = cached_schema()
@@ -146,9 +146,7 @@ def _freeze(value: Any, step: str, path: str) -> Any:
 class StepSettings(Mapping[str, Any]):
     """Read-only nested view of the settings a rule declared; undeclared keys raise UndeclaredSetting."""
 
-    def __init__(
-        self, tree: Mapping[str, Any], *, step: str, path: str = "", operational: Iterable[str] = ()
-    ) -> None:
+    def __init__(self, tree: Mapping[str, Any], *, step: str, path: str = "", operational: Iterable[str] = ()) -> None:
         self._tree = dict(tree)
         self._step = step
         self._path = path

@@ -57,8 +57,13 @@ def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str, ima
     """The commands the slime train job will run, for `snakemake -n` (same builder as the job itself)."""
     from searchr1.slime_launch import build_plan
 
-    paths = slime_paths(cfg, base_model=base_model, train_parquet=train_parquet,
-                        retriever_url=_planned_retriever_url(cfg), image_file=image_file)  # fmt: skip
+    paths = slime_paths(
+        cfg,
+        base_model=base_model,
+        train_parquet=train_parquet,
+        retriever_url=_planned_retriever_url(cfg),
+        image_file=image_file,
+    )
     nodes = int(cfg["train"]["slime"]["nodes"])
     # The allocation's nodes are known only inside the SLURM job: the preview names them <node1>, <node2>, ...
     placeholders = [f"<node{i + 1}>" for i in range(nodes)]
@@ -152,18 +157,27 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
             from searchr1.retention import RetentionWatcher
             from searchr1.slime_launch import build_plan, final_hf_checkpoint, run_plan, write_custom_config
 
-            paths = slime_paths(cfg, base_model=inputs["base"], train_parquet=inputs["train"], retriever_url=url,
-                                image_file=inputs.get("image"))  # fmt: skip
+            paths = slime_paths(
+                cfg,
+                base_model=inputs["base"],
+                train_parquet=inputs["train"],
+                retriever_url=url,
+                image_file=inputs.get("image"),
+            )
             if curve:
                 paths["eval_prompt_data"] = dict(zip(cfg["eval"]["splits"], inputs["splits"]))
-            write_custom_config(paths["custom_config_path"], cfg, url, paths["metrics_path"], paths["eval_metrics_path"])
+            write_custom_config(
+                paths["custom_config_path"], cfg, url, paths["metrics_path"], paths["eval_metrics_path"]
+            )
             plan = build_plan(cfg, paths=paths, env=os.environ)
             # Retention: prune before slime starts (a kill between a save and its prune leaves one too many)
             # and after every save while it trains (searchr1.retention).
             with RetentionWatcher(
-                paths["save_dir"], paths["save_hf_dir"],
-                keep=cfg["train"]["keep_checkpoints"], hf_interval=cfg["train"]["save_hf_interval"],
-            ):  # fmt: skip
+                paths["save_dir"],
+                paths["save_hf_dir"],
+                keep=cfg["train"]["keep_checkpoints"],
+                hf_interval=cfg["train"]["save_hf_interval"],
+            ):
                 rc = run_plan(plan, log_path.with_suffix(".slime.log") if log_path else "logs/train.slime.log")
             if rc != 0:
                 raise RuntimeError(f"slime training exited with status {rc}; see the slime log beside {log_path}")

@@ -15,20 +15,26 @@ from pathlib import Path
 
 from searchr1.toy.model import ToyModelSize, count_parameters, write_model
 from searchr1.toy.tokenizer import write_tokenizer
-from searchr1.toy.warmstart import (WarmStartConfig, http_retriever, local_retriever, stderr_progress,
-                                    warm_start)
+from searchr1.toy.warmstart import WarmStartConfig, http_retriever, local_retriever, stderr_progress, warm_start
 from searchr1.toy.world import WorldSizes, load_world, write_world
 
 
 def cmd_world(args: argparse.Namespace) -> None:
-    sizes = WorldSizes(n_couples=args.couples, n_test_couples=args.test_couples, n_rl_couples=args.rl_couples,
-                       test_per_split=args.test_per_split, rl_questions=args.rl_questions,
-                       two_hop_fraction=args.two_hop_fraction)
+    sizes = WorldSizes(
+        n_couples=args.couples,
+        n_test_couples=args.test_couples,
+        n_rl_couples=args.rl_couples,
+        test_per_split=args.test_per_split,
+        rl_questions=args.rl_questions,
+        two_hop_fraction=args.two_hop_fraction,
+    )
     start = time.perf_counter()
     world = write_world(args.seed, args.out_dir, sizes)
-    stderr_progress(f"world: {len(world.people)} passages, splits "
-                    f"{ {k: len(v) for k, v in world.splits.items()} } couples, "
-                    f"{time.perf_counter() - start:.2f}s -> {args.out_dir}")
+    stderr_progress(
+        f"world: {len(world.people)} passages, splits "
+        f"{ {k: len(v) for k, v in world.splits.items()} } couples, "
+        f"{time.perf_counter() - start:.2f}s -> {args.out_dir}"
+    )
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -37,8 +43,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_model(args: argparse.Namespace) -> None:
-    size = ToyModelSize(hidden=args.hidden, layers=args.layers, heads=args.heads,
-                        intermediate=args.intermediate)
+    size = ToyModelSize(hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate)
     model = write_model(args.tokenizer, args.out_dir, size, seed=args.seed)
     stderr_progress(f"model: {count_parameters(model):,} parameters -> {args.out_dir}")
 
@@ -50,12 +55,20 @@ def cmd_warmstart(args: argparse.Namespace) -> None:
         corpus = args.corpus or str(Path(args.world) / "corpus.jsonl")
         retrieve = local_retriever(corpus, args.index, args.encoder, query_prefix=args.query_prefix)
     else:
-        sys.exit("warmstart needs --retriever-url, or --index and --encoder (with --corpus) for an "
-                 "in-process retriever")
-    cfg = WarmStartConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          n_demos=args.demos, topk=args.topk, log_every=args.log_every,
-                          attn_implementation=args.attn_implementation,
-                          passage_loss_weight=args.passage_loss_weight)
+        sys.exit(
+            "warmstart needs --retriever-url, or --index and --encoder (with --corpus) for an in-process retriever"
+        )
+    cfg = WarmStartConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        n_demos=args.demos,
+        topk=args.topk,
+        log_every=args.log_every,
+        attn_implementation=args.attn_implementation,
+        passage_loss_weight=args.passage_loss_weight,
+    )
     result = warm_start(args.model, load_world(args.world), retrieve, args.out_dir, cfg, stderr_progress)
     summary = {k: v for k, v in asdict(result).items() if k not in ("loss_log", "config")}
     stderr_progress("warmstart done: " + json.dumps(summary))

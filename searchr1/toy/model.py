@@ -38,7 +38,6 @@ class ToyModelSize(FromConfig):
         "intermediate": "toy.model.intermediate",
     }
 
-
     def validate(self) -> None:
         for name in ("hidden", "layers", "heads", "intermediate", "max_positions"):
             if getattr(self, name) <= 0:
@@ -77,14 +76,19 @@ def eos_token_ids(tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
 
 
-def write_model(tokenizer_dir: str | Path, out_dir: str | Path, size: ToyModelSize,
-                seed: int = 0) -> LlamaForCausalLM:
+def write_model(tokenizer_dir: str | Path, out_dir: str | Path, size: ToyModelSize, seed: int = 0) -> LlamaForCausalLM:
     """Create the model and save it with its tokenizer and generation config (safetensors)."""
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = make_model(tokenizer, size, seed)
     eos = eos_token_ids(tokenizer)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                               bos_token_id=None, do_sample=True, temperature=1.0, top_p=1.0)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+    )
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))

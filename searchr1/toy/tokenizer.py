@@ -20,8 +20,16 @@ from searchr1.prompt import SEARCH_R1_INSTRUCTION
 
 IM_START, IM_END, END_OF_TEXT, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<unk>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, UNK)
-PROTOCOL_TAGS = ("<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
-                 "<answer>", "</answer>")
+PROTOCOL_TAGS = (
+    "<think>",
+    "</think>",
+    "<search>",
+    "</search>",
+    "<information>",
+    "</information>",
+    "<answer>",
+    "</answer>",
+)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 # Qwen2.5's format for a conversation without tools: a default system turn, then each message, then the
@@ -45,7 +53,7 @@ PROTOCOL_TEXTS = (
     SEARCH_R1_INSTRUCTION,
     "Question: ?",
     f"system user assistant {DEFAULT_SYSTEM}",
-    "Doc 1(Title: \"x\") Doc 2 Doc 3 Doc 4 Doc 5 Doc 6 Doc 7 Doc 8 Doc 9 Doc 10",
+    'Doc 1(Title: "x") Doc 2 Doc 3 Doc 4 Doc 5 Doc 6 Doc 7 Doc 8 Doc 9 Doc 10',
     INVALID_ACTION_TEXT,
     # Words of the warm-start demonstrations (searchr1.toy.warmstart).
     "the question is about , . where who what among and",
@@ -58,8 +66,7 @@ def make_normalizer() -> normalizers.Normalizer:
 
 def make_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     # Every punctuation mark is its own token, so '"Miami").' is four tokens, all in the vocabulary.
-    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                    pre_tokenizers.Punctuation(behavior="isolated")])
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")])
 
 
 def world_texts(world_dir: str | Path) -> list[str]:
@@ -99,9 +106,16 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     core.add_tokens([AddedToken(t, special=False, normalized=False) for t in PROTOCOL_TAGS])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=IM_END, pad_token=END_OF_TEXT,
-                                  unk_token=UNK, bos_token=None, additional_special_tokens=[IM_START],
-                                  model_max_length=4096, clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=IM_END,
+        pad_token=END_OF_TEXT,
+        unk_token=UNK,
+        bos_token=None,
+        additional_special_tokens=[IM_START],
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

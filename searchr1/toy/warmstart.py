@@ -21,9 +21,10 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,13 +33,13 @@ from searchr1.agent import observation_text
 from searchr1.config import FromConfig
 from searchr1.grpo.logprobs import common_prefix_length, shared_prefix_hidden
 from searchr1.prompt import make_messages
-from searchr1.toy.world import (SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, Question, World, article,
-                                make_question)
+from searchr1.toy.world import SINGLE_HOP_TEMPLATES, TWO_HOP_TEMPLATES, Question, World, article, make_question
 
 log = logging.getLogger(__name__)
 
 Retrieve = Callable[[list[str], int], list[list[dict]]]
 TARGET, PASSAGE = 1, 2  # loss-mask values: a model-written token, a retrieved passage's token (0: no loss)
+
 
 @dataclass
 class WarmStartConfig(FromConfig):
@@ -75,7 +76,6 @@ class WarmStartConfig(FromConfig):
         "seed": "seed",
         "attn_implementation": "toy.warm_start.attn_implementation",
     }
-
 
     def validate(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.n_demos <= 0 or self.topk <= 0:
@@ -161,7 +161,10 @@ def evidence_for(world: World, question: Question) -> str:
     if question.template == "occupation_of_born_in":
         return f"{s.name} was born in {s.city}, where {s.name} works as {article(s.job)} {s.job}"
     if question.template == "spouse_occupation_of_born_in":
-        return f"{s.name} was born in {s.city}. {s.name} is married to {t.name}. {t.name} works as {article(t.job)} {t.job}"
+        return (
+            f"{s.name} was born in {s.city}. {s.name} is married to {t.name}. "
+            f"{t.name} works as {article(t.job)} {t.job}"
+        )
     raise ValueError(f"unknown question template {question.template!r}")
 
 
@@ -172,8 +175,7 @@ def gold_passage_ids(world: World, question: Question) -> set[str]:
     return {world.people[question.subject].passage_id}
 
 
-def make_demos(world: World, tokenizer, retrieve: Retrieve, cfg: WarmStartConfig
-               ) -> tuple[list[Demo], int]:
+def make_demos(world: World, tokenizer, retrieve: Retrieve, cfg: WarmStartConfig) -> tuple[list[Demo], int]:
     """Demonstrations over the warm-start couples; returns (demos, number dropped for a missed gold passage).
 
     Retrieved passages of people outside the warm-start couples are dropped from the observation, so that
@@ -185,8 +187,11 @@ def make_demos(world: World, tokenizer, retrieve: Retrieve, cfg: WarmStartConfig
     if not couples:
         raise ValueError("the world has no warm-start couples")
     allowed = {world.people[m].passage_id for c in couples for m in world.couple_members(c)}
-    guesses = {"born": common_values(world, couples, "city"), "occupation": common_values(world, couples, "job"),
-               "spouse": common_values(world, couples, "name")}
+    guesses = {
+        "born": common_values(world, couples, "city"),
+        "occupation": common_values(world, couples, "job"),
+        "spouse": common_values(world, couples, "name"),
+    }
     plans = []
     for _ in range(cfg.n_demos):
         templates = TWO_HOP_TEMPLATES if rng.random() < cfg.two_hop_fraction else SINGLE_HOP_TEMPLATES
@@ -194,13 +199,22 @@ def make_demos(world: World, tokenizer, retrieve: Retrieve, cfg: WarmStartConfig
         kind = "search"
         if rng.random() < cfg.decision_fraction:
             r = rng.random()
-            kind = ("decide_answer" if r < cfg.decision_answer else
-                    "decide_search" if r < cfg.decision_answer + cfg.decision_search else "decide_invalid")
+            kind = (
+                "decide_answer"
+                if r < cfg.decision_answer
+                else "decide_search"
+                if r < cfg.decision_answer + cfg.decision_search
+                else "decide_invalid"
+            )
         plans.append((question, kind, rng.random()))
 
     # The query exactly as the agent will send it: the decoded text between the search tags.
-    queries = [tokenizer.decode(tokenizer.encode(query_for(world, q), add_special_tokens=False),
-                                skip_special_tokens=True).strip() for q, kind, _ in plans]
+    queries = [
+        tokenizer.decode(
+            tokenizer.encode(query_for(world, q), add_special_tokens=False), skip_special_tokens=True
+        ).strip()
+        for q, kind, _ in plans
+    ]
     searching = [i for i, (_, kind, _) in enumerate(plans) if kind in ("search", "decide_search")]
     hits_of: dict[int, list[dict]] = {}
     if searching:
@@ -208,18 +222,20 @@ def make_demos(world: World, tokenizer, retrieve: Retrieve, cfg: WarmStartConfig
         if len(results) != len(searching):
             raise RuntimeError(f"retriever returned {len(results)} results for {len(searching)} queries")
         for i, hits in zip(searching, results):
-            hits_of[i] = [h for h in hits if str(h["id"]) in allowed][:cfg.topk]
+            hits_of[i] = [h for h in hits if str(h["id"]) in allowed][: cfg.topk]
 
     demos, dropped = [], 0
     for i, (question, kind, guess_draw) in enumerate(plans):
-        prompt_text = tokenizer.apply_chat_template(make_messages(question.question), tokenize=False,
-                                                    add_generation_prompt=True)
+        prompt_text = tokenizer.apply_chat_template(
+            make_messages(question.question), tokenize=False, add_generation_prompt=True
+        )
         names = " and ".join(question.names)
         think = f"<think> about {names} </think> "
         decision_loss = 0 if kind == "search" else TARGET
         if kind == "decide_answer":
-            pool = guesses["spouse" if question.template == "spouse" else
-                           "born" if question.template == "born" else "occupation"]
+            pool = guesses[
+                "spouse" if question.template == "spouse" else "born" if question.template == "born" else "occupation"
+            ]
             guess = pool[int(guess_draw * len(pool))]
             segments = [(think, TARGET), ("<answer>", TARGET), (f" {guess} </answer>", TARGET)]
         elif kind == "decide_invalid":
@@ -229,9 +245,13 @@ def make_demos(world: World, tokenizer, retrieve: Retrieve, cfg: WarmStartConfig
             if not gold_passage_ids(world, question) <= {str(h["id"]) for h in hits}:
                 dropped += 1
                 continue
-            segments = [(think, TARGET), ("<search>", decision_loss), (f" {queries[i]} </search>", TARGET),
-                        (observation_text(hits), PASSAGE),
-                        (f"<think> {evidence_for(world, question)} </think> <answer> {question.answer} </answer>", TARGET)]
+            segments = [
+                (think, TARGET),
+                ("<search>", decision_loss),
+                (f" {queries[i]} </search>", TARGET),
+                (observation_text(hits), PASSAGE),
+                (f"<think> {evidence_for(world, question)} </think> <answer> {question.answer} </answer>", TARGET),
+            ]
         demos.append(Demo(prompt_text, segments, kind, question))
     return demos, dropped
 
@@ -246,8 +266,10 @@ def tokenize_demo(tokenizer, demo: Demo) -> TokenizedDemo:
         mask.extend([loss] * len(seg))
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
         bad = [t for t in tokenizer.convert_ids_to_tokens(ids) if t == tokenizer.unk_token]
-        raise ValueError(f"demo text has {len(bad)} word(s) outside the tokenizer's vocabulary: "
-                         f"{demo.prompt_text + demo.response_text!r}")
+        raise ValueError(
+            f"demo text has {len(bad)} word(s) outside the tokenizer's vocabulary: "
+            f"{demo.prompt_text + demo.response_text!r}"
+        )
     return TokenizedDemo(ids, mask, n_prompt)
 
 
@@ -265,8 +287,9 @@ def collate(batch: list[TokenizedDemo], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, attn, loss
 
 
-def masked_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor, bf16: bool,
-                   passage_weight: float = 0.0) -> torch.Tensor:
+def masked_lm_loss(
+    model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor, bf16: bool, passage_weight: float = 0.0
+) -> torch.Tensor:
     """Mean next-token cross entropy over the TARGET tokens, plus ``passage_weight`` x that over PASSAGE tokens."""
     # Autocast around the forward pass only: weights, optimizer state and the loss stay fp32.
     with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -274,8 +297,9 @@ def masked_lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torc
     return _head_loss(model, hidden, ids, loss_mask, bf16, passage_weight)
 
 
-def _head_loss(model, hidden: torch.Tensor, ids: torch.Tensor, loss_mask: torch.Tensor, bf16: bool,
-               passage_weight: float) -> torch.Tensor:
+def _head_loss(
+    model, hidden: torch.Tensor, ids: torch.Tensor, loss_mask: torch.Tensor, bf16: bool, passage_weight: float
+) -> torch.Tensor:
     targets_mask = loss_mask[:, 1:] > 0 if passage_weight else loss_mask[:, 1:] == TARGET
     # The head only on positions that predict a token with a loss: most of the sequence is prompt/context.
     h = hidden[:, :-1][targets_mask]
@@ -298,8 +322,9 @@ def shared_prefix_length(demos: list[TokenizedDemo]) -> int:
     return common_prefix_length([d.input_ids for d in demos], min(d.n_prompt for d in demos) - 1)
 
 
-def shared_prefix_loss(model, batch: list[TokenizedDemo], prefix_len: int, pad_id: int, bf16: bool,
-                       passage_weight: float = 0.0) -> torch.Tensor:
+def shared_prefix_loss(
+    model, batch: list[TokenizedDemo], prefix_len: int, pad_id: int, bf16: bool, passage_weight: float = 0.0
+) -> torch.Tensor:
     """``masked_lm_loss`` of ``batch``, computing the shared first ``prefix_len`` tokens once
     (``shared_prefix_hidden``: same loss and gradients as the full forward)."""
     if prefix_len <= 0:
@@ -307,15 +332,18 @@ def shared_prefix_loss(model, batch: list[TokenizedDemo], prefix_len: int, pad_i
     prefix = batch[0].input_ids[:prefix_len]
     if any(d.input_ids[:prefix_len] != prefix or d.n_prompt <= prefix_len for d in batch):
         raise ValueError(f"every demo must start with the same {prefix_len} prompt tokens")
-    ids, _, loss_mask = collate([TokenizedDemo(d.input_ids[prefix_len:], d.loss_mask[prefix_len:],
-                                               d.n_prompt - prefix_len) for d in batch], pad_id)
+    ids, _, loss_mask = collate(
+        [TokenizedDemo(d.input_ids[prefix_len:], d.loss_mask[prefix_len:], d.n_prompt - prefix_len) for d in batch],
+        pad_id,
+    )
     with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = shared_prefix_hidden(model.model, prefix, ids)
     return _head_loss(model, hidden, ids, loss_mask, bf16, passage_weight)
 
 
-def train(model, tokenizer, demos: list[TokenizedDemo], cfg: WarmStartConfig,
-          progress: Callable[[str], None] | None = None) -> tuple[float, list[dict]]:
+def train(
+    model, tokenizer, demos: list[TokenizedDemo], cfg: WarmStartConfig, progress: Callable[[str], None] | None = None
+) -> tuple[float, list[dict]]:
     """AdamW with a short linear warm-up and linear decay; returns (final loss, loss log)."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -340,8 +368,8 @@ def train(model, tokenizer, demos: list[TokenizedDemo], cfg: WarmStartConfig,
             epoch = list(range(len(demos)))
             order_rng.shuffle(epoch)
             order.extend(epoch)
-        batch = [demos[i] for i in order[:cfg.batch_size]]
-        del order[:cfg.batch_size]
+        batch = [demos[i] for i in order[: cfg.batch_size]]
+        del order[: cfg.batch_size]
         loss = shared_prefix_loss(model, batch, prefix_len, tokenizer.pad_token_id, cfg.bf16, cfg.passage_loss_weight)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"warm-start loss is {loss.item()} at step {step}")
@@ -352,41 +380,61 @@ def train(model, tokenizer, demos: list[TokenizedDemo], cfg: WarmStartConfig,
         scheduler.step()
         window.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            entry = {"step": step + 1, "loss": sum(window) / len(window), "lr": optimizer.param_groups[0]["lr"],
-                     "elapsed_s": round(time.perf_counter() - start, 2)}
+            entry = {
+                "step": step + 1,
+                "loss": sum(window) / len(window),
+                "lr": optimizer.param_groups[0]["lr"],
+                "elapsed_s": round(time.perf_counter() - start, 2),
+            }
             loss_log.append(entry)
             window = []
             if progress:
-                progress(f"warmstart step {entry['step']}/{cfg.steps} loss {entry['loss']:.4f} "
-                         f"lr {entry['lr']:.2e} {entry['elapsed_s']:.1f}s")
+                progress(
+                    f"warmstart step {entry['step']}/{cfg.steps} loss {entry['loss']:.4f} "
+                    f"lr {entry['lr']:.2e} {entry['elapsed_s']:.1f}s"
+                )
     model.eval()
     return loss_log[-1]["loss"], loss_log
 
 
-def warm_start(model_dir: str | Path, world: World, retrieve: Retrieve, out_dir: str | Path,
-               cfg: WarmStartConfig, progress: Callable[[str], None] | None = None
-               ) -> WarmStartResult:
+def warm_start(
+    model_dir: str | Path,
+    world: World,
+    retrieve: Retrieve,
+    out_dir: str | Path,
+    cfg: WarmStartConfig,
+    progress: Callable[[str], None] | None = None,
+) -> WarmStartResult:
     """Warm-start the model in ``model_dir`` and save the base policy (HF dir) to ``out_dir``."""
     cfg.validate()
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                 attn_implementation=cfg.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation=cfg.attn_implementation
+    )
     demos, dropped = make_demos(world, tokenizer, retrieve, cfg)
     if not demos:
         raise RuntimeError("no warm-start demos left (the retriever missed every gold passage)")
     tokenized = [tokenize_demo(tokenizer, d) for d in demos]
     if progress:
-        progress(f"warmstart: {len(demos)} demos ({dropped} dropped: gold passage not retrieved), "
-                 f"mean length {sum(len(t.input_ids) for t in tokenized) / len(tokenized):.0f} tokens")
+        progress(
+            f"warmstart: {len(demos)} demos ({dropped} dropped: gold passage not retrieved), "
+            f"mean length {sum(len(t.input_ids) for t in tokenized) / len(tokenized):.0f} tokens"
+        )
     final_loss, loss_log = train(model, tokenizer, tokenized, cfg, progress)
     out = Path(out_dir)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    result = WarmStartResult(steps=cfg.steps, final_loss=final_loss, time_s=round(time.perf_counter() - start, 2),
-                             n_demos=len(demos), n_dropped_gold_missing=dropped,
-                             kinds=dict(sorted(Counter(d.kind for d in demos).items())), loss_log=loss_log,
-                             config=asdict(cfg))
+    result = WarmStartResult(
+        steps=cfg.steps,
+        final_loss=final_loss,
+        time_s=round(time.perf_counter() - start, 2),
+        n_demos=len(demos),
+        n_dropped_gold_missing=dropped,
+        kinds=dict(sorted(Counter(d.kind for d in demos).items())),
+        loss_log=loss_log,
+        config=asdict(cfg),
+    )
     (out / "warmstart.json").write_text(json.dumps(asdict(result), indent=1) + "\n", encoding="utf-8")
     return result
 
@@ -401,7 +449,7 @@ def http_retriever(url: str, *, timeout_s: float = 60.0, chunk: int = 512) -> Re
             try:
                 out: list[list[dict]] = []
                 for i in range(0, len(queries), chunk):
-                    out.extend(await client.search(queries[i:i + chunk], topk))
+                    out.extend(await client.search(queries[i : i + chunk], topk))
                 return out
             finally:
                 await client.aclose()
@@ -411,8 +459,15 @@ def http_retriever(url: str, *, timeout_s: float = 60.0, chunk: int = 512) -> Re
     return retrieve
 
 
-def local_retriever(corpus_path: str | Path, index_path: str | Path, encoder_path: str | Path, *,
-                    query_prefix: str = "", pooling: str = "mean", max_length: int = 128) -> Retrieve:
+def local_retriever(
+    corpus_path: str | Path,
+    index_path: str | Path,
+    encoder_path: str | Path,
+    *,
+    query_prefix: str = "",
+    pooling: str = "mean",
+    max_length: int = 128,
+) -> Retrieve:
     """A `retrieve` over the corpus and faiss index in this process (the retriever server's parts)."""
     from searchr1.retrieval.corpus import CorpusStore
     from searchr1.retrieval.encoder import Encoder
@@ -420,8 +475,9 @@ def local_retriever(corpus_path: str | Path, index_path: str | Path, encoder_pat
 
     check_pair(index_path, corpus_path)
     corpus = CorpusStore(corpus_path)
-    encoder = Encoder(encoder_path, query_prefix=query_prefix, passage_prefix="", pooling=pooling,
-                      max_length=max_length)
+    encoder = Encoder(
+        encoder_path, query_prefix=query_prefix, passage_prefix="", pooling=pooling, max_length=max_length
+    )
     backend = load_backend(index_path)
 
     def retrieve(queries: list[str], topk: int) -> list[list[dict]]:

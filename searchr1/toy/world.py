@@ -140,17 +140,18 @@ class WorldSizes(FromConfig):
         "rl_questions": "toy.train_questions",
     }
 
-
     def validate(self) -> None:
         if self.n_couples <= 0:
             raise ValueError(f"n_couples must be > 0, got {self.n_couples}")
         if self.n_test_couples <= 0 or self.n_rl_couples <= 0:
-            raise ValueError(f"n_test_couples and n_rl_couples must be > 0, got "
-                             f"{self.n_test_couples}, {self.n_rl_couples}")
+            raise ValueError(
+                f"n_test_couples and n_rl_couples must be > 0, got {self.n_test_couples}, {self.n_rl_couples}"
+            )
         if self.n_test_couples + self.n_rl_couples >= self.n_couples:
             raise ValueError(
                 f"n_test_couples ({self.n_test_couples}) + n_rl_couples ({self.n_rl_couples}) must leave "
-                f"warm-start couples out of n_couples ({self.n_couples})")
+                f"warm-start couples out of n_couples ({self.n_couples})"
+            )
         if not 0.0 <= self.two_hop_fraction <= 1.0:
             raise ValueError(f"two_hop_fraction must be in [0, 1], got {self.two_hop_fraction}")
         max_names = len(first_names()) * len(surnames())
@@ -171,22 +172,31 @@ class World:
     def passage_text(self, person: int) -> str:
         p = self.people[person]
         spouse = self.people[p.spouse].name
-        return (f"{p.name} was born in {p.city}, where {p.name} works as {article(p.job)} {p.job}. "
-                f"{p.name} is married to {spouse}.")
+        return (
+            f"{p.name} was born in {p.city}, where {p.name} works as {article(p.job)} {p.job}. "
+            f"{p.name} is married to {spouse}."
+        )
 
     def passage_contents(self, person: int) -> str:
         """Search-R1 `contents`: the quoted title (the person's name), a newline, the text."""
-        return f"\"{self.people[person].name}\"\n{self.passage_text(person)}"
+        return f'"{self.people[person].name}"\n{self.passage_text(person)}'
 
     def to_json(self) -> dict:
-        return {"seed": self.seed, "sizes": asdict(self.sizes),
-                "people": [asdict(p) for p in self.people], "splits": self.splits}
+        return {
+            "seed": self.seed,
+            "sizes": asdict(self.sizes),
+            "people": [asdict(p) for p in self.people],
+            "splits": self.splits,
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "World":
-        return cls(seed=data["seed"], sizes=WorldSizes(**data["sizes"]),
-                   people=[Person(**p) for p in data["people"]],
-                   splits={k: list(v) for k, v in data["splits"].items()})
+    def from_json(cls, data: dict) -> World:
+        return cls(
+            seed=data["seed"],
+            sizes=WorldSizes(**data["sizes"]),
+            people=[Person(**p) for p in data["people"]],
+            splits={k: list(v) for k, v in data["splits"].items()},
+        )
 
 
 def first_names() -> list[str]:
@@ -220,8 +230,11 @@ def make_world(seed: int, sizes: WorldSizes) -> World:
     order = list(range(sizes.n_couples))
     rng.shuffle(order)
     n_test, n_rl = sizes.n_test_couples, sizes.n_rl_couples
-    splits = {"test": sorted(order[:n_test]), "rl": sorted(order[n_test:n_test + n_rl]),
-              "warmstart": sorted(order[n_test + n_rl:])}
+    splits = {
+        "test": sorted(order[:n_test]),
+        "rl": sorted(order[n_test : n_test + n_rl]),
+        "warmstart": sorted(order[n_test + n_rl :]),
+    }
     return World(seed=seed, sizes=sizes, people=people, splits=splits)
 
 
@@ -240,26 +253,50 @@ def make_question(world: World, couple: int, template: str, rng: random.Random) 
     if template == "born":
         return Question(f"where was {p.name} born", p.city, NQ, template, (p.name,), subject, subject, couple)
     if template == "occupation":
-        return Question(f"what is the occupation of {p.name}", p.job, NQ, template, (p.name,), subject,
-                        subject, couple)
+        return Question(f"what is the occupation of {p.name}", p.job, NQ, template, (p.name,), subject, subject, couple)
     if template == "spouse":
-        return Question(f"who is {p.name} married to", world.people[spouse].name, NQ, template, (p.name,),
-                        subject, subject, couple)
+        return Question(
+            f"who is {p.name} married to", world.people[spouse].name, NQ, template, (p.name,), subject, subject, couple
+        )
     first, second = (a, b) if rng.random() < 0.5 else (b, a)
     names = (world.people[first].name, world.people[second].name)
     among = f"among {names[0]} and {names[1]}"
     if template == "occupation_of_born_in":
-        return Question(f"{among}, what is the occupation of the person born in {p.city}", p.job, HOTPOTQA,
-                        template, names, subject, subject, couple)
+        return Question(
+            f"{among}, what is the occupation of the person born in {p.city}",
+            p.job,
+            HOTPOTQA,
+            template,
+            names,
+            subject,
+            subject,
+            couple,
+        )
     if template == "spouse_occupation_of_born_in":
-        return Question(f"{among}, what is the occupation of the spouse of the person born in {p.city}",
-                        world.people[spouse].job, HOTPOTQA, template, names, subject, spouse, couple)
-    raise ValueError(f"unknown question template {template!r}; expected one of "
-                     f"{SINGLE_HOP_TEMPLATES + TWO_HOP_TEMPLATES}")
+        return Question(
+            f"{among}, what is the occupation of the spouse of the person born in {p.city}",
+            world.people[spouse].job,
+            HOTPOTQA,
+            template,
+            names,
+            subject,
+            spouse,
+            couple,
+        )
+    raise ValueError(
+        f"unknown question template {template!r}; expected one of {SINGLE_HOP_TEMPLATES + TWO_HOP_TEMPLATES}"
+    )
 
 
-def sample_questions(world: World, couples: list[int], n: int, two_hop_fraction: float,
-                     rng: random.Random, *, distinct_couples: bool = False) -> list[Question]:
+def sample_questions(
+    world: World,
+    couples: list[int],
+    n: int,
+    two_hop_fraction: float,
+    rng: random.Random,
+    *,
+    distinct_couples: bool = False,
+) -> list[Question]:
     """``n`` questions over ``couples``; with ``distinct_couples`` each couple is used at most once."""
     couples = sorted(couples)
     if distinct_couples:
@@ -279,16 +316,18 @@ def question_rows(questions: list[Question], split: str) -> list[dict]:
     """Rows in the Search-R1 schema of PeterJinGo/nq_hotpotqa_train (plus our `question` and `id`)."""
     rows = []
     for index, q in enumerate(questions):
-        rows.append({
-            "id": f"{split}_{index}",
-            "question": normalize_question(q.question),
-            "golden_answers": [q.answer],
-            "data_source": q.data_source,
-            "prompt": make_messages(q.question),
-            "ability": "fact-reasoning",
-            "reward_model": {"style": "rule", "ground_truth": {"target": [q.answer]}},
-            "extra_info": {"split": split, "index": index},
-        })
+        rows.append(
+            {
+                "id": f"{split}_{index}",
+                "question": normalize_question(q.question),
+                "golden_answers": [q.answer],
+                "data_source": q.data_source,
+                "prompt": make_messages(q.question),
+                "ability": "fact-reasoning",
+                "reward_model": {"style": "rule", "ground_truth": {"target": [q.answer]}},
+                "extra_info": {"split": split, "index": index},
+            }
+        )
     return rows
 
 
@@ -300,8 +339,9 @@ def split_questions(world: World) -> dict[str, list[Question]]:
     rng_test = random.Random(f"{world.seed}/test")
     train = sample_questions(world, world.splits["rl"], sizes.rl_questions, sizes.two_hop_fraction, rng_train)
     n_test = min(sizes.test_per_split, len(world.splits["test"]))
-    test = (sample_questions(world, world.splits["test"], n_test, 0.0, rng_test, distinct_couples=True)
-            + sample_questions(world, world.splits["test"], n_test, 1.0, rng_test, distinct_couples=True))
+    test = sample_questions(
+        world, world.splits["test"], n_test, 0.0, rng_test, distinct_couples=True
+    ) + sample_questions(world, world.splits["test"], n_test, 1.0, rng_test, distinct_couples=True)
     for q in train + test:
         if q.answer.lower() in FORBIDDEN_ANSWERS:  # guarded by construction; a cheap second check
             raise ValueError(f"forbidden answer {q.answer!r} in question {q.question!r}")
