@@ -133,10 +133,12 @@ def copy_workflow(dst: Path) -> Path:
     import shutil
 
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "config.yaml", "config.toy.yaml"):
+    for name in ("Snakefile", "config.yaml", "config.toy.yaml", "config.smoke.yaml"):
         shutil.copy(ROOT / name, dst / name)
     for name in ("rules", "scripts", "envs", "profiles", "docs", "searchr1"):
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("slurm", "toy"):  # `--profile slurm` / `--profile toy` from the checkout: links to profiles/
+        (dst / name).symlink_to(Path("profiles") / name)
     return dst
 
 
@@ -147,17 +149,33 @@ def snakemake_cmd(*targets: str, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "snakemake", "--profile", "profiles/toy", *targets, *extra]
 
 
-def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """`snakemake ARGS` in ``cwd``, through Snakemake's own command line (snakemake.cli.main) in this process:
-    its exit status and what it prints, without a fresh interpreter importing Snakemake for every call (about
-    1.5 s each; a dry run itself takes a few tenths). For dry runs, lint and rule graphs; the Snakefile's
-    imports of searchr1 are this process's. tests/test_workflow.py runs the command line once as a process."""
+@lru_cache(maxsize=1)
+def pristine_workflow() -> Path:
+    """One copy of the workflow without results per test process: where Snakemake runs when a test names no
+    directory, so that no test reads, or changes, what a user has in the checkout (a finished toy run's results
+    would turn a dry-run into "Nothing to be done")."""
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="searchr1-workflow-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    return copy_workflow(tmp / "wf")
+
+
+def snakemake(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` in ``cwd`` (default: helpers.pristine_workflow()), through Snakemake's own command line
+    (snakemake.cli.main) in this process: its exit status and what it prints, without a fresh interpreter
+    importing Snakemake for every call (about 1.5 s each; a dry run itself takes a few tenths). For dry runs, lint
+    and rule graphs; the Snakefile's imports of searchr1 are this process's. tests/test_workflow.py runs the
+    command line once as a process."""
     import io
     import os
     import sys
 
     from snakemake.cli import main
 
+    cwd = pristine_workflow() if cwd is None else cwd
     out, err = io.StringIO(), io.StringIO()
     here, path = os.getcwd(), list(sys.path)  # Snakemake puts the workflow's folders on sys.path
     os.chdir(cwd)
