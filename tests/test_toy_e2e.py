@@ -50,6 +50,61 @@ def test_rl_beats_base_by_searching(toy_run):
         assert base["searched_at_least_once"] <= 0.1 and rl["searched_at_least_once"] >= 0.9, split
 
 
+def test_the_readme_shows_what_this_run_produced(toy_run):
+    """Every toy figure in the README is one the current code produces: the results table (EM and search rates per
+    split, base and RL) and the model's parameter count."""
+    from test_readme import toy_sentence, toy_table
+    from transformers import AutoModelForCausalLM
+
+    from searchr1.toy.model import count_parameters
+
+    for split, row in toy_table().items():
+        base = load_json(toy_run / f"results/eval/base/{split}.json")
+        rl = load_json(toy_run / f"results/eval/rl/{split}.json")
+        produced = {
+            "base_em": base["em"],
+            "rl_em": rl["em"],
+            "base_searched": base["searched_at_least_once"],
+            "rl_searched": rl["searched_at_least_once"],
+        }
+        assert produced == pytest.approx(row, abs=5e-4), (split, produced, row)
+    model = AutoModelForCausalLM.from_pretrained(toy_run / "data/toy/models/policy_base")
+    assert round(count_parameters(model) / 1e6, 1) == float(toy_sentence()[0])
+
+
+def test_the_tests_pass_in_a_checkout_where_the_toy_dag_has_run(toy_run, tmp_path):
+    """A user runs the README's first command, then the second: the tests that run Snakemake must not read the
+    results in the checkout (a finished run turns a dry-run into "Nothing to be done"), nor change them."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(toy_run, checkout, symlinks=True, ignore=shutil.ignore_patterns("work"))
+    shutil.copytree(ROOT / "tests", checkout / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", checkout / "pyproject.toml")
+    before = {p: p.stat().st_mtime_ns for p in (checkout / "results").rglob("*")}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not slow",
+            "tests/test_full_scale.py",
+            "tests/test_workflow.py",
+            "tests/test_eval_models.py",
+        ],
+        cwd=checkout,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (checkout / "results").rglob("*")} == before
+
+
 def test_reward_curve_rises(toy_run):
     metrics = load_metrics(toy_run / "results/train/metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(len(metrics)))
