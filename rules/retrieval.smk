@@ -1,6 +1,8 @@
 # The retriever's artifacts: corpus (+ offsets), encoder, and the dense index (downloaded or built).
-# The server itself is started by the jobs that need it (train, evaluate, toy warm start): see
-# searchr1/retrieval/managed.py and the README for why this is not a Snakemake service() job.
+# The server itself is started, health-checked and stopped by the jobs that need it (train, evaluate, toy warm
+# start; searchr1/retrieval/managed.py), not run as a Snakemake service() job: Snakemake starts a service's
+# consumers without waiting for it to be ready, and under the SLURM executor a group's jobs run one after the
+# other inside the allocation, so a consumer may never run beside its server.
 
 if not TOY:
 
