@@ -45,6 +45,7 @@ rule evaluate:
                     "train.slime.sglang_mem_fraction_static",
                     "train.slime.container_runtime",
                     "train.slime.image",
+                    "train.slime.env",  # the cluster network's variables (operational)
                 ]
                 if EVAL_SGLANG
                 else []

@@ -15,8 +15,10 @@ if IMAGE:
             "logs/container_image.log",
         benchmark:
             "logs/benchmarks/container_image.tsv"
-        # Light on CPU but needs the registry: runs where Snakemake runs (on SLURM, the login node).
-        localrule: True
+        # apptainer: light on CPU but needs the registry, so it runs where Snakemake runs (on SLURM, the login
+        # node) and writes the .sif to the shared work dir. docker: a job on a compute node, where docker runs
+        # and the image is used; it records the digest every other node pulls (searchr1.container).
+        localrule: SLIME["container_runtime"] == "apptainer"
         conda:
             "../envs/retriever.yaml"
         threads: RES["download"]["cpus"]

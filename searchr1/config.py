@@ -122,15 +122,30 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
                 f"config key 'train.slime.tensor_model_parallel_size': model parallel size {tp} does not divide "
                 f"the {gpus} training GPUs"
             )
-        if slime["rollout_num_gpus"] % slime["rollout_num_gpus_per_engine"]:
+        rollout_gpus = slime["rollout_num_gpus"]
+        if rollout_gpus is None and slime["colocate"]:
+            rollout_gpus = gpus  # resolve_derived fills it in
+        if rollout_gpus is None:
+            problems.append(
+                "config key 'train.slime.rollout_num_gpus': required when train.slime.colocate is false (the "
+                "SGLang GPUs beside the nodes x gpus_per_node training GPUs; slime has no default for it then)"
+            )
+        elif slime["colocate"] and rollout_gpus != gpus:
+            problems.append(
+                f"config key 'train.slime.rollout_num_gpus': {rollout_gpus} colocated rollout GPUs, but training "
+                f"has {gpus} (nodes {slime['nodes']} x gpus_per_node {slime['gpus_per_node']}) and colocated "
+                "rollouts share exactly those GPUs; set it to null (derived) or to that number"
+            )
+        elif rollout_gpus % slime["rollout_num_gpus_per_engine"]:
             problems.append(
                 f"config key 'train.slime.rollout_num_gpus_per_engine': {slime['rollout_num_gpus_per_engine']} "
-                f"does not divide rollout_num_gpus {slime['rollout_num_gpus']}"
+                f"does not divide rollout_num_gpus {rollout_gpus}"
             )
-        if slime["colocate"] and slime["rollout_num_gpus"] > gpus:
+        if slime["container_runtime"] == "docker" and slime["nodes"] > 1:
             problems.append(
-                f"config key 'train.slime.rollout_num_gpus': {slime['rollout_num_gpus']} colocated rollout GPUs "
-                f"exceed the {gpus} training GPUs"
+                f"config key 'train.slime.container_runtime': docker cannot run the {slime['nodes']}-node launch: "
+                "a worker node's container belongs to its docker daemon, not to the SLURM step, so the step can "
+                "neither confine it to the step's GPUs nor stop it when the job ends; use apptainer for multi-node"
             )
     if cfg["scale"] == "toy" and "toy" not in cfg:
         problems.append("config key 'toy': required when scale is 'toy'")
@@ -143,12 +158,16 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def resolve_derived(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Fill the keys whose null means "derived from another key": ``work_dir`` null = ``<data_dir>/work``.
+    """Fill the keys whose null means "derived from another key": ``work_dir`` null = ``<data_dir>/work``;
+    ``train.slime.rollout_num_gpus`` null = ``nodes x gpus_per_node`` under colocate.
 
     Done once here, so every rule declares (and every step reads) the directory actually used.
     """
     if cfg.get("work_dir") is None and "data_dir" in cfg:
         cfg["work_dir"] = f"{cfg['data_dir'].rstrip('/')}/work"
+    slime = cfg.get("train", {}).get("slime")
+    if slime and slime.get("rollout_num_gpus") is None and slime.get("colocate"):
+        slime["rollout_num_gpus"] = slime["nodes"] * slime["gpus_per_node"]
     return cfg
 
 

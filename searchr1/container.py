@@ -9,13 +9,28 @@ anything, which does not fit inside the Ray head's start-up wait. So the workflo
   way resumes from the layers it already has; the conversion's scratch space is ``<work_dir>/images/tmp``
   (``APPTAINER_TMPDIR``: /tmp is often too small). Apptainer prints its own progress to the job's log.
 * docker: ``docker pull <image>`` (the daemon resumes layers itself and keeps them in its own data root, not
-  under work_dir), then the image id is written to ``<file>.docker-id``; the train and evaluation
-  containers run that id, so they run exactly what was pulled.
+  under work_dir), then the image's registry digest reference (``slimerl/slime@sha256:...``) is written to
+  ``<file>.docker-ref``; the train and evaluation containers run that reference with ``--pull missing``.
+  A digest names the exact content that was pulled and, unlike an image *id*, any node can pull it from the
+  registry, so a compute node that lacks the image fetches the same bytes (its daemon caches the layers).
+  The alternative, a ``docker save`` tarball on the shared filesystem, was not chosen: every job on a fresh
+  node would ``docker load`` tens of GB, and docker has no "load unless present" by content. A cluster
+  whose compute nodes cannot reach the registry should use apptainer: its image is one ``.sif`` file on the
+  shared filesystem. On SLURM the docker step runs as a job on a compute node (where docker runs), the
+  apptainer pull on the submit host (which usually has the network).
 * an image that is already a local ``.sif`` file (``train.slime.image: /path/slime.sif``) is linked.
+
+GPUs inside the container are the ones the job was given, never all of the node's: apptainer's ``--nv``
+keeps the host's ``CUDA_VISIBLE_DEVICES`` (apptainer passes the host environment), and docker gets
+``--gpus "device=<ids>"`` from the launching process's ``CUDA_VISIBLE_DEVICES`` (``gpu_devices``), which
+SLURM sets to the job's GPUs and which a caller may narrow further (e.g. to keep slime's Ray head off the
+retriever's GPUs). The cluster-network environment (``train.slime.env``: NCCL_SOCKET_IFNAME and the like)
+enters the container as ``--env`` (apptainer) or ``-e`` (docker) arguments: ``env_args``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -24,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 RUNTIMES = ("apptainer", "docker", "none")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ContainerError(RuntimeError):
@@ -52,7 +68,7 @@ def image_file(slime_cfg: Mapping[str, Any], work_dir: str | Path) -> str | None
         stem = Path(image).name.removesuffix(".sif")
     else:
         stem = image_slug(image)
-    suffix = ".sif" if runtime == "apptainer" else ".docker-id"
+    suffix = ".sif" if runtime == "apptainer" else ".docker-ref"
     return f"{str(work_dir).rstrip('/')}/images/{stem}{suffix}"
 
 
@@ -95,14 +111,33 @@ def fetch_image(slime_cfg: Mapping[str, Any], out: str | Path, *, run=subprocess
     if runtime == "apptainer":
         publish_file(str(out) + ".partial", out)
     else:
-        inspect = run(
-            ["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True, check=False
-        )
-        image_id = (inspect.stdout or "").strip()
-        if inspect.returncode != 0 or not image_id:
-            raise ContainerError(f"docker image inspect {image} failed after the pull: {inspect.stderr}")
-        write_text_atomic(out, image_id + "\n")
+        write_text_atomic(out, docker_digest_ref(image, run=run) + "\n")
     return out
+
+
+def docker_digest_ref(image: str, *, run=subprocess.run) -> str:
+    """The registry digest reference (``repo@sha256:...``) of a pulled docker image: pullable by any node."""
+    inspect = run(
+        ["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", image],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if inspect.returncode != 0:
+        raise ContainerError(f"docker image inspect {image} failed after the pull: {inspect.stderr.strip()}")
+    digests = json.loads(inspect.stdout or "null") or []
+    repo = image.split("@", 1)[0]
+    repo = repo.rsplit(":", 1)[0] if ":" in repo.rsplit("/", 1)[-1] else repo
+    # The digest of the repository asked for, when the image has several names.
+    for ref in digests:
+        if ref.split("@", 1)[0] in (repo, f"docker.io/{repo}", f"docker.io/library/{repo}"):
+            return ref
+    if digests:
+        return digests[0]
+    raise ContainerError(
+        f"docker image {image} has no registry digest (built or loaded locally), so a compute node cannot pull "
+        "it: push it to a registry and set train.slime.image to that name, or use container_runtime apptainer"
+    )
 
 
 def image_ref(slime_cfg: Mapping[str, Any], image_path: str | Path | None) -> str:
@@ -116,6 +151,57 @@ def image_ref(slime_cfg: Mapping[str, Any], image_path: str | Path | None) -> st
         return os.path.abspath(image_path)
     text = Path(image_path).read_text().strip() if Path(image_path).is_file() else ""
     return text or image  # the dry-run preview, before the pull: the image name
+
+
+def gpu_devices(env: Mapping[str, str] | None = None) -> str | None:
+    """The GPUs a docker container may use, as docker's ``device=`` list, from the launching process's env.
+
+    ``CUDA_VISIBLE_DEVICES`` first (SLURM sets it to the step's GPUs; a caller may narrow it), then SLURM's
+    ``SLURM_STEP_GPUS`` / ``SLURM_JOB_GPUS``. None outside SLURM with no GPU variable set: the whole machine
+    (docker's ``all``). Indices are NVML's, as SLURM's gres indices are; with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
+    CUDA numbers the GPUs the same way (its default, fastest first, may differ on mixed-GPU nodes).
+    """
+    env = os.environ if env is None else env
+    for key in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        value = env.get(key)
+        if value is None:
+            continue
+        ids = [d.strip() for d in value.split(",") if d.strip()]
+        if not ids or any(not re.fullmatch(r"[0-9]+|GPU-[0-9A-Fa-f-]+|MIG-[0-9A-Za-z/-]+", d) for d in ids):
+            raise ContainerError(
+                f"{key}={value!r}: no GPU ids a docker container can be given (--gpus device=<ids>); "
+                "the job has no GPUs, or the variable names them in a way docker does not understand"
+            )
+        return ",".join(ids)
+    if env.get("SLURM_JOB_ID"):
+        raise ContainerError(
+            f"inside SLURM job {env['SLURM_JOB_ID']} but neither CUDA_VISIBLE_DEVICES nor SLURM_JOB_GPUS is set: "
+            "the job was given no GPUs, and a docker container would otherwise see every GPU of the node"
+        )
+    return None
+
+
+def env_args(runtime: str, env: Mapping[str, str]) -> list[str]:
+    """``env`` as container arguments: apptainer ``--env K=V``, docker ``-e K=V`` (one argument per variable).
+
+    apptainer parses each ``--env`` value as a pflag string-to-string: one ``=`` in it is a single pair taken
+    verbatim (surrounding double quotes stripped), more than one is read as CSV, so a value holding ``=`` is
+    passed as one CSV-quoted field. Names must be environment variable names; values strings without NUL.
+    """
+    out: list[str] = []
+    for key, value in env.items():
+        if not isinstance(key, str) or not ENV_NAME.match(key):
+            raise ContainerError(f"train.slime.env: {key!r} is not an environment variable name")
+        if not isinstance(value, str) or "\0" in value:
+            raise ContainerError(f"train.slime.env.{key}: the value must be a string without NUL, got {value!r}")
+        pair = f"{key}={value}"
+        if runtime == "docker":
+            out += ["-e", pair]
+        elif runtime == "apptainer":
+            if "=" in value or value.endswith('"') or value.startswith('"'):
+                pair = '"' + pair.replace('"', '""') + '"'
+            out += ["--env", pair]
+    return out
 
 
 def check_absolute(command: Sequence[str], binds: Sequence[str]) -> None:

@@ -201,34 +201,75 @@ def wrap_in_container(
     *,
     name: str | None = None,
     image_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    process_env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """``command`` inside the configured container runtime (apptainer | docker | none).
 
     Every bind is an absolute host directory mounted at the same path, and no argument is a relative path
     (searchr1.container.check_absolute), so the command means the same inside as outside. ``image_file`` is
-    the image the ``container_image`` step pulled (a .sif, or a file holding the docker image id).
+    the image the ``container_image`` step pulled (a .sif, or a file holding the docker digest reference).
+    ``env`` (train.slime.env) is set inside the container. GPUs: the ones of the process that runs the command
+    (``process_env``, default this process's environment: CUDA_VISIBLE_DEVICES, SLURM's GPU variables), see
+    searchr1.container.gpu_devices; apptainer's ``--nv`` honours CUDA_VISIBLE_DEVICES by itself.
     """
-    from searchr1.container import check_absolute, image_ref
+    from searchr1.container import ContainerError, check_absolute, env_args, gpu_devices, image_ref
 
     runtime = slime_cfg["container_runtime"]
     image = slime_cfg["image"]
+    env = dict(env or {})
     if runtime == "none":
         return list(command)
     if not image:
         raise LaunchError(f"train.slime.image is required with container_runtime {runtime!r}")
     check_absolute(command, binds)
     ref = image_ref(slime_cfg, image_file)
+    try:
+        env_flags = env_args(runtime, env)
+        devices = gpu_devices(process_env) if runtime == "docker" else None
+    except ContainerError as exc:
+        raise LaunchError(str(exc)) from exc
     if runtime == "apptainer":
         bind = ",".join(f"{d}:{d}" for d in binds)
-        return ["apptainer", "exec", "--nv", *(["--bind", bind] if bind else []), ref, *command]
+        return ["apptainer", "exec", "--nv", *env_flags, *(["--bind", bind] if bind else []), ref, *command]
     if runtime == "docker":
-        out = ["docker", "run", "--rm", "--gpus", "all", "--ipc=host", "--network", "host", "--shm-size", "16g"]
+        # docker's --gpus value is CSV: a device list with commas must be one quoted field.
+        gpus = "all" if devices is None else f'"device={devices}"'
+        out = ["docker", "run", "--rm", "--pull", "missing", "--gpus", gpus, "--ipc=host", "--network", "host",
+               "--shm-size", "16g", *env_flags]  # fmt: skip
         if name:
             out += ["--name", name]
         for d in binds:
             out += ["-v", f"{d}:{d}"]
         return out + [ref, *command]
     raise LaunchError(f"train.slime.container_runtime {runtime!r}: expected apptainer, docker or none")
+
+
+# Characters a double-quoted POSIX shell word still interprets (see ray_entrypoint).
+_DOUBLE_QUOTE_SPECIAL = ("$", "`", "\\")
+
+
+def ray_entrypoint(argv: Sequence[str]) -> list[str]:
+    """``argv`` as the entrypoint of ``ray job submit``: ``sh -c 'exec <argv, shell-quoted>'``.
+
+    Ray's CLI joins the entrypoint words into one string that the job supervisor runs with
+    ``subprocess.Popen(entrypoint, shell=True)`` (python/ray/dashboard/modules/job/job_supervisor.py). How it
+    joins depends on the Ray version inside the image: ``subprocess.list2cmdline`` (cmd.exe rules; Ray 2.46,
+    python/ray/dashboard/modules/job/cli.py ``submit``), which leaves ``[0:500]`` bare for sh to glob and puts
+    a path with blanks in double quotes, or ``shlex.join`` on POSIX since ray-project/ray#63797 (2026-06),
+    which quotes right. Quoting each word ourselves would be quoted again by the latter. One ``sh -c`` script
+    built with ``shlex.join`` survives both: shlex.join keeps it one single-quoted word; list2cmdline puts
+    it in double quotes, where sh expands only ``$``, backquotes and backslashes, so those are refused.
+    """
+    script = "exec " + shlex.join(str(a) for a in argv)
+    bad = sorted({c for c in _DOUBLE_QUOTE_SPECIAL if c in script})
+    if bad:
+        culprit = next(a for a in argv if any(c in str(a) for c in bad))
+        raise LaunchError(
+            f"slime argument {culprit!r} contains {' '.join(bad)}: `ray job submit` may pass its entrypoint "
+            "through a double-quoted shell word, where these are expanded; rename the path or setting"
+        )
+    return ["sh", "-c", script]
 
 
 def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
@@ -403,8 +444,12 @@ def build_plan(
     binds = _bind_dirs(paths, sl)
     container_name = f"searchr1-slime-{os.getpid()}" if sl["container_runtime"] == "docker" else None
 
+    cluster_env = dict(sl["env"])
+
     def wrap(command: list[str], name: str | None = None) -> list[str]:
-        return wrap_in_container(command, sl, binds, name=name, image_file=paths.image_file)
+        return wrap_in_container(
+            command, sl, binds, name=name, image_file=paths.image_file, env=cluster_env, process_env=env
+        )
 
     head = [
         "ray", "start", "--head", "--node-ip-address", cluster.head_ip, "--port", str(ray_port),
@@ -417,18 +462,26 @@ def build_plan(
                  "--disable-usage-stats", "--block"]  # fmt: skip
         workers.append(["srun", "--nodes=1", "--ntasks=1", "-w", host, *wrap(start)])
 
-    runtime_env = {
-        "env_vars": {
-            "PYTHONPATH": f"{sl['megatron_dir']}:{paths.plugin_pythonpath}",
-            "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-            "PYTHONUNBUFFERED": "1",
-            "MASTER_ADDR": cluster.head_ip,
-        }
+    own_env = {
+        "PYTHONPATH": f"{sl['megatron_dir']}:{paths.plugin_pythonpath}",
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_ADDR": cluster.head_ip,
     }
+    clash = sorted(set(cluster_env) & set(own_env))
+    if clash:
+        raise LaunchError(f"train.slime.env sets {', '.join(clash)}, which the launch sets itself")
+    # The cluster-network variables reach every process of slime's job (Ray applies env_vars to its workers).
+    runtime_env = {"env_vars": {**own_env, **cluster_env}}
     dashboard_url = f"http://{DASHBOARD_HOST}:{dashboard_port}"
+    train_argv = ["python3", f"{sl['slime_dir'].rstrip('/')}/train.py", *recipe_flags(cfg, paths)]
+    if sl["container_runtime"] != "none":
+        from searchr1.container import check_absolute
+
+        check_absolute(train_argv, binds)  # inside the sh -c script below, wrap_in_container cannot see them
     submit = [
         "ray", "job", "submit", "--address", dashboard_url, "--runtime-env-json", json.dumps(runtime_env), "--",
-        "python3", f"{sl['slime_dir'].rstrip('/')}/train.py", *recipe_flags(cfg, paths),
+        *ray_entrypoint(train_argv),
     ]  # fmt: skip
     return LaunchPlan(
         head_start=wrap(head, name=container_name),

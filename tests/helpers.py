@@ -498,3 +498,15 @@ def job_counts(output: str) -> dict[str, int]:
         if m and m.group(1) != "total":
             counts[m.group(1)] = int(m.group(2))
     return counts
+
+
+def entrypoint_argv(submit: list[str]) -> list[str]:
+    """The words slime's train.py starts with, from a ``ray job submit ... -- sh -c 'exec ...'`` command (read
+    back with the shell's own rules, shlex.split)."""
+    import shlex
+
+    i = submit.index("--")
+    assert submit[i + 1 : i + 3] == ["sh", "-c"] and len(submit) == i + 4, submit[i:]
+    words = shlex.split(submit[i + 3])
+    assert words[0] == "exec"
+    return words[1:]

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT, config, snakemake
+from helpers import ROOT, config, entrypoint_argv, snakemake
 
 from searchr1 import budget
 from searchr1.config import load_config
@@ -223,7 +223,7 @@ def test_image_step_commands(tmp_path):
     assert env["APPTAINER_CACHEDIR"] == f"{tmp_path}/work/images/apptainer-cache"  # layers survive a kill
     assert env["APPTAINER_TMPDIR"] == f"{tmp_path}/work/images/tmp"
     docker = {**sl, "container_runtime": "docker"}
-    assert image_file(docker, "w").endswith("images/slimerl_slime_v0.3.1-cu129.docker-id")
+    assert image_file(docker, "w").endswith("images/slimerl_slime_v0.3.1-cu129.docker-ref")
     assert pull_command(docker, "x")[0] == ["docker", "pull", "slimerl/slime:v0.3.1-cu129"]
     assert image_file({**sl, "container_runtime": "none"}, "w") is None
 
@@ -238,7 +238,8 @@ def test_image_step_publishes_only_a_complete_pull(tmp_path):
         if command[:2] == ["apptainer", "pull"]:
             Path(command[3]).write_text("sif")
             return SimpleNamespace(returncode=1 if len(calls) == 1 else 0)
-        return SimpleNamespace(returncode=0, stdout="sha256:abc\n", stderr="")
+        # docker image inspect --format '{{json .RepoDigests}}'
+        return SimpleNamespace(returncode=0, stdout='["slimerl/slime@sha256:abc"]\n', stderr="")
 
     with pytest.raises(ContainerError, match="resumes"):
         fetch_image(sl, out, run=run)
@@ -248,7 +249,7 @@ def test_image_step_publishes_only_a_complete_pull(tmp_path):
     docker = {**sl, "container_runtime": "docker"}
     marker = Path(image_file(docker, tmp_path))
     fetch_image(docker, marker, run=run)
-    assert marker.read_text().strip() == "sha256:abc"
+    assert marker.read_text().strip() == "slimerl/slime@sha256:abc"  # pullable by any node, unlike an id
 
 
 # --- container commands: absolute paths and binds ------------------------------------------------------------
@@ -296,7 +297,7 @@ def test_train_container_commands_use_absolute_paths_and_binds(runtime, tmp_path
                 assert os.path.isabs(arg), arg
     if runtime == "apptainer":
         assert str(image) in plan.submit  # runs the pulled file, not docker://
-    assert "--rollout-num-gpus" in plan.submit
+    assert "--rollout-num-gpus" in entrypoint_argv(plan.submit)
 
 
 @pytest.mark.parametrize("runtime", ["apptainer", "docker"])
@@ -307,15 +308,17 @@ def test_eval_sglang_container_command_uses_absolute_paths_and_binds(runtime, tm
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results/models/rl").mkdir(parents=True)
     cfg = config(train={"slime": {"container_runtime": runtime}})
-    settings = StepSettings.from_params(declare(cfg, "train.slime.container_runtime", "train.slime.image"), step="e")
-    image = tmp_path / "img.docker-id"
-    image.write_text("sha256:feed\n")
+    settings = StepSettings.from_params(
+        declare(cfg, "train.slime.container_runtime", "train.slime.image", "train.slime.env"), step="e"
+    )
+    image = tmp_path / "img.docker-ref"
+    image.write_text("slimerl/slime@sha256:feed\n")
     wrap = sglang_in_container(settings, "results/models/rl", str(image))
     model_abs = str(tmp_path / "results/models/rl")  # what sglang_server passes as --model-path
     command = wrap([sys.executable, "-m", "sglang.launch_server", "--model-path", model_abs, "--port", "1"])
     assert _binds(command) == [model_abs]
     assert command[command.index("--model-path") + 1] == model_abs
-    assert (str(image) if runtime == "apptainer" else "sha256:feed") in command
+    assert (str(image) if runtime == "apptainer" else "slimerl/slime@sha256:feed") in command
     with pytest.raises(ContainerError, match="relative"):
         wrap([sys.executable, "-m", "sglang.launch_server", "--model-path", "results/models/rl"])
 
@@ -466,7 +469,7 @@ def test_every_schema_choice_for_a_slime_flag_is_accepted_by_slime():
 def test_launch_flags_pass_the_checks(which, tmp_path):
     cfg = config() if which == "full" else smoke_config()
     plan = _plan(cfg, tmp_path, "none")
-    flags = plan.submit
+    flags = entrypoint_argv(plan.submit)
     # --rollout-num-gpus before --rollout-num-gpus-per-engine (slime's SGLang pre-parser reads the other order
     # as an abbreviation of the latter)
     assert flags.index("--rollout-num-gpus") < flags.index("--rollout-num-gpus-per-engine")

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import entrypoint_argv
 
 from searchr1.config import load_config
 from searchr1.slime_launch import (
@@ -45,8 +46,7 @@ def paths(tmp: Path, **kw):
 
 
 def train_argv(plan):
-    argv = plan.submit
-    return argv[argv.index("python3") + 2 :]
+    return entrypoint_argv(plan.submit)[2:]
 
 
 def flag(argv, name, n=1):
@@ -193,7 +193,7 @@ def test_runtime_env_and_ray_commands(cfg, tmp_path):
     env = json.loads(flag(s, "--runtime-env-json"))["env_vars"]
     assert env["PYTHONPATH"] == f"/root/Megatron-LM:{ROOT}"
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
-    assert s[s.index("--") + 1 : s.index("--") + 3] == ["python3", "/root/slime/train.py"]
+    assert entrypoint_argv(plan.submit)[:2] == ["python3", "/root/slime/train.py"]
     h = plan.head_start
     assert h[:3] == ["ray", "start", "--head"] and "--disable-usage-stats" in h
     assert flag(h, "--num-gpus") == str(cfg["train"]["slime"]["gpus_per_node"])

@@ -74,6 +74,6 @@ def sglang_in_container(cfg: StepSettings, model_dir: str, image_file: str | Non
     def wrap(command: list[str]) -> list[str]:
         if slime["container_runtime"] != "none":
             command = ["python3", *command[1:]]  # the image's interpreter, not this job's
-        return wrap_in_container(command, slime, binds, image_file=image)
+        return wrap_in_container(command, slime, binds, image_file=image, env=slime["env"])
 
     return wrap

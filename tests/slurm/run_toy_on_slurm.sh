@@ -6,15 +6,18 @@
 # 1. installs SLURM, slurmdbd, munge and MariaDB if missing (Debian/Ubuntu, root) and starts the local
 #    cluster (tests/slurm/setup_local_slurm.sh);
 # 2. copies the workflow into WORKDIR (default: a new temporary directory) and runs
-#      snakemake --profile profiles/slurm --configfile config.yaml config.toy.yaml results/headline.md
+#      snakemake --profile profiles/slurm --configfile config.yaml config.toy.yaml [OVERLAY] results/headline.md
 #    with SBATCH_PARTITION / SBATCH_ACCOUNT set, as a cluster user would (every step but the
-#    `localrule`s becomes an sbatch job);
-# 3. checks with sacct that every job the run submitted is COMPLETED, in that partition and account, that
-#    the heavy rules ran as SLURM jobs and the local rules did not, and writes WORKDIR/sacct.txt (the
-#    table) and WORKDIR/slurm_run.json (wall time, job counts);
+#    `localrule`s becomes an sbatch job). SLURM_TEST_OVERLAY=<file> adds a config overlay (tests/test_slurm.py
+#    passes tests/slurm/config.slurm-test.yaml: the same DAG with less work in each job);
+# 3. derives the expected jobs from the DAG itself (the dry run's job count per rule, taken before the run)
+#    and checks with sacct that every job the run submitted is COMPLETED, in that partition and account;
+#    that each rule ran as many jobs as the DAG has (as SLURM jobs, or on the submit host for those the run
+#    log names `localrule`); that the heavy rules ran as SLURM jobs and `report` did not. Writes
+#    WORKDIR/sacct.txt (the table) and WORKDIR/slurm_run.json (wall time, job counts per rule);
 # 4. stops the daemons it started (set KEEP_SLURM=1 to leave the cluster up for a look around).
 #
-# Exit status 0 only if all of that holds. About 15-25 minutes on 2 cores.
+# Exit status 0 only if all of that holds. About 8 minutes on 2 cores with the test overlay, 15-25 without.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -45,13 +48,30 @@ eval "$("$SETUP" env)"  # SLURM_CONF for the clients below
 # A fresh copy of the workflow, as tests/test_toy_e2e.py makes one: no state from other runs.
 mkdir -p "$WORKDIR"
 cp "$ROOT"/{Snakefile,config.yaml,config.toy.yaml} "$WORKDIR"/
+CONFIGS=(config.yaml config.toy.yaml)
+if [[ -n ${SLURM_TEST_OVERLAY:-} ]]; then
+    cp "$SLURM_TEST_OVERLAY" "$WORKDIR/config.overlay.yaml"
+    CONFIGS+=(config.overlay.yaml)
+fi
 for dir in rules scripts envs profiles docs searchr1; do
     rm -rf "${WORKDIR:?}/$dir"
     cp -r "$ROOT/$dir" "$WORKDIR/$dir"
 done
 find "$WORKDIR" -name __pycache__ -prune -exec rm -rf {} +
 cd "$WORKDIR"
+export PYTHONPATH=$WORKDIR${PYTHONPATH:+:$PYTHONPATH}  # the jobs import the copied package
 log "workflow copied to $WORKDIR"
+
+# The expected jobs, from the DAG: the dry run's "Job stats" table (rule, count) for the same target and configs.
+"$PYTHON" -m snakemake -n --quiet rules --profile profiles/slurm --configfile "${CONFIGS[@]}" -- results/headline.md \
+    >dryrun.out 2>&1 || die "the dry run failed: $(tail -n 20 dryrun.out)"
+declare -A dag_jobs=()
+while read -r rule n; do dag_jobs[$rule]=$n; done < <(
+    awk '/^Job stats:/ {table = 1; n = 0; next} table && /^total/ {table = 0} table && ++n > 2 {print $1, $2}' \
+        dryrun.out
+)
+((${#dag_jobs[@]} > 0)) || die "no job counts in the dry run's output ($WORKDIR/dryrun.out)"
+log "the DAG: $(for r in "${!dag_jobs[@]}"; do printf '%s=%s ' "$r" "${dag_jobs[$r]}"; done)"
 
 # sacct's window: jobs that started from now on. (Whole seconds; sacct has no finer resolution.)
 START=$(date +%Y-%m-%dT%H:%M:%S)
@@ -60,8 +80,8 @@ set +e
 # The first status check after a submission comes after 10 s, not the plugin's 40 s default: the toy's
 # jobs are short, and a real cluster's scheduler would not notice the extra queries of one test run.
 SBATCH_PARTITION=$PARTITION SBATCH_ACCOUNT=$ACCOUNT \
-    "$PYTHON" -m snakemake --profile profiles/slurm --configfile config.yaml config.toy.yaml \
-    --slurm-init-seconds-before-status-checks 10 results/headline.md 2>&1 | tee snakemake.out
+    "$PYTHON" -m snakemake --profile profiles/slurm --configfile "${CONFIGS[@]}" \
+    --slurm-init-seconds-before-status-checks 10 -- results/headline.md 2>&1 | tee snakemake.out
 rc=${PIPESTATUS[0]}
 set -e
 WALL=$SECONDS
@@ -86,11 +106,18 @@ count() {  # count <rule>: SLURM jobs of that rule in this run
     for r in "${rules[@]}"; do [[ $r == "rule_$1" ]] && n=$((n + 1)); done
     echo "$n"
 }
+local_count() {  # local_count <rule>: jobs of that rule Snakemake ran on the submit host ("localrule <rule>:")
+    grep -cx "localrule $1:" snakemake.out || true
+}
 
-cat >slurm_run.json <<EOF
+per_rule=""
+for rule in "${!dag_jobs[@]}"; do
+    per_rule+="${per_rule:+, }\"$rule\": {\"dag\": ${dag_jobs[$rule]}, \"slurm\": $(count "$rule"), \"local\": $(local_count "$rule")}"
+done
+cat >slurm_run.json <<JSON
 {"snakemake_rc": $rc, "wall_time_s": $WALL, "submitted": ${#submitted[@]}, "sacct_jobs": ${#rows[@]},
- "not_completed": ${#bad[@]}, "start": "$START"}
-EOF
+ "not_completed": ${#bad[@]}, "start": "$START", "rules": {$per_rule}}
+JSON
 log "$(cat slurm_run.json)"
 
 ((rc == 0)) || die "snakemake failed (rc $rc); see $WORKDIR/snakemake.out and .snakemake/slurm_logs/"
@@ -98,12 +125,18 @@ log "$(cat slurm_run.json)"
 ((${#rows[@]} > 0)) || die "sacct lists no jobs since $START"
 ((${#rows[@]} == ${#submitted[@]})) || die "sacct lists ${#rows[@]} jobs, snakemake submitted ${#submitted[@]}"
 ((${#bad[@]} == 0)) || die "jobs not COMPLETED in partition $PARTITION / account $ACCOUNT: ${bad[*]}"
-# The heavy steps ran as SLURM jobs, the light ones (localrule) on the submit host.
-for rule in toy_world build_index retriever_check toy_warm_start train export_rl; do
-    (($(count "$rule") == 1)) || die "expected one SLURM job of rule $rule, found $(count "$rule")"
+# Every job of the DAG ran exactly once, as a SLURM job or on the submit host, and no other job ran.
+for rule in "${!dag_jobs[@]}"; do
+    ran=$(($(count "$rule") + $(local_count "$rule")))
+    ((ran == dag_jobs[$rule])) || die "rule $rule: the DAG has ${dag_jobs[$rule]} jobs;" \
+        "the run made $(count "$rule") SLURM + $(local_count "$rule") local"
 done
-(($(count evaluate) == 4)) || die "expected 4 SLURM jobs of rule evaluate, found $(count evaluate)"
-for rule in fetch_encoder prepare_data report; do
-    (($(count "$rule") == 0)) || die "local rule $rule was submitted to SLURM"
+for r in "${rules[@]}"; do
+    [[ -n ${dag_jobs[${r#rule_}]:-} ]] || die "sacct lists a job of $r, which the DAG does not have"
 done
+# The heavy steps ran as SLURM jobs, `report` (a localrule) on the submit host.
+for rule in build_index train export_rl evaluate; do
+    (($(local_count "$rule") == 0 && $(count "$rule") > 0)) || die "rule $rule did not run as SLURM jobs"
+done
+(($(count report) == 0)) || die "local rule report was submitted to SLURM"
 log "OK: the toy DAG ran as ${#rows[@]} SLURM jobs, all COMPLETED, in ${WALL} s; results in $WORKDIR"
