@@ -93,7 +93,10 @@ def _workflow_rules(configfiles: tuple[tuple[Path, str], ...]) -> dict[str, dict
             workdir=ROOT,
         )
         workflow = workflow_api._workflow  # Snakemake's parsed Workflow (rules with their raw params)
-        return {rule.name: dict(rule.params.items()) for rule in workflow.rules}
+        rules = {rule.name: dict(rule.params.items()) for rule in workflow.rules}
+        # the rules that run where Snakemake runs (`localrule: True`), not as cluster jobs
+        rules["__localrules__"] = set(workflow._localrules)
+        return rules
 
 
 def rule_params(rule: str, *configfiles: str) -> dict[str, Any]:
@@ -103,6 +106,12 @@ def rule_params(rule: str, *configfiles: str) -> dict[str, Any]:
     if rule not in rules:
         raise KeyError(f"no rule {rule!r} under {configfiles}: {sorted(rules)}")
     return dict(rules[rule])
+
+
+def local_rules(*configfiles: str) -> set[str]:
+    """The rules marked ``localrule`` under ``configfiles`` (they run on the submit host, never as SLURM jobs)."""
+    paths = [Path(c) if Path(c).is_absolute() else ROOT / c for c in configfiles]
+    return set(_workflow_rules(tuple((path, path.read_text()) for path in paths))["__localrules__"])
 
 
 def run_job_in_fresh_process(

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT, config, entrypoint_argv
+from helpers import ROOT, config, entrypoint_argv, local_rules
 
 from searchr1 import container, slime_launch
 from searchr1.config import ConfigError, load_config
@@ -133,6 +133,15 @@ def test_docker_image_step_records_a_digest_any_node_can_pull(tmp_path):
     command = wrap_in_container(["ray", "status"], sl, [], image_file=str(out), process_env={})
     assert command[command.index("--pull") + 1] == "missing"
     assert command[-3:] == ["slimerl/slime@sha256:222", "ray", "status"]
+
+
+def test_image_step_runs_where_its_runtime_runs(tmp_path):
+    """apptainer pulls on the submit host (network; the .sif lands on the shared filesystem); docker's step is a
+    job on a compute node, where the daemon that will run the image is."""
+    assert "container_image" in local_rules("config.yaml")  # apptainer, the default
+    docker = tmp_path / "docker.yaml"
+    docker.write_text("train: {slime: {container_runtime: docker}}\n")
+    assert "container_image" not in local_rules("config.yaml", str(docker))
 
 
 def _gpus(command: list[str]) -> list[str]:
