@@ -184,9 +184,10 @@ def gpu_devices(env: Mapping[str, str] | None = None) -> str | None:
 def env_args(runtime: str, env: Mapping[str, str]) -> list[str]:
     """``env`` as container arguments: apptainer ``--env K=V``, docker ``-e K=V`` (one argument per variable).
 
-    apptainer parses each ``--env`` value as a pflag string-to-string: one ``=`` in it is a single pair taken
-    verbatim (surrounding double quotes stripped), more than one is read as CSV, so a value holding ``=`` is
-    passed as one CSV-quoted field. Names must be environment variable names; values strings without NUL.
+    apptainer parses each ``--env`` value as a pflag string-to-string (spf13/pflag string_to_string.go ``Set``):
+    one ``=`` in it is a single pair taken verbatim but for surrounding double quotes, more than one is read as
+    a CSV record, so a value holding ``=`` is passed as one CSV-quoted field. Names must be environment variable
+    names; values strings without NUL.
     """
     out: list[str] = []
     for key, value in env.items():
@@ -198,8 +199,10 @@ def env_args(runtime: str, env: Mapping[str, str]) -> list[str]:
         if runtime == "docker":
             out += ["-e", pair]
         elif runtime == "apptainer":
-            if "=" in value or value.endswith('"') or value.startswith('"'):
+            if "=" in value:
                 pair = '"' + pair.replace('"', '""') + '"'
+            elif value.endswith('"'):  # the single-pair form would lose it (strings.Trim), and cannot be quoted
+                raise ContainerError(f"train.slime.env.{key}: apptainer --env cannot pass a value ending in '\"'")
             out += ["--env", pair]
     return out
 

@@ -187,7 +187,13 @@ def test_docker_multi_node_is_refused_before_anything_runs():
 
 # --- 2. the cluster network's environment --------------------------------------------------------------------
 
-NET = {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5_0,mlx5_1", "X_OPTS": "a=b,c"}
+NET = {
+    "NCCL_SOCKET_IFNAME": "ib0",
+    "GLOO_SOCKET_IFNAME": "ib0",
+    "NCCL_IB_HCA": "mlx5_0,mlx5_1",
+    "X_OPTS": 'a=b,"c"',
+    "X_QUOTED": '"front',
+}
 
 
 def _pflag_string_to_string(value: str) -> dict[str, str]:
@@ -213,6 +219,8 @@ def test_cluster_env_reaches_the_runtime_env_and_every_container(tmp_path):
     for command in (plan.head_start, plan.submit):
         pairs = [command[i + 1] for i, a in enumerate(command) if a == "-e"]
         assert dict(p.split("=", 1) for p in pairs) == NET  # docker splits -e at the first '='
+    with pytest.raises(LaunchError, match="X_END.*apptainer --env cannot"):
+        build_plan(with_slime("apptainer", env={"X_END": 'back"'}), paths=paths(tmp_path), env={})
     with pytest.raises(LaunchError, match="PYTHONPATH.*sets itself"):
         build_plan(with_slime(env={"PYTHONPATH": "/x"}), paths=paths(tmp_path), env={})
 
