@@ -182,7 +182,7 @@ def gpu_devices(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def env_args(runtime: str, env: Mapping[str, str]) -> list[str]:
-    """``env`` as container arguments: apptainer ``--env K=V``, docker ``-e K=V`` (one argument per variable).
+    """``env`` as container arguments: apptainer ``--env K=V``, docker ``-e K=V``, none ``K=V`` (for env(1)).
 
     apptainer parses each ``--env`` value as a pflag string-to-string (spf13/pflag string_to_string.go ``Set``):
     one ``=`` in it is a single pair taken verbatim but for surrounding double quotes, more than one is read as
@@ -196,7 +196,9 @@ def env_args(runtime: str, env: Mapping[str, str]) -> list[str]:
         if not isinstance(value, str) or "\0" in value:
             raise ContainerError(f"train.slime.env.{key}: the value must be a string without NUL, got {value!r}")
         pair = f"{key}={value}"
-        if runtime == "docker":
+        if runtime == "none":  # already inside the image: env(1)'s K=V arguments
+            out.append(pair)
+        elif runtime == "docker":
             out += ["-e", pair]
         elif runtime == "apptainer":
             if "=" in value:

@@ -218,17 +218,18 @@ def wrap_in_container(
     runtime = slime_cfg["container_runtime"]
     image = slime_cfg["image"]
     env = dict(env or {})
-    if runtime == "none":
-        return list(command)
-    if not image:
-        raise LaunchError(f"train.slime.image is required with container_runtime {runtime!r}")
-    check_absolute(command, binds)
-    ref = image_ref(slime_cfg, image_file)
     try:
         env_flags = env_args(runtime, env)
         devices = gpu_devices(process_env) if runtime == "docker" else None
     except ContainerError as exc:
         raise LaunchError(str(exc)) from exc
+    if runtime == "none":
+        # already inside the image: the variables through env(1), still one argument each
+        return ["env", *env_flags, *command] if env_flags else list(command)
+    if not image:
+        raise LaunchError(f"train.slime.image is required with container_runtime {runtime!r}")
+    check_absolute(command, binds)
+    ref = image_ref(slime_cfg, image_file)
     if runtime == "apptainer":
         bind = ",".join(f"{d}:{d}" for d in binds)
         return ["apptainer", "exec", "--nv", *env_flags, *(["--bind", bind] if bind else []), ref, *command]

@@ -219,6 +219,10 @@ def test_cluster_env_reaches_the_runtime_env_and_every_container(tmp_path):
     for command in (plan.head_start, plan.submit):
         pairs = [command[i + 1] for i, a in enumerate(command) if a == "-e"]
         assert dict(p.split("=", 1) for p in pairs) == NET  # docker splits -e at the first '='
+    plan = build_plan(with_slime("none", env=dict(NET)), paths=paths(tmp_path), env={})  # already in the image
+    for command in (plan.head_start, plan.submit):
+        assert command[0] == "env" and dict(a.split("=", 1) for a in command[1 : 1 + len(NET)]) == NET
+        assert command[1 + len(NET)] == "ray"
     with pytest.raises(LaunchError, match="X_END.*apptainer --env cannot"):
         build_plan(with_slime("apptainer", env={"X_END": 'back"'}), paths=paths(tmp_path), env={})
     with pytest.raises(LaunchError, match="PYTHONPATH.*sets itself"):
