@@ -12,8 +12,9 @@
 #    passes tests/slurm/config.slurm-test.yaml: the same DAG with less work in each job);
 # 3. derives the expected jobs from the DAG itself (the dry run's job count per rule, taken before the run)
 #    and checks with sacct that every job the run submitted is COMPLETED, in that partition and account;
-#    that each rule ran as many jobs as the DAG has (as SLURM jobs, or on the submit host for those the run
-#    log names `localrule`); that the heavy rules ran as SLURM jobs and `report` did not. Writes
+#    that each rule finished as many jobs as the DAG has (Snakemake's "Finished jobid: N (Rule: <rule>)"), as
+#    SLURM jobs or on the submit host (the `localrule`s); that the heavy rules ran as SLURM jobs and `report`
+#    did not. Writes
 #    WORKDIR/sacct.txt (the table) and WORKDIR/slurm_run.json (wall time, job counts per rule);
 # 4. stops the daemons it started (set KEEP_SLURM=1 to leave the cluster up for a look around).
 #
@@ -106,13 +107,17 @@ count() {  # count <rule>: SLURM jobs of that rule in this run
     for r in "${rules[@]}"; do [[ $r == "rule_$1" ]] && n=$((n + 1)); done
     echo "$n"
 }
-local_count() {  # local_count <rule>: jobs of that rule Snakemake ran on the submit host ("localrule <rule>:")
-    grep -cx "localrule $1:" snakemake.out || true
+finished() {  # finished <rule>: jobs of that rule that finished, SLURM or local ("Finished jobid: N (Rule: <rule>)")
+    grep -cE "^Finished jobid: [0-9]+ \(Rule: $1\)$" snakemake.out || true
+}
+local_count() {  # local_count <rule>: the finished jobs of that rule that were no SLURM job (run on the submit host)
+    echo $(($(finished "$1") - $(count "$1")))
 }
 
 per_rule=""
 for rule in "${!dag_jobs[@]}"; do
-    per_rule+="${per_rule:+, }\"$rule\": {\"dag\": ${dag_jobs[$rule]}, \"slurm\": $(count "$rule"), \"local\": $(local_count "$rule")}"
+    per_rule+="${per_rule:+, }\"$rule\": {\"dag\": ${dag_jobs[$rule]}, \"finished\": $(finished "$rule"),"
+    per_rule+=" \"slurm\": $(count "$rule"), \"local\": $(local_count "$rule")}"
 done
 cat >slurm_run.json <<JSON
 {"snakemake_rc": $rc, "wall_time_s": $WALL, "submitted": ${#submitted[@]}, "sacct_jobs": ${#rows[@]},
@@ -125,11 +130,11 @@ log "$(cat slurm_run.json)"
 ((${#rows[@]} > 0)) || die "sacct lists no jobs since $START"
 ((${#rows[@]} == ${#submitted[@]})) || die "sacct lists ${#rows[@]} jobs, snakemake submitted ${#submitted[@]}"
 ((${#bad[@]} == 0)) || die "jobs not COMPLETED in partition $PARTITION / account $ACCOUNT: ${bad[*]}"
-# Every job of the DAG ran exactly once, as a SLURM job or on the submit host, and no other job ran.
+# Every job of the DAG finished exactly once, no more of a rule ran on SLURM than finished, and no other job ran.
 for rule in "${!dag_jobs[@]}"; do
-    ran=$(($(count "$rule") + $(local_count "$rule")))
-    ((ran == dag_jobs[$rule])) || die "rule $rule: the DAG has ${dag_jobs[$rule]} jobs;" \
-        "the run made $(count "$rule") SLURM + $(local_count "$rule") local"
+    (($(finished "$rule") == dag_jobs[$rule])) \
+        || die "rule $rule: the DAG has ${dag_jobs[$rule]} jobs, $(finished "$rule") finished"
+    (($(local_count "$rule") >= 0)) || die "rule $rule: $(count "$rule") SLURM jobs, only $(finished "$rule") finished"
 done
 for r in "${rules[@]}"; do
     [[ -n ${dag_jobs[${r#rule_}]:-} ]] || die "sacct lists a job of $r, which the DAG does not have"
