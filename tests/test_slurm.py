@@ -46,9 +46,9 @@ def test_toy_dag_completes_under_slurm(tmp_path: Path) -> None:
     # Every job of the DAG finished once, on SLURM or (localrule) on the submit host; sacct lists the SLURM ones.
     assert all(r["finished"] == r["dag"] == r["slurm"] + r["local"] and r["local"] >= 0 for r in rules.values()), rules
     assert run["sacct_jobs"] == run["submitted"] == sum(r["slurm"] for r in rules.values())
-    assert rules["train"] == {"dag": 1, "slurm": 1, "local": 0}
+    assert rules["train"] == {"dag": 1, "finished": 1, "slurm": 1, "local": 0}
     assert rules["evaluate"]["slurm"] == rules["evaluate"]["dag"] > 1
-    assert rules["report"] == {"dag": 1, "slurm": 0, "local": 1}  # a local rule: runs on the submit host
+    assert rules["report"] == {"dag": 1, "finished": 1, "slurm": 0, "local": 1}  # a local rule: the submit host
     table = (workdir / "sacct.txt").read_text()
     assert "rule_train" in table and "rule_evaluate" in table and "COMPLETED" in table
     assert "rule_report" not in table
