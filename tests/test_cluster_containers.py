@@ -298,3 +298,23 @@ def test_rollout_gpus_explicit_without_colocate():
     assert (
         config(train={"slime": {"colocate": False, "rollout_num_gpus": 2}})["train"]["slime"]["rollout_num_gpus"] == 2
     )
+
+
+def test_train_rule_declares_what_the_launch_reads_for_the_cluster(tmp_path):
+    """Through the train rule's own declared params (what the job may read): the env map and the derived rollout
+    GPUs reach the commands the job runs."""
+    from helpers import rule_params
+
+    from searchr1.steps.settings import StepSettings
+    from searchr1.steps.train import slime_preview
+
+    overlay = tmp_path / "cluster.yaml"
+    overlay.write_text("train: {slime: {nodes: 2, env: {NCCL_SOCKET_IFNAME: ib0}}}\n")
+    settings = StepSettings.from_params(rule_params("train", "config.yaml", str(overlay)), step="train")
+    preview = slime_preview(settings, base_model="data/models/policy_base", train_parquet="results/data/train.parquet")
+    submit = next(line for line in preview.splitlines() if " ray job submit " in line)
+    argv = shlex.split(submit)
+    assert argv[argv.index("--env") + 1] == "NCCL_SOCKET_IFNAME=ib0"
+    assert json.loads(flag(argv, "--runtime-env-json"))["env_vars"]["NCCL_SOCKET_IFNAME"] == "ib0"
+    train = entrypoint_argv(argv)
+    assert flag(train, "--rollout-num-gpus") == "8" and flag(train, "--actor-num-nodes") == "2"
