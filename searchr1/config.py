@@ -99,9 +99,20 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
                 f"config key 'eval.splits': split {split!r} is not defined in data.splits "
                 f"({', '.join(cfg['data']['splits'])})"
             )
+    from searchr1.experiments import is_run_model_name, override_problems, train_seeds
+
     for name in ev["models"]:
-        if name in ("base", "rl"):
-            problems.append(f"config key 'eval.models': {name!r} is reserved (the base policy and the RL checkpoint)")
+        if name == "base" or is_run_model_name(name):
+            problems.append(
+                f"config key 'eval.models': {name!r} is reserved (the base policy and the runs' RL checkpoints: "
+                "rl, rl-<experiment>-s<seed>)"
+            )
+    if train["seed"] is not None and train["seed"] not in train_seeds(cfg):
+        problems.append(
+            f"config key 'train.seed': {train['seed']} is set per run from train.seeds (here "
+            f"{train_seeds(cfg)}); list the seeds in train.seeds instead"
+        )
+    problems += override_problems(cfg)
     known = list(dict.fromkeys(["base", "rl", *ev["models"]]))
     for name in ev["compare"]:
         if name not in known:
@@ -168,6 +179,10 @@ def resolve_derived(cfg: dict[str, Any]) -> dict[str, Any]:
     slime = cfg.get("train", {}).get("slime")
     if slime and slime.get("rollout_num_gpus") is None and slime.get("colocate"):
         slime["rollout_num_gpus"] = slime["nodes"] * slime["gpus_per_node"]
+    if cfg["train"]["seed"] is None:  # the first run's seed (each run's config sets its own: searchr1.experiments)
+        from searchr1.experiments import train_seeds
+
+        cfg["train"] = {**cfg["train"], "seed": train_seeds(cfg)[0]}
     return cfg
 
 
