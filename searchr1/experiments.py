@@ -109,8 +109,7 @@ def override_problems(cfg: Mapping[str, Any]) -> list[str]:
     """What is wrong with the experiments' overrides, each naming the experiment and the key."""
     problems = []
     for name, overrides in cfg["experiments"].items():
-        for key in _leaves(overrides, "") if overrides else []:
-            key = key.lstrip(".")
+        for key in override_keys(overrides):
             where = f"config key 'experiments.{name}.{key}'"
             if key.split(".")[0] not in SECTIONS:
                 problems.append(f"{where}: an experiment may change only {', '.join(SECTIONS)} keys")
@@ -144,15 +143,14 @@ def validate_experiments(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [run_config(cfg, run) for run in runs(cfg)]
 
 
-def changed_keys(cfg: Mapping[str, Any], experiment: str) -> list[str]:
-    """The dotted keys experiment ``experiment`` changes (for the report's captions and provenance check)."""
-    overrides = cfg["experiments"][experiment]
+def override_keys(overrides: Mapping[str, Any]) -> list[str]:
+    """The dotted keys an experiment's overrides change."""
     return [k.lstrip(".") for k in _leaves(overrides, "")] if overrides else []
 
 
 def overrides_text(overrides: Mapping[str, Any]) -> str:
     """``key = value, ...`` of an experiment's overrides, or "the config as it is"."""
-    keys = [k.lstrip(".") for k in _leaves(overrides, "")] if overrides else []
+    keys = override_keys(overrides)
     if not keys:
         return "the config as it is"
     values = []
