@@ -39,20 +39,22 @@ RUN_MODELS = [run.model for run in RUNS]
 RUN_DIR = "results" if SINGLE_RUN else "results/runs/{experiment}/seed{seed}"
 RUN_TRAIN_DIR = f"{RUN_DIR}/train"
 RUN_MODEL_DIR = "results/models/rl" if SINGLE_RUN else f"{RUN_DIR}/model"
-RUN_LOG = "" if SINGLE_RUN else "/{experiment}_s{seed}"
+RUN_LOG = "" if SINGLE_RUN else "_{experiment}_s{seed}"  # logs/train_<exp>_s<seed>.log
 # Evaluated models: the base policy, the runs' RL checkpoints, then eval.models in config order (headline rows).
 EVAL_MODELS = config["eval"]["models"]
 MODELS = ["base", *RUN_MODELS, *EVAL_MODELS]
 
 
-def run_of(wildcards):
+def run_of(wildcards, runs=RUNS):
     """The run a job of the train or export_rl rule belongs to (its {experiment} and {seed} wildcards)."""
-    if SINGLE_RUN:
-        return RUNS[0]
-    for run in RUNS:
+    if len(runs) == 1:
+        return runs[0]
+    for run in runs:
         if run.experiment == wildcards.experiment and str(run.seed) == wildcards.seed:
             return run
-    raise WorkflowError(f"no run {wildcards.experiment} seed {wildcards.seed} in experiments x train.seeds")
+    raise WorkflowError(
+        f"no run {wildcards.experiment} seed {wildcards.seed} in experiments x train.seeds"
+    )
 
 
 def run_files(run, pattern):
@@ -62,11 +64,20 @@ def run_files(run, pattern):
 
 def per_run_params(params_of_run):
     """Snakemake params, one per name, each the value of the job's run ({run: params dict}): every run
-    declares its own effective settings, so a changed experiment setting reruns that experiment's runs only."""
+    declares its own effective settings, so a changed experiment setting reruns that experiment's runs only.
+    """
     names = {tuple(p) for p in params_of_run.values()}
     if len(names) != 1:
-        raise WorkflowError("the runs' train jobs declare different settings (an experiment changed a section's shape)")
-    return {name: (lambda wildcards, name=name: params_of_run[run_of(wildcards)][name]) for name in next(iter(names))}
+        raise WorkflowError(
+            "the runs' train jobs declare different settings (an experiment changed a section's shape)"
+        )
+    runs = list(params_of_run)
+    return {
+        name: (
+            lambda wildcards, name=name: params_of_run[run_of(wildcards, runs)][name]
+        )
+        for name in next(iter(names))
+    }
 
 
 class MessageText:
@@ -81,6 +92,8 @@ class MessageText:
 
     def __format__(self, spec):
         return self.text
+
+
 RES = config["resources"]
 TRAIN_RES = config["train"]["resources"]
 EVAL_RES = config["eval"]["resources"]

@@ -6,43 +6,52 @@ EVAL_SGLANG = config["eval"]["engine"] == "sglang"
 
 
 EVAL_KEYS = [
-        "seed",
-        "eval.engine",
-        "eval.max_questions",
-        "eval.batch_size",
-        "work_dir",  # partial results under <work_dir>/eval (operational)
-        *EVAL_AGENT_SETTINGS,
-        *RETRIEVER_SETTINGS,
-        *CLIENT_SETTINGS,
-        # the SGLang server: in the slime image, at training's memory share, tensor parallel over its GPUs
-        *(
-            [
-                "agent.sglang_input",
-                "agent.skip_special_tokens",
-                "eval.resources.gpus",
-                "train.slime.sglang_mem_fraction_static",
-                "train.slime.container_runtime",
-                "train.slime.image",
-                "train.slime.env",  # the cluster network's variables (operational)
-            ]
-            if EVAL_SGLANG
-            else []
-        ),
+    "seed",
+    "eval.engine",
+    "eval.max_questions",
+    "eval.batch_size",
+    "work_dir",  # partial results under <work_dir>/eval (operational)
+    *EVAL_AGENT_SETTINGS,
+    *RETRIEVER_SETTINGS,
+    *CLIENT_SETTINGS,
+    # the SGLang server: in the slime image, at training's memory share, tensor parallel over its GPUs
+    *(
+        [
+            "agent.sglang_input",
+            "agent.skip_special_tokens",
+            "eval.resources.gpus",
+            "train.slime.sglang_mem_fraction_static",
+            "train.slime.container_runtime",
+            "train.slime.image",
+            "train.slime.env",  # the cluster network's variables (operational)
+        ]
+        if EVAL_SGLANG
+        else []
+    ),
 ]
 EVAL_SETTINGS = {run: declare(RUN_CONFIG[run], *EVAL_KEYS) for run in RUNS}
 _SHARED_EVAL_SETTINGS = settings(*EVAL_KEYS)
 if {tuple(p) for p in EVAL_SETTINGS.values()} != {tuple(_SHARED_EVAL_SETTINGS)}:
-    raise WorkflowError("the runs' evaluations declare different settings (an experiment changed a section's shape)")
-EVAL_PARAMS = {
-    name: (
-        lambda wildcards, name=name: (
-            EVAL_SETTINGS[RUN_OF_MODEL[wildcards.model]]
-            if wildcards.model in RUN_OF_MODEL
-            else _SHARED_EVAL_SETTINGS
-        )[name]
+    raise WorkflowError(
+        "the runs' evaluations declare different settings (an experiment changed a section's shape)"
     )
-    for name in _SHARED_EVAL_SETTINGS
-}
+
+
+# (the tables are bound as defaults: a lambda reads the globals of the last workflow parsed in its process)
+def _eval_param(
+    name,
+    by_run=EVAL_SETTINGS,
+    shared=_SHARED_EVAL_SETTINGS,
+    run_of_model=RUN_OF_MODEL,
+):
+    return lambda wildcards: (
+        by_run[run_of_model[wildcards.model]]
+        if wildcards.model in run_of_model
+        else shared
+    )[name]
+
+
+EVAL_PARAMS = {name: _eval_param(name) for name in _SHARED_EVAL_SETTINGS}
 
 
 rule evaluate:

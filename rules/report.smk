@@ -7,7 +7,11 @@ rule report:
     input:
         # every run's files, in the order of searchr1.experiments.runs (experiments, then seeds)
         **(
-            {"curve": [run_files(r, f"{RUN_TRAIN_DIR}/eval_curve.jsonl") for r in RUNS]}
+            {
+                "curve": [
+                    run_files(r, f"{RUN_TRAIN_DIR}/eval_curve.jsonl") for r in RUNS
+                ]
+            }
             if CURVE
             else {}
         ),

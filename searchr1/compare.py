@@ -115,7 +115,9 @@ def difference(
     draws = bootstrap_draws(reference, other, seed=seed, samples=samples)
     out = {}
     for s in reference:
-        est = float(np.mean(np.asarray(other[s], float).mean(axis=1)) - np.mean(np.asarray(reference[s], float).mean(axis=1)))
+        est = float(
+            np.mean(np.asarray(other[s], float).mean(axis=1)) - np.mean(np.asarray(reference[s], float).mean(axis=1))
+        )
         out[s] = est
     out[AVERAGE] = sum(out.values()) / len(reference)
     return {

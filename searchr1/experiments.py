@@ -24,7 +24,14 @@ from searchr1.config import ConfigError, deep_merge, validate_config
 
 SECTIONS = ("reward", "train", "agent")
 # Keys that change a run's shape (its jobs, machines or the seed list), not what it trains: not per experiment.
-FIXED = ("train.backend", "train.seeds", "train.seed", "train.resources", "train.slime.nodes", "train.slime.gpus_per_node")
+FIXED = (
+    "train.backend",
+    "train.seeds",
+    "train.seed",
+    "train.resources",
+    "train.slime.nodes",
+    "train.slime.gpus_per_node",
+)
 MODEL_PREFIX = "rl-"
 _RUN_MODEL = re.compile(r"^rl-(?P<experiment>[A-Za-z][A-Za-z0-9_]*)-s(?P<seed>[0-9]+)$")
 

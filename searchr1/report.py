@@ -683,8 +683,9 @@ def plot_bands(
         color = f"C{i}"
         label = f"{name} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}"
         label += ", range shaded)" if len(runs) > 1 else ")"
-        ax.plot(common, values.mean(axis=0), color=color, linewidth=2, marker="." if len(common) < 30 else None,
-                label=label)
+        ax.plot(
+            common, values.mean(axis=0), color=color, linewidth=2, marker="." if len(common) < 30 else None, label=label
+        )
         if len(runs) > 1:
             ax.fill_between(common, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2)
     _step_axis(ax)
@@ -713,18 +714,28 @@ def render_experiment_plots(
 
     paths: dict[str, Path] = {}
     with_em = bool(series("em_mean"))
-    fig, axes = plt.subplots(1, 2 if with_em else 1, figsize=(FIGSIZE[0] * (2 if with_em else 1), FIGSIZE[1]),
-                             squeeze=False)
-    plot_bands(series("reward_mean"), axes[0][0], ylabel="mean training reward",
-               title="Training reward per rollout step (reward_mean)")
+    fig, axes = plt.subplots(
+        1, 2 if with_em else 1, figsize=(FIGSIZE[0] * (2 if with_em else 1), FIGSIZE[1]), squeeze=False
+    )
+    plot_bands(
+        series("reward_mean"),
+        axes[0][0],
+        ylabel="mean training reward",
+        title="Training reward per rollout step (reward_mean)",
+    )
     if with_em:
-        plot_bands(series("em_mean"), axes[0][1], ylabel="mean exact match",
-                   title="Exact match of the same rollouts (em_mean)")
+        plot_bands(
+            series("em_mean"), axes[0][1], ylabel="mean exact match", title="Exact match of the same rollouts (em_mean)"
+        )
     paths["reward"] = plots_dir / "reward.png"
     _save(fig, paths["reward"])
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    plot_bands(series("response_len_mean"), ax, ylabel="model tokens per response",
-               title="Mean response length per rollout step")
+    plot_bands(
+        series("response_len_mean"),
+        ax,
+        ylabel="model tokens per response",
+        title="Mean response length per rollout step",
+    )
     paths["response_length"] = plots_dir / "response_length.png"
     _save(fig, paths["response_length"])
     if curves is not None:
@@ -733,9 +744,12 @@ def render_experiment_plots(
             by_exp: dict[str, list[tuple[list[float], list[float]]]] = {}
             for run, curve in curves.items():
                 if split in curve:
-                    by_exp.setdefault(run.experiment, []).append(([p[0] for p in curve[split]],
-                                                                  [p[1] for p in curve[split]]))
-            plot_bands(by_exp, ax, ylabel="exact match (greedy)", title=f"Held-out EM during training: {split_name(split)}")
+                    by_exp.setdefault(run.experiment, []).append(
+                        ([p[0] for p in curve[split]], [p[1] for p in curve[split]])
+                    )
+            plot_bands(
+                by_exp, ax, ylabel="exact match (greedy)", title=f"Held-out EM during training: {split_name(split)}"
+            )
             ax.set_ylim(0, 1)
         paths["em_curve"] = plots_dir / "em_curve.png"
         _save(fig, paths["em_curve"])
@@ -797,14 +811,15 @@ def render_experiments_report(
     run_records: dict[Run, dict[str, Any]] = {}
     for ri in runs:
         own = {str(ri.final): provenance.of_json(ri.final)}
-        own.update({str(eval_dir / ri.run.model / f"{s}.json"): metas[(ri.run.model, s)].get("provenance")
-                    for s in splits})
+        own.update(
+            {str(eval_dir / ri.run.model / f"{s}.json"): metas[(ri.run.model, s)].get("provenance") for s in splits}
+        )
         provenance.check_consistent(own)
         changed = override_keys(experiments[ri.run.experiment])
         provenance.check_consistent({**shared_records, **own}, ignore=changed)
         run_records[ri.run] = own
         records.update(own)
-    for name, group in groups.items():
+    for group in groups.values():
         provenance.check_consistent(
             {label: rec for run in group for label, rec in run_records[run].items()}, ignore=["train.seed"]
         )
@@ -880,8 +895,11 @@ def render_experiments_report(
             return {s: [_em_vector(rows[(run.model, s)], ids[s]) for run in groups[name]] for s in splits}
 
         lines += [f"## Difference to `{ref}`", ""]
-        header = ["experiment", *(f"{split_name(s)} ΔEM [95% CI]" for s in splits),
-                  *(["average ΔEM [95% CI]"] if average else [])]
+        header = [
+            "experiment",
+            *(f"{split_name(s)} ΔEM [95% CI]" for s in splits),
+            *(["average ΔEM [95% CI]"] if average else []),
+        ]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name in names[1:]:
             diff = difference(matrices(ref), matrices(name), seed=bootstrap_seed)
@@ -969,4 +987,3 @@ def render_experiments_report(
     if provenance_json is not None:
         write_json_atomic(provenance_json, {"provenance": dict(record), "inputs": records})
     write_text_atomic(out_md, "\n".join(lines))
-

@@ -101,7 +101,10 @@ def test_budget_counts_every_run():
     train_one = next(j for j in jobs(one) if j.rule == "train")
     train_six = next(j for j in jobs(six) if j.rule == "train")
     assert (train_one.count, train_six.count) == (1, 6)
-    evals = {cfg_name: next(j for j in jobs(cfg) if j.rule == "evaluate").count for cfg_name, cfg in (("one", one), ("six", six))}
+    evals = {
+        cfg_name: next(j for j in jobs(cfg) if j.rule == "evaluate").count
+        for cfg_name, cfg in (("one", one), ("six", six))
+    }
     assert evals == {"one": 2 * 2, "six": (1 + 6) * 2}  # base + RL models, x 2 splits
     plan = format_plan(six)
     assert "per run x 6 runs" in plan and "runs: 6 = 2 experiment(s)" in plan
