@@ -19,9 +19,12 @@ from pathlib import Path
 def _load(argv: list[str]) -> dict | None:
     """config.yaml with the files of ``argv`` on top, validated; None (the problems printed) if invalid."""
     from searchr1.config import ConfigError, load_config
+    from searchr1.experiments import validate_experiments
 
     try:
-        return load_config(Path(__file__).resolve().parents[1] / "config.yaml", *argv)
+        cfg = load_config(Path(__file__).resolve().parents[1] / "config.yaml", *argv)
+        validate_experiments(cfg)  # every experiment's merged config, as the workflow checks it
+        return cfg
     except ConfigError as err:
         print(err, file=sys.stderr)
         return None
