@@ -217,7 +217,8 @@ def _train_commands(out: str) -> dict[tuple[str, str], list[str]]:
     for block in out.split("GRPO training (slime)")[1:]:
         line = next(ln for ln in block.splitlines() if "/root/slime/train.py" in ln)
         m = re.search(r"runs/(\w+)/seed(\d+)/", line)
-        words = shlex.split(re.sub(r"runs/\w+/seed\d+/", "runs/<run>/", line))
+        # the run's own directories (checkpoints, custom config, container binds) are named after the run
+        words = shlex.split(re.sub(r"runs/\w+/seed\d+\b", "runs/<run>", line))
         commands[(m.group(1), m.group(2))] = words
     return commands
 
