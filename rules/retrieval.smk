@@ -152,6 +152,8 @@ rule retriever_check:
         "../scripts/retriever_check.py"
 
 
+# The benchmark lives beside the package (benchmarks/retriever/, not installed): the checkout's root goes on
+# PYTHONPATH, so the rule runs from any --directory.
 rule bench_retriever:
     """Benchmark: batched server vs per-request baseline at 1/32/256 concurrent clients (not part of `all`)."""
     output:
@@ -166,4 +168,5 @@ rule bench_retriever:
     resources:
         **job_resources("bench_retriever"),
     shell:
-        "python -m searchr1.retrieval bench --out {output} > {log} 2>&1"
+        "PYTHONPATH={workflow.basedir:q}${{PYTHONPATH:+:$PYTHONPATH}} "
+        "python -m benchmarks.retriever.cpu --out {output} > {log} 2>&1"

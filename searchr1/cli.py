@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 
 def _load(argv: list[str]) -> dict | None:
-    """config.yaml with the files of ``argv`` on top, validated; None (the problems printed) if invalid."""
-    from searchr1.config import ConfigError, load_config
+    """config.yaml (the packaged one) with the files of ``argv`` on top, validated; None (the problems printed)
+    if invalid."""
+    from searchr1.config import ConfigError, default_config
 
     try:
-        return load_config(Path(__file__).resolve().parents[1] / "config.yaml", *argv)
+        return default_config(*argv)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return None

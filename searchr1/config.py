@@ -17,6 +17,10 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.yaml"
+# The recipe's defaults shipped with the package (package data, see pyproject.toml). In a checkout these are
+# symbolic links to the root config.yaml and config.toy.yaml, the files the Snakefile reads and users edit:
+# one source of truth, which a build copies into the wheel, so an installed package never reads a checkout.
+DEFAULTS_DIR = Path(__file__).parent / "defaults"
 
 
 class ConfigError(ValueError):
@@ -243,6 +247,17 @@ def load_config(*paths: str | Path, overrides: Mapping[str, Any] | None = None) 
     if overrides:
         merged = deep_merge(merged, overrides)
     return validate_config(merged)
+
+
+def default_config_paths(*, toy: bool = False) -> list[Path]:
+    """The packaged config.yaml, plus config.toy.yaml on top with ``toy``."""
+    return [DEFAULTS_DIR / "config.yaml", *([DEFAULTS_DIR / "config.toy.yaml"] if toy else [])]
+
+
+def default_config(*paths: str | Path, toy: bool = False) -> dict[str, Any]:
+    """The packaged recipe (the toy's with ``toy``), the files of ``paths`` on top, validated: the defaults of
+    the command-line tools, so a command run by hand and a job of the workflow agree."""
+    return load_config(*default_config_paths(toy=toy), *paths)
 
 
 def config_value(cfg: Mapping[str, Any], key: str) -> Any:

@@ -33,7 +33,7 @@ from test_retrieval_hostile import (
 )
 
 from searchr1.process import managed_process
-from searchr1.retrieval.bench import run_load_sync
+from benchmarks.retriever.loadgen import run_load_sync
 from searchr1.retrieval.frontends import bind_group, rebind_group, resolve_http_workers
 from searchr1.retrieval.server import PortInUseError, bind_socket
 

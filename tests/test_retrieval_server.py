@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from searchr1.retrieval.bench import run_load
+from benchmarks.retriever.loadgen import run_load
 from searchr1.retrieval.corpus import CorpusStore
 from searchr1.retrieval.index import FaissCPUBackend
 from searchr1.retrieval.managed import free_port
@@ -313,7 +313,7 @@ def test_load_generator_survives_a_dead_server() -> None:
 
 
 def test_read_response_parses_status_and_body() -> None:
-    from searchr1.retrieval.bench import _HTTPClientError, _read_response
+    from benchmarks.retriever.loadgen import _HTTPClientError, _read_response
 
     async def parse(raw: bytes) -> tuple[int, bytes]:
         reader = asyncio.StreamReader()
@@ -330,7 +330,7 @@ def test_read_response_parses_status_and_body() -> None:
 
 
 def test_health_stage_timings_add_up(world: World, server: ServerThread) -> None:
-    from searchr1.retrieval.bench import _server_deltas
+    from benchmarks.retriever.cpu import _server_deltas
 
     health = server.url.replace("/retrieve", "/health")
     before = httpx.get(health).json()
@@ -437,7 +437,7 @@ async def _enqueue_bad(worker) -> None:
 
 
 def test_bench_tables_show_ratio_and_stages() -> None:
-    from searchr1.retrieval.bench import markdown_table, stage_table
+    from benchmarks.retriever.cpu import markdown_table, stage_table
 
     def run(c: int, qps: float, batch: float) -> dict:
         return {

@@ -1,5 +1,5 @@
 """Command line of the retriever: ``python -m searchr1.retrieval {serve,build-index,offsets,write-meta,
-download-corpus,download-index,bench,gpu-check} ...``."""
+download-corpus,download-index} ...``. Its benchmarks live beside the package, in benchmarks/retriever/."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ log = logging.getLogger("searchr1.retrieval")
 
 
 def recipe() -> dict:
-    """The seed recipe's retriever settings (config.yaml beside the package): the defaults of the flags below
-    that the workflow config also holds, so a server started by hand and one a job starts agree."""
-    from searchr1.config import load_config
+    """The seed recipe's retriever settings (the packaged config.yaml): the defaults of the flags below that the
+    workflow config also holds, so a server started by hand and one a job starts agree."""
+    from searchr1.config import default_config
 
-    return load_config(Path(__file__).resolve().parents[2] / "config.yaml")["retriever"]
+    return default_config()["retriever"]
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -436,13 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", nargs="*", help="NAME=HEX expected digests")
     p.add_argument("--delete-parts", action="store_true")
     p.set_defaults(func=cmd_download_index)
-
-    from searchr1.retrieval import bench
-
-    bench.add_subcommands(sub)
-    from searchr1.retrieval import gpubench
-
-    gpubench.add_subcommands(sub, recipe())
     return parser
 
 

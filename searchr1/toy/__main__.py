@@ -1,6 +1,6 @@
 """`python -m searchr1.toy {world,tokenizer,model,warmstart}`: the toy world's DAG steps, by hand.
 
-Defaults of the sizes are the toy config's (config.yaml + config.toy.yaml beside the package), read through
+Defaults of the sizes are the toy config's (config.yaml + config.toy.yaml, shipped in the package), read through
 the same ``from_config`` as the DAG, so this command and the workflow cannot disagree.
 """
 
@@ -75,10 +75,9 @@ def cmd_warmstart(args: argparse.Namespace) -> None:
 
 
 def toy_config() -> dict:
-    from searchr1.config import load_config
+    from searchr1.config import default_config
 
-    root = Path(__file__).resolve().parents[2]
-    return load_config(root / "config.yaml", root / "config.toy.yaml")
+    return default_config(toy=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
