@@ -32,8 +32,8 @@ from test_retrieval_hostile import (
     wait_for,
 )
 
-from searchr1.process import managed_process
 from benchmarks.retriever.loadgen import run_load_sync
+from searchr1.process import managed_process
 from searchr1.retrieval.frontends import bind_group, rebind_group, resolve_http_workers
 from searchr1.retrieval.server import PortInUseError, bind_socket
 

@@ -137,9 +137,9 @@ def test_exactness_check_fails_a_backend_that_misses_the_best_hit() -> None:
 
 @pytest.mark.slow
 def test_gpu_bench_runs_every_stage_on_the_cpu(tmp_path) -> None:
-    """`python -m benchmarks.retriever.gpu --device-type cpu` at toy size: the code paths the H200 run takes (fp32 check, floors,
-    variants, encoder, HTTP end to end with front-end processes, worker alone) and the report's shape,
-    including a per-configuration batch wait (WORKERS:PIPELINE:WAIT)."""
+    """`python -m benchmarks.retriever.gpu --device-type cpu` at toy size: the code paths the H200 run takes
+    (fp32 check, floors, variants, encoder, HTTP end to end with front-end processes, worker alone) and the
+    report's shape, including a per-configuration batch wait (WORKERS:PIPELINE:WAIT)."""
     import json
     import subprocess
     import sys
