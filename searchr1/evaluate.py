@@ -403,7 +403,7 @@ def evaluate_split(
     device: str = "cpu",
     sglang_url: str | None = None,
     sglang_input_mode: str = "text",
-    sglang_skip_special_tokens: bool = False,  # slime's default; the workflow passes agent.skip_special_tokens
+    sglang_skip_special_tokens: bool,  # the config's agent.skip_special_tokens (used with engine "sglang")
     partial_dir: str | Path | None = None,
     sglang_wrap: Callable[[list[str]], list[str]] | None = None,
     sglang_tp: int = 1,

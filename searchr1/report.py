@@ -420,7 +420,7 @@ def examples_markdown(
     rows: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
     splits: Sequence[str],
     n_examples: int,
-    compare: Sequence[str] = ("base", "rl"),
+    compare: Sequence[str],
 ) -> str:
     first, second = compare
     a_name, b_name = model_name(first), model_name(second)
@@ -466,12 +466,12 @@ def render_report(
     plots_dir: str | Path,
     scale: str,
     record: Mapping[str, Any],
+    compare: Sequence[str],
     final_path: str | Path | None = None,
     provenance_json: str | Path | None = None,
     curve_path: str | Path | None = None,
     n_examples: int = DEFAULT_EXAMPLES,
     models: Sequence[str] = MODELS,
-    compare: Sequence[str] = ("base", "rl"),
     curve_every: int | None = None,
 ) -> None:
     """Render results/headline.md, the plots and results/examples.md from the eval and training files.

@@ -69,7 +69,8 @@ limits = HttpLimits(max_header_bytes=4096, max_headers=20, keep_alive_timeout_s=
                     body_timeout_s=body_timeout, shutdown_grace_s=grace)
 info = index_info(CorpusStore(world.corpus_path), encoder, backend)
 server = MultiProcessServer(worker, corpus_path=world.corpus_path, info=info,
-                            limits=Limits(topk_max=10, max_queries=300), http_limits=limits, sockets=sockets)
+                            limits=Limits(topk_max=10, default_topk=3, max_queries=300), http_limits=limits,
+                            sockets=sockets)
 sys.exit(server.run())
 """
 

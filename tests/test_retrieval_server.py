@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from helpers import server_kwargs
 
 from benchmarks.retriever.loadgen import run_load
 from searchr1.retrieval.corpus import CorpusStore
@@ -105,6 +106,7 @@ def server(world: World) -> Iterator[ServerThread]:
         world.encoder,
         world.backend,
         topk_max=50,
+        default_topk=3,
         max_queries=64,
         max_query_chars=500,
         max_body_bytes=20_000,
@@ -250,7 +252,7 @@ def test_health_reports_index_and_batching(world: World, server: ServerThread) -
 
 
 def test_per_request_mode_never_batches(world: World) -> None:
-    app = create_app(world.corpus, world.encoder, world.backend, batching=False)
+    app = create_app(world.corpus, world.encoder, world.backend, batching=False, **server_kwargs())
     with ServerThread(app) as s:
         queries = [f"baseline {i}" for i in range(64)]
         results = _slime_style_clients(s.url, queries, 64)
@@ -268,7 +270,7 @@ def test_server_fault_is_a_500_and_the_server_keeps_serving(world: World) -> Non
                 raise RuntimeError("encoder exploded")
             return super().encode_queries(texts)
 
-    app = create_app(world.corpus, FlakyEncoder(), world.backend)
+    app = create_app(world.corpus, FlakyEncoder(), world.backend, **server_kwargs())
     with ServerThread(app) as s:
         assert httpx.post(s.url, json={"queries": ["boom"]}).status_code == 500
         assert httpx.post(s.url, json={"queries": ["fine"], "topk": 2}).status_code == 200
@@ -278,7 +280,7 @@ def test_mismatched_corpus_and_backend_refused(world: World) -> None:
     index = faiss.IndexFlatIP(DIM)
     index.add(world.vectors[:10])
     with pytest.raises(ValueError, match="300 rows but the index has 10"):
-        create_app(world.corpus, world.encoder, FaissCPUBackend(index))
+        create_app(world.corpus, world.encoder, FaissCPUBackend(index), **server_kwargs())
 
 
 # --- the benchmark's load generator (raw asyncio HTTP/1.1): its accounting must be exact -------------

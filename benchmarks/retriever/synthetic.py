@@ -87,10 +87,19 @@ _WORDS = (
 
 def make_e5_shaped_encoder(workdir: Path, device: str, layers: int = 12):
     """Our ``Encoder`` over ``make_e5_shaped_model`` (in fp16 on CUDA)."""
+    from searchr1.config import default_config
     from searchr1.retrieval.encoder import Encoder
 
+    enc = default_config()["retriever"]["encoder"]  # e5-base-v2's text settings, as the seed run serves it
     return Encoder(
-        make_e5_shaped_model(workdir, layers), query_prefix="query: ", passage_prefix="passage: ", device=device
+        make_e5_shaped_model(workdir, layers),
+        query_prefix=enc["query_prefix"],
+        passage_prefix=enc["passage_prefix"],
+        pooling=enc["pooling"],
+        normalize=enc["normalize"],
+        max_length=enc["max_length"],
+        cpu_bf16=enc["cpu_bf16"],
+        device=device,
     )
 
 

@@ -117,8 +117,14 @@ def _add_http_limit_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from searchr1.retrieval.guarded_protocol import UntestedVersionError, check_versions
     from searchr1.retrieval.server import HttpLimits, RetrieverServer, bind_socket, create_app
 
+    try:  # before anything is loaded: the connection limits run on the tested uvicorn/httptools only
+        check_versions()
+    except UntestedVersionError as e:
+        log.error("refusing to start: %s", e)
+        return 2
     try:
         http_limits = HttpLimits(
             max_header_bytes=a.max_header_bytes,
@@ -235,7 +241,13 @@ def _serve_multiprocess(a, sock, corpus, encoder, backend, http_limits, http_wor
         max_batch_chars=a.max_batch_chars,
         pipeline=pipeline,
     )
-    limits = Limits(a.topk_max, a.max_queries, a.max_query_chars, a.max_body_bytes, a.topk)
+    limits = Limits(
+        topk_max=a.topk_max,
+        default_topk=a.topk,
+        max_queries=a.max_queries,
+        max_query_chars=a.max_query_chars,
+        max_body_bytes=a.max_body_bytes,
+    )
     log.info(
         "serving on http://%s:%d/retrieve (backend %s, %d HTTP front ends, %d batch(es) in flight)",
         a.host,
@@ -381,9 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--topk", type=int, default=ret["topk"], help="passages for a request that names no topk (Search-R1's --topk)"
     )
     p.add_argument("--topk-max", type=int, default=ret["topk_max"])
-    p.add_argument("--max-queries", type=int, default=1024, help="most queries per request")
-    p.add_argument("--max-query-chars", type=int, default=4096)
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    from searchr1.retrieval.server import Limits
+
+    # the defaults live in the server, in one place
+    p.add_argument("--max-queries", type=int, default=Limits.max_queries, help="most queries per request")
+    p.add_argument("--max-query-chars", type=int, default=Limits.max_query_chars)
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
     _add_http_limit_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -54,7 +54,9 @@ def toy_warm_start(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_
     out = Path(outputs["_list"][0])
     with ExitStack() as server:
         url = server.enter_context(retriever(cfg, inputs, log_path))
-        search = http_retriever(url, timeout_s=cfg["retriever"]["timeout_s"])
+        search = http_retriever(
+            url, timeout_s=cfg["retriever"]["timeout_s"], max_retries=cfg["retriever"]["max_retries"]
+        )
 
         def retrieve_then_stop_server(queries: list[str], topk: int) -> list[list[dict]]:
             # make_demos retrieves every demo's passages in this one call; stopping the server before the
