@@ -473,3 +473,50 @@ def test_bench_tables_show_ratio_and_stages() -> None:
     assert "| fp32 | 1,000 | 256 | 10.0 | 125.0 | 12.5x |" in markdown_table(report)
     stages = stage_table(report)
     assert "| fp32 | 1,000 | batching | 200 | 1.0 | 2.0 | 0.01 | 5.0 | 1.00 | 0.20 |" in stages
+
+
+# --- the served OpenAPI schema documents what the server answers ------------------------------------------
+
+
+def test_openapi_declares_every_answer_and_the_running_servers_limits(world: World, server: ServerThread) -> None:
+    """The schema a client reads (/openapi.json) carries this server's limits as JSON-schema constraints and
+    every status /retrieve answers; real answers at and past each limit validate against what it declares."""
+    import jsonschema
+
+    base = server.url.removesuffix("/retrieve")
+    schema = httpx.get(base + "/openapi.json").json()
+    post = schema["paths"]["/retrieve"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    limits = server.server.config.app.state.limits
+    assert body["properties"]["topk"]["maximum"] == limits.topk_max == 50
+    assert body["properties"]["topk"]["default"] == limits.default_topk == 3
+    assert body["properties"]["queries"]["maxItems"] == limits.max_queries == 64
+    assert body["properties"]["queries"]["items"]["maxLength"] == limits.max_query_chars == 500
+    assert str(limits.max_body_bytes) in post["description"]
+    assert set(post["responses"]) == {"200", "400", "408", "413", "415", "422", "431", "500"}
+    assert set(schema["paths"]["/health"]["get"]["responses"]) == {"200"}
+
+    def declared(status: int) -> dict:
+        return post["responses"][str(status)]["content"]["application/json"]["schema"]
+
+    def answer(payload: dict) -> httpx.Response:
+        return httpx.post(server.url, json=payload, timeout=10)
+
+    ok = answer({"queries": ["q"], "topk": limits.topk_max})
+    assert ok.status_code == 200 and len(ok.json()["result"][0]) == limits.topk_max
+    jsonschema.validate(ok.json(), declared(200))
+    jsonschema.validate(answer({"queries": ["q"], "return_scores": True}).json(), declared(200))
+    for bad in (
+        {"queries": ["q"], "topk": limits.topk_max + 1},
+        {"queries": ["q"] * (limits.max_queries + 1)},
+        {"queries": ["x" * (limits.max_query_chars + 1)]},
+    ):
+        r = answer(bad)
+        assert r.status_code == 422, r.text
+        jsonschema.validate(r.json(), declared(422))
+        jsonschema.validate(bad, {"not": body})  # the declared body schema refuses it too
+    big = httpx.post(
+        server.url, content=b"x" * (limits.max_body_bytes + 1), headers={"content-type": "application/json"}
+    )
+    assert big.status_code == 413
+    jsonschema.validate(big.json(), declared(413))

@@ -579,8 +579,23 @@ def _json_response(payload: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
 
 
+# Every status /retrieve answers, and why (the served OpenAPI schema lists them; a test checks it against the
+# server's answers). 431 and the header 408 come from the connection layer (guarded_protocol), with the same body.
+RETRIEVE_ERRORS = {
+    400: "malformed JSON body or Content-Length header",
+    408: "headers not complete within header_timeout_s, or body within body_timeout_s (the connection is closed)",
+    413: "body larger than max_body_bytes",
+    415: "Content-Type is not application/json",
+    422: "the body is JSON but not a valid request: `detail` names the field and the limit it breaks "
+    "(queries missing, empty, over maxItems or a query over maxLength; topk not an integer in [1, maximum]; "
+    "return_scores not a boolean)",
+    431: "request line and headers over max_header_bytes, or more than max_headers header fields",
+}
+
+
 def _retrieve_openapi(limits: Limits) -> dict:
-    """The /retrieve body as JSON Schema (the handler parses raw bytes, so FastAPI cannot derive it)."""
+    """/retrieve's request body, answers and limits as OpenAPI (the handler parses raw bytes, so FastAPI cannot
+    derive them): the limits of this server are the schema's constraints (maxItems, maxLength, maximum)."""
     query = {"type": "string", "minLength": 1, "maxLength": limits.max_query_chars, "pattern": r"\S"}
     body = {
         "type": "object",
@@ -591,15 +606,43 @@ def _retrieve_openapi(limits: Limits) -> dict:
             "return_scores": {"type": "boolean", "default": False},
         },
     }
-    error = {
-        "description": "the request is wrong; `detail` names the problem",
-        "content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}},
+    passage = {"type": "object", "required": ["contents"], "properties": {"contents": {"type": "string"}}}
+    scored = {
+        "type": "object",
+        "required": ["document", "score"],
+        "properties": {"document": passage, "score": {"type": "number"}},
+    }
+    result = {
+        "type": "object",
+        "required": ["result"],
+        "properties": {
+            "result": {
+                "type": "array",
+                "description": "one list of at most topk hits per query, best first",
+                "items": {"type": "array", "items": {"anyOf": [passage, scored]}},
+            }
+        },
+    }
+    detail = {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}
+    errors = {
+        str(status): {"description": why, "content": {"application/json": {"schema": detail}}}
+        for status, why in RETRIEVE_ERRORS.items()
     }
     return {
+        "description": f"A request body of at most {limits.max_body_bytes} bytes (413 beyond).",
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
         "responses": {
-            "200": {"description": "`result`: one list of hits per query"},
-            **{str(c): error for c in (400, 408, 413, 415, 422)},
+            "200": {
+                "description": "`result`: one list of hits per query (corpus rows; {document, score} with "
+                "return_scores)",
+                "content": {"application/json": {"schema": result}},
+            },
+            **errors,
+            "500": {
+                "description": "a server fault (encoder, index or corpus): this request fails, the server keeps "
+                "serving",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
         },
     }
 
