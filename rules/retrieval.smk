@@ -153,7 +153,7 @@ rule retriever_check:
 
 
 # The benchmark lives beside the package (benchmarks/retriever/, not installed): the checkout's root goes on
-# PYTHONPATH, so the rule runs from any --directory.
+# PYTHONPATH (params.checkout: a path, not a setting), so the rule runs from any --directory.
 rule bench_retriever:
     """Benchmark: batched server vs per-request baseline at 1/32/256 concurrent clients (not part of `all`)."""
     output:
@@ -167,6 +167,8 @@ rule bench_retriever:
     threads: RES["bench_retriever"]["cpus"]
     resources:
         **job_resources("bench_retriever"),
+    params:
+        checkout=workflow.basedir,
     shell:
-        "PYTHONPATH={workflow.basedir:q}${{PYTHONPATH:+:$PYTHONPATH}} "
+        "PYTHONPATH={params.checkout:q}${{PYTHONPATH:+:$PYTHONPATH}} "
         "python -m benchmarks.retriever.cpu --out {output} > {log} 2>&1"
