@@ -45,34 +45,60 @@ def slime_paths(
     }
 
 
-def _planned_retriever_url(cfg: StepSettings) -> str:
+def retriever_host(cfg: StepSettings, head_ip: str) -> str:
+    """The address the train job's own retriever binds (and slime is given): ``retriever.host``, except with
+    ``train.slime.nodes > 1``, where a loopback or wildcard host becomes the head node's address in the
+    allocation (``head_ip``, the one Ray's head uses).
+
+    slime calls the retriever from its RolloutManager Ray actor, which Ray may place on any node: 127.0.0.1
+    would be another machine there, and 0.0.0.0 is no address to call. Binding the head's routable address
+    makes the retriever reachable from every node of the allocation (and from whatever else reaches that
+    network: docs/cluster.md).
+    """
+    from searchr1.slime_launch import is_loopback
+
+    host = cfg["retriever"]["host"]
+    if cfg["train"]["backend"] != "slime" or int(cfg["train"]["slime"]["nodes"]) <= 1:
+        return host
+    return head_ip if is_loopback(host) or host in ("0.0.0.0", "::", "") else host
+
+
+def _planned_retriever_url(cfg: StepSettings, head_ip: str) -> str:
     ret = cfg["retriever"]
     if ret["url"]:
         return ret["url"]
     port = ret["port"] or "<free port>"
-    return f"http://{ret['host']}:{port}/retrieve"
+    return f"http://{retriever_host(cfg, head_ip)}:{port}/retrieve"
+
+
+def slime_cluster(cfg: StepSettings, env=None):
+    """The allocation's head and workers (``searchr1.slime_launch.cluster_from_env``) for the train job."""
+    from searchr1.slime_launch import cluster_from_env
+
+    return cluster_from_env(int(cfg["train"]["slime"]["nodes"]), os.environ if env is None else env)
 
 
 def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str, image_file: str | None = None) -> str:
     """The commands the slime train job will run, for `snakemake -n` (same builder as the job itself)."""
     from searchr1.slime_launch import build_plan
 
+    nodes = int(cfg["train"]["slime"]["nodes"])
+    # The allocation's nodes are known only inside the SLURM job: the preview names them <node1>, <node2>, ...
+    placeholders = [f"<node{i + 1}>" for i in range(nodes)]
     paths = slime_paths(
         cfg,
         base_model=base_model,
         train_parquet=train_parquet,
-        retriever_url=_planned_retriever_url(cfg),
+        retriever_url=_planned_retriever_url(cfg, f"<ip of {placeholders[0]}>"),
         image_file=image_file,
     )
-    nodes = int(cfg["train"]["slime"]["nodes"])
-    # The allocation's nodes are known only inside the SLURM job: the preview names them <node1>, <node2>, ...
-    placeholders = [f"<node{i + 1}>" for i in range(nodes)]
     plan = build_plan(
         cfg,
         paths=paths,
-        env={"SLURM_JOB_NODELIST": ",".join(placeholders)} if nodes > 1 else {},
+        env={"SLURM_JOB_NODELIST": ",".join(placeholders), "SLURM_JOB_ID": "<job>"} if nodes > 1 else {},
         expand_hostnames=lambda _: placeholders,
         resolve_ip=lambda host: f"<ip of {host}>",
+        pick_port=lambda: "<free port>",
     )
     return plan.to_shell()
 
@@ -137,7 +163,10 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
     require_free_disk(cfg, "train", work)  # before anything starts: checkpoints at the configured retention
     backend = cfg["train"]["backend"]
     curve = bool(cfg["eval"]["interval"])
-    with retriever(cfg, inputs, log_path) as url:
+    # slime on several nodes: the retriever binds the head's address in the allocation (retriever_host)
+    cluster = slime_cluster(cfg) if backend == "slime" else None
+    host = retriever_host(cfg, cluster.head_ip) if cluster else None
+    with retriever(cfg, inputs, log_path, host=host) as url:
         if backend == "torch":
             from searchr1.grpo.settings import GRPOSettings
             from searchr1.grpo.trainer import train_grpo
