@@ -39,8 +39,9 @@ def ray_nodes(dashboard_url: str, timeout_s: float = 5.0) -> list[dict[str, Any]
     import httpx
 
     try:
-        r = httpx.get(f"{dashboard_url}/api/v0/nodes", params={"limit": 10000, "detail": 1}, timeout=timeout_s,
-                      trust_env=False)  # fmt: skip
+        r = httpx.get(
+            f"{dashboard_url}/api/v0/nodes", params={"limit": 10000, "detail": 1}, timeout=timeout_s, trust_env=False
+        )
         r.raise_for_status()
         return list(r.json()["data"]["result"]["result"])
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -137,8 +138,14 @@ def preflight(
             log.write(f"# pre-flight on {check.host}: {check.command}\n".encode())
             log.flush()
             try:
-                done = run(check.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                           timeout=timeout_s, check=False)  # fmt: skip
+                done = run(
+                    check.command,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    timeout=timeout_s,
+                    check=False,
+                )
             except subprocess.TimeoutExpired:
                 failures.append(f"{check.host}: the check did not finish within {timeout_s:g} s")
                 continue

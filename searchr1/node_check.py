@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=10.0)
     args = ap.parse_args(argv)
     failures = [
-        f
-        for f in (check_retriever(args.url, args.timeout_s), check_shared_dir(args.dir, args.token, args.node))
-        if f
+        f for f in (check_retriever(args.url, args.timeout_s), check_shared_dir(args.dir, args.token, args.node)) if f
     ]
     for failure in failures:
         print(f"pre-flight on node {args.node} ({socket.gethostname()}): {failure}", file=sys.stderr)

@@ -187,8 +187,16 @@ def srun_prefix(resources: Mapping[str, Any], gpus_per_node: int) -> Callable[[s
     mem_mb = int(resources["mem_mb"])
 
     def prefix(host: str) -> list[str]:
-        out = ["srun", "--nodes=1", "--ntasks=1", "-w", host, "--overlap", f"--cpus-per-task={cpus}",
-               f"--mem={mem_mb}M"]  # fmt: skip
+        out = [
+            "srun",
+            "--nodes=1",
+            "--ntasks=1",
+            "-w",
+            host,
+            "--overlap",
+            f"--cpus-per-task={cpus}",
+            f"--mem={mem_mb}M",
+        ]
         if gpus_per_node:
             out.append(f"--gres=gpu:{gpus_per_node}")
         return out
@@ -239,8 +247,10 @@ class LaunchPlan:
         lines = [shlex.join(self.head_start) + " &"]
         lines += [shlex.join(w) + " &" for w in self.worker_starts]
         if self.worker_starts:
-            lines.append(f"# wait until {1 + len(self.worker_starts)} nodes with {self.gpus_per_node} GPUs each "
-                         f"have joined (at most {self.join_timeout_s:g} s), then the pre-flight on every node:")  # fmt: skip
+            lines.append(
+                f"# wait until {1 + len(self.worker_starts)} nodes with {self.gpus_per_node} GPUs each "
+                f"have joined (at most {self.join_timeout_s:g} s), then the pre-flight on every node:"
+            )
         lines += [shlex.join(c.command) for c in self.node_checks]
         lines.append(shlex.join(self.submit))
         if self.stop:
@@ -541,7 +551,8 @@ def build_plan(
     if pick_port is None:
         pick_port = lambda: free_port("0.0.0.0")  # noqa: E731
     ray_port, dashboard_port, client_port, agent_port = (
-        sl[key] or pick_port() for key in ("ray_port", "dashboard_port", "ray_client_server_port", "dashboard_agent_port")
+        sl[key] or pick_port()
+        for key in ("ray_port", "dashboard_port", "ray_client_server_port", "dashboard_agent_port")
     )
     gpus = str(sl["gpus_per_node"])
     temp_dir = ray_temp_dir(env)
@@ -708,7 +719,9 @@ def run_plan(
         hosts = plan.worker_hosts or [f"worker {i + 1}" for i in range(len(plan.worker_starts))]
         workers = []
         for host, worker in zip(hosts, plan.worker_starts):
-            workers.append((host, started.enter_context(managed_process(worker, name=f"Ray worker on {host}", **common))))
+            workers.append(
+                (host, started.enter_context(managed_process(worker, name=f"Ray worker on {host}", **common)))
+            )
         if plan.worker_hosts:
             wait_for_nodes(
                 plan.dashboard_url,
@@ -721,8 +734,13 @@ def run_plan(
             )
         if plan.node_checks:
             assert plan.preflight_dir is not None
-            preflight(plan.node_checks, plan.preflight_dir, plan.preflight_token, timeout_s=plan.preflight_timeout_s,
-                      log_path=log_path)  # fmt: skip
+            preflight(
+                plan.node_checks,
+                plan.preflight_dir,
+                plan.preflight_token,
+                timeout_s=plan.preflight_timeout_s,
+                log_path=log_path,
+            )
         submit = started.enter_context(
             managed_process(plan.submit, name="ray job submit", stdout=subprocess.PIPE, **common)
         )
@@ -744,19 +762,28 @@ def run_plan(
             rc = submit.wait()
         if watch.exited:
             name, code = watch.exited
-            raise ClusterError(f"{name} exited with status {code} while slime ran; last lines of {log_path}:\n"
-                               + log_tail(log_path))  # fmt: skip
+            raise ClusterError(
+                f"{name} exited with status {code} while slime ran; last lines of {log_path}:\n" + log_tail(log_path)
+            )
         return rc
 
 
 def _stop_job_ray(plan: LaunchPlan, log_path: Path) -> None:
     with open(log_path, "ab") as log:
         if plan.stop:
-            subprocess.run(list(plan.stop), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                           check=False, timeout=120)  # fmt: skip
+            subprocess.run(
+                list(plan.stop),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                check=False,
+                timeout=120,
+            )
         if plan.ray_temp_dir:
             stopped = stop_job_ray(plan.ray_temp_dir)
-            log.write(f"# stopped {len(stopped)} leftover process(es) of this job's Ray ({plan.ray_temp_dir})\n".encode())
+            log.write(
+                f"# stopped {len(stopped)} leftover process(es) of this job's Ray ({plan.ray_temp_dir})\n".encode()
+            )
 
 
 # --------------------------------------------------------------------------------------------------

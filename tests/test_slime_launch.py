@@ -220,8 +220,9 @@ def test_ray_ports_default_to_free_ports_picked_at_launch(cfg, tmp_path):
         return 40000 + len(picked)
 
     h = build_plan(c, paths=paths(tmp_path), env={}, pick_port=pick).head_start
-    assert [flag(h, f) for f in ("--port", "--dashboard-port", "--ray-client-server-port",
-                                 "--dashboard-agent-listen-port")] == ["40001", "40002", "40003", "40004"]  # fmt: skip
+    assert [
+        flag(h, f) for f in ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port")
+    ] == ["40001", "40002", "40003", "40004"]
     a, b = (build_plan(c, paths=paths(tmp_path), env={}).head_start for _ in range(2))
     ports = [int(flag(x, "--port")) for x in (a, b)] + [int(flag(x, "--dashboard-port")) for x in (a, b)]
     assert all(p > 19999 or p < 10002 for p in ports)  # never inside Ray's worker port range
@@ -277,8 +278,18 @@ def test_multi_node_workers_from_slurm_nodelist(cfg, tmp_path):
     for host, w in zip(["gpu08", "gpu09"], plan.worker_starts):
         # the worker step asks for its node's share of the job: CPUs, memory, GPUs (SLURM >= 22.05 steps
         # no longer inherit --cpus-per-task)
-        assert w[:10] == ["srun", "--nodes=1", "--ntasks=1", "-w", host, "--overlap",
-                          f"--cpus-per-task={res['cpus']}", f"--mem={res['mem_mb']}M", "--gres=gpu:4", "ray"]  # fmt: skip
+        assert w[:10] == [
+            "srun",
+            "--nodes=1",
+            "--ntasks=1",
+            "-w",
+            host,
+            "--overlap",
+            f"--cpus-per-task={res['cpus']}",
+            f"--mem={res['mem_mb']}M",
+            "--gres=gpu:4",
+            "ray",
+        ]
         assert w[10:12] == ["start", "--address"] and flag(w, "--address") == f"10.0.0.7:{port}"
         assert flag(w, "--resources") == json.dumps({f"searchr1_node:{host}": 1})
     assert plan.gpus_per_node == 4 and plan.join_timeout_s == c["train"]["slime"]["join_timeout_s"]

@@ -71,11 +71,12 @@ def _planned_retriever_url(cfg: StepSettings, head_ip: str) -> str:
     return f"http://{retriever_host(cfg, head_ip)}:{port}/retrieve"
 
 
-def slime_cluster(cfg: StepSettings, env=None):
-    """The allocation's head and workers (``searchr1.slime_launch.cluster_from_env``) for the train job."""
+def slime_cluster(cfg: StepSettings, env: Mapping[str, str] | None = None, **resolve: Any):
+    """The allocation's head and workers (``searchr1.slime_launch.cluster_from_env``, ``resolve``: its
+    ``expand_hostnames`` / ``resolve_ip``) for the train job."""
     from searchr1.slime_launch import cluster_from_env
 
-    return cluster_from_env(int(cfg["train"]["slime"]["nodes"]), os.environ if env is None else env)
+    return cluster_from_env(int(cfg["train"]["slime"]["nodes"]), os.environ if env is None else env, **resolve)
 
 
 def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str, image_file: str | None = None) -> str:
@@ -183,38 +184,7 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
             )
             final = {"backend": "torch", "hf_dir": str(summary["export_dir"]), "steps": summary["steps"]}
         else:
-            from searchr1.retention import RetentionWatcher
-            from searchr1.slime_launch import build_plan, final_hf_checkpoint, run_plan, write_custom_config
-
-            paths = slime_paths(
-                cfg,
-                base_model=inputs["base"],
-                train_parquet=inputs["train"],
-                retriever_url=url,
-                image_file=inputs.get("image"),
-            )
-            if curve:
-                paths["eval_prompt_data"] = dict(zip(cfg["eval"]["splits"], inputs["splits"]))
-            write_custom_config(
-                paths["custom_config_path"], cfg, url, paths["metrics_path"], paths["eval_metrics_path"]
-            )
-            plan = build_plan(cfg, paths=paths, env=os.environ)
-            # Retention: prune before slime starts (a kill between a save and its prune leaves one too many)
-            # and after every save while it trains (searchr1.retention).
-            with RetentionWatcher(
-                paths["save_dir"],
-                paths["save_hf_dir"],
-                keep=cfg["train"]["keep_checkpoints"],
-                hf_interval=cfg["train"]["save_hf_interval"],
-            ):
-                rc = run_plan(plan, log_path.with_suffix(".slime.log") if log_path else "logs/train.slime.log")
-            if rc != 0:
-                raise RuntimeError(f"slime training exited with status {rc}; see the slime log beside {log_path}")
-            final = {
-                "backend": "slime",
-                "hf_dir": str(final_hf_checkpoint(paths["save_hf_dir"])),
-                "steps": cfg["train"]["num_rollout"],
-            }
+            final = train_slime(cfg, inputs, url, log_path)
     copy_file_atomic(work / "metrics.jsonl", Path(outputs["metrics"]))
     if outputs.get("curve"):  # declared when eval.interval turns the learning curve on
         curve_path = work / "eval_curve.jsonl"
@@ -224,6 +194,45 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
             write_text_atomic(Path(outputs["curve"]), "")
     final["provenance"] = record
     write_json_atomic(outputs["final"], final)
+
+
+def train_slime(
+    cfg: StepSettings, inputs: Mapping[str, Any], url: str, log_path: Path | None, **launch: Any
+) -> dict[str, Any]:
+    """Run slime (``searchr1.slime_launch``) against the retriever at ``url``; the final HF export, checked.
+
+    ``launch`` goes to ``build_plan`` (the two-node test: ``node_prefix``, ``expand_hostnames``, ``resolve_ip``).
+    """
+    from searchr1.retention import RetentionWatcher
+    from searchr1.slime_launch import build_plan, final_hf_checkpoint, run_plan, write_custom_config
+
+    paths = slime_paths(
+        cfg,
+        base_model=inputs["base"],
+        train_parquet=inputs["train"],
+        retriever_url=url,
+        image_file=inputs.get("image"),
+    )
+    if cfg["eval"]["interval"]:  # the learning curve inside training
+        paths["eval_prompt_data"] = dict(zip(cfg["eval"]["splits"], inputs["splits"]))
+    write_custom_config(paths["custom_config_path"], cfg, url, paths["metrics_path"], paths["eval_metrics_path"])
+    plan = build_plan(cfg, paths=paths, env=os.environ, **launch)
+    # Retention: prune before slime starts (a kill between a save and its prune leaves one too many)
+    # and after every save while it trains (searchr1.retention).
+    with RetentionWatcher(
+        paths["save_dir"],
+        paths["save_hf_dir"],
+        keep=cfg["train"]["keep_checkpoints"],
+        hf_interval=cfg["train"]["save_hf_interval"],
+    ):
+        rc = run_plan(plan, log_path.with_suffix(".slime.log") if log_path else "logs/train.slime.log")
+    if rc != 0:
+        raise RuntimeError(f"slime training exited with status {rc}; see the slime log beside {log_path}")
+    return {
+        "backend": "slime",
+        "hf_dir": str(final_hf_checkpoint(paths["save_hf_dir"])),
+        "steps": cfg["train"]["num_rollout"],
+    }
 
 
 def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, work: Path):

