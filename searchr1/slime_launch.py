@@ -223,15 +223,14 @@ class LaunchPlan:
     make_dirs: list[str]
     save_dir: str
     metrics_path: str
+    gpus_per_node: int  # the GPUs every node must bring before the job is submitted
+    join_timeout_s: float  # how long to wait for them, and for each node's pre-flight (multi-node)
     worker_hosts: list[str] = field(default_factory=list)  # one per worker_starts entry
     head_host: str = "localhost"
-    gpus_per_node: int = 0  # the GPUs every node must bring before the job is submitted
-    join_timeout_s: float = 0.0  # how long to wait for them (multi-node)
     ray_temp_dir: str | None = None  # this job's Ray --temp-dir: what is left under it is this job's
     node_checks: list[NodeCheck] = field(default_factory=list)  # the pre-flight, head first (multi-node)
     preflight_dir: str | None = None
     preflight_token: str = ""
-    preflight_timeout_s: float = 60.0
 
     def commands(self) -> list[list[str]]:
         return [
@@ -643,7 +642,6 @@ def build_plan(
         node_checks=checks,
         preflight_dir=preflight_dir if checks else None,
         preflight_token=token,
-        preflight_timeout_s=float(sl["join_timeout_s"]),
     )
 
 
@@ -738,7 +736,7 @@ def run_plan(
                 plan.node_checks,
                 plan.preflight_dir,
                 plan.preflight_token,
-                timeout_s=plan.preflight_timeout_s,
+                timeout_s=plan.join_timeout_s,
                 log_path=log_path,
             )
         submit = started.enter_context(

@@ -1,6 +1,6 @@
 """Two real Ray nodes on one machine (Linux network namespaces on a bridge, each with its own address and
 hostname: tests/netns.py), started by the project's real launch plan, with the real toy retriever that the train
-job starts, and a stand-in for slime's train.py (tests/slime_standin/train.py) submitted with the project's
+job starts, and a stand-in for slime's train.py (tests/slime_train_standin/train.py) submitted with the project's
 real ``ray job submit``.
 
 What is proven: the retriever the train job starts is reachable from every node (an actor with slime's
@@ -78,7 +78,7 @@ def train_params(tmp: Path, join_timeout_s: float) -> dict:
             "num_rollout": 3,
             "slime": {
                 "container_runtime": "none",
-                "slime_dir": str(ROOT / "tests" / "slime_standin"),
+                "slime_dir": str(ROOT / "tests" / "slime_train_standin"),
                 "nodes": 2,
                 "gpus_per_node": 1,
                 "tensor_model_parallel_size": 1,

@@ -423,6 +423,8 @@ def test_run_plan_streams_submit_and_stops_what_it_started(tmp_path):
         make_dirs=[str(tmp_path / "logs")],
         save_dir=str(save),
         metrics_path=str(metrics),
+        gpus_per_node=0,
+        join_timeout_s=1.0,
     )
     started = []
 
