@@ -106,7 +106,8 @@ def index_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     corpus.write_text("".join(json.dumps({"id": str(i), "contents": t}) + "\n" for i, t in enumerate(PASSAGES)))
     index = root / "index.faiss"
     cfg = StepSettings.from_params(train_params(root, 60), step="train")
-    build_index(corpus, make_encoder(cfg, Path(gt.__file__).parent / "model"), index, progress=False)
+    encoder = make_encoder(cfg, Path(gt.__file__).parent / "model")
+    build_index(corpus, encoder, index, batch_size=16, shard_size=1000, progress=False)  # 4 passages: one batch
     return corpus, index
 
 
