@@ -113,6 +113,8 @@ TRAIN_SETTINGS = settings(
         if key not in ("slime", "torch", "resources")
     ),
     f"train.{TRAIN_BACKEND}",
+    # slime: a worker node's step asks for the job's per-node CPUs and memory (operational)
+    *(["train.resources"] if TRAIN_BACKEND == "slime" else []),
     "agent.max_turns",
     "agent.on_retrieval_error",
     *(["agent.sglang_input"] if TRAIN_BACKEND == "slime" else []),

@@ -110,6 +110,10 @@ KEYWORD_DEFAULTS_NOT_CONFIG_VALUES = {
     "searchr1.grpo.logprobs.token_logprobs(device)": "a tensor helper's device; the trainer passes its own",
     "searchr1.grpo.logprobs.token_logprobs(bf16_autocast)": "a tensor helper is exact unless asked; the trainer "
     "passes train.torch.bf16_autocast",
+    "searchr1.cluster.ray_nodes(timeout_s)": "one request to Ray's state API on the head, not the retrieval "
+    "client's timeout",
+    "searchr1.cluster.wait_for_nodes(list_nodes)": "the function that lists Ray's nodes (a test seam), not "
+    "train.slime.nodes",
     "searchr1.process.free_port(host)": "a probe of the loopback interface, not retriever.host",
     "searchr1.process.http_ok(timeout_s)": "a health probe's timeout, not the retrieval client's",
     "searchr1.process.managed_process(startup_timeout_s)": "any child process's start; callers pass their own",

@@ -171,8 +171,11 @@ def build_index(cfg: StepSettings, *, inputs, outputs, threads: int = 1, **_: An
 
 
 @contextlib.contextmanager
-def retriever(cfg: StepSettings, inputs: Mapping[str, str], log_path: Path | None) -> Iterator[str]:
-    """The /retrieve URL for a job: ``retriever.url`` if set, else a server this job starts and stops."""
+def retriever(
+    cfg: StepSettings, inputs: Mapping[str, str], log_path: Path | None, *, host: str | None = None
+) -> Iterator[str]:
+    """The /retrieve URL for a job: ``retriever.url`` if set, else a server this job starts and stops, bound
+    to ``host`` (default ``retriever.host``; the multi-node train job passes the head's address)."""
     from searchr1.retrieval.managed import managed_server
 
     ret = cfg["retriever"]
@@ -194,7 +197,7 @@ def retriever(cfg: StepSettings, inputs: Mapping[str, str], log_path: Path | Non
         corpus=inputs.get("corpus"),
         index=inputs.get("index"),
         encoder=inputs.get("encoder"),
-        host=ret["host"],
+        host=host or ret["host"],
         port=ret["port"],
         log_path=server_log,
         startup_timeout_s=ret["startup_timeout_s"],
