@@ -21,6 +21,8 @@ import sys
 import urllib.error
 import urllib.request
 
+from searchr1.fsutil import write_text_atomic
+
 
 def health_url(retrieve_url: str) -> str:
     base = retrieve_url.rstrip("/")
@@ -53,9 +55,7 @@ def check_shared_dir(directory: str, token: str, node: str) -> str | None:
         return f"{head_file} holds another run's token: the work directory is not the head's"
     mine = os.path.join(directory, f"node-{node}")
     try:
-        with open(mine + ".tmp", "w", encoding="utf-8") as fh:
-            fh.write(f"{token} {socket.gethostname()}\n")
-        os.replace(mine + ".tmp", mine)
+        write_text_atomic(mine, f"{token} {socket.gethostname()}\n")
     except OSError as e:
         return f"cannot write {mine} ({e})"
     return None
