@@ -36,12 +36,13 @@ rule evaluate:
             *EVAL_AGENT_SETTINGS,
             *RETRIEVER_SETTINGS,
             *CLIENT_SETTINGS,
+            *SHARED_SETTINGS,
+            "eval.resources.gpus",  # the engine's GPUs: the split between it and the retriever
             # the SGLang server: in the slime image, at training's memory share, tensor parallel over its GPUs
             *(
                 [
                     "agent.sglang_input",
                     "agent.skip_special_tokens",
-                    "eval.resources.gpus",
                     "train.slime.sglang_mem_fraction_static",
                     "train.slime.container_runtime",
                     "train.slime.image",
@@ -51,6 +52,8 @@ rule evaluate:
                 else []
             ),
         ),
+    message:
+        EVAL_MESSAGE
     script:
         "../scripts/evaluate.py"
 

@@ -145,9 +145,15 @@ rule retriever_check:
     threads: RES["retriever_check"]["cpus"]
     resources:
         **job_resources("retriever_check"),
-        gpu=RETRIEVER_GPUS,
+        gpu=CHECK_GPUS,
     params:
-        **settings("seed", "retriever.topk", *RETRIEVER_SETTINGS, *CLIENT_SETTINGS),
+        **settings(
+            "seed",
+            "retriever.topk",
+            *RETRIEVER_SETTINGS,
+            *CLIENT_SETTINGS,
+            *RETRIEVER_ONLY_SETTINGS,
+        ),
     script:
         "../scripts/retriever_check.py"
 

@@ -39,11 +39,16 @@ def _config(argv: list[str]) -> int:
 
 def _plan(argv: list[str]) -> int:
     from searchr1.budget import format_plan
+    from searchr1.retrieval.placement import plan_check
 
     cfg = _load(argv)
     if cfg is None:
         return 2
     print(format_plan(cfg))
+    problems = plan_check(cfg)
+    if problems:
+        print("retriever placement:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -153,11 +153,52 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
             )
     if cfg["scale"] == "toy" and "toy" not in cfg:
         problems.append("config key 'toy': required when scale is 'toy'")
+    problems += _placement_problems(cfg)
     if train["save_hf_interval"] is not None and train["save_hf_interval"] % train["save_interval"]:
         problems.append(
             f"config key 'train.save_hf_interval': {train['save_hf_interval']} is not a multiple of "
             f"train.save_interval {train['save_interval']} (an HF export is written only at a checkpoint)"
         )
+    return problems
+
+
+def _placement_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """``retriever.placement`` against ``retriever.gpus``, the backend and the scale (docs/placement.md); whether a
+    shared retriever fits beside SGLang is the plan's check (searchr1.retrieval.placement.plan_check)."""
+    ret = cfg["retriever"]
+    if ret["url"]:
+        return []  # the jobs start no retriever
+    where, gpus, backend = ret["placement"], ret["gpus"], ret["backend"]
+    problems = []
+    if where == "dedicated" and gpus < 1:
+        problems.append("config key 'retriever.gpus': placement 'dedicated' needs at least 1 GPU for the retriever")
+    if where != "dedicated" and gpus:
+        problems.append(
+            f"config key 'retriever.gpus': {gpus} GPU(s) only apply to placement 'dedicated', but placement is "
+            f"{where!r} (set it to 0, or placement: dedicated)"
+        )
+    if where == "cpu" and backend == "faiss_gpu":
+        problems.append("config key 'retriever.backend': 'faiss_gpu' cannot run under retriever.placement 'cpu'")
+    if where == "shared" and backend not in ("auto", "torch"):
+        problems.append(
+            f"config key 'retriever.backend': placement 'shared' runs the torch backend (the fp16 layout whose "
+            f"memory it checks), not {backend!r}; set backend: auto or torch"
+        )
+    if where == "shared":
+        train = cfg["train"]
+        own = train["slime"]["gpus_per_node"] if train["backend"] == "slime" else train["resources"]["gpus"]
+        if own < 1:
+            problems.append(
+                "config key 'retriever.placement': 'shared' shards the index over the training GPUs, and "
+                f"train.backend {train['backend']!r} has none (train.resources.gpus 0)"
+            )
+        if cfg["eval"]["resources"]["gpus"] < 1:
+            problems.append(
+                "config key 'retriever.placement': 'shared' shards the index over each job's GPUs, and the "
+                "evaluation has none (eval.resources.gpus 0)"
+            )
+    if cfg["scale"] == "toy" and where != "cpu":
+        problems.append(f"config key 'retriever.placement': the toy world runs on the CPU, got {where!r}")
     return problems
 
 

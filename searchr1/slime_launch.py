@@ -532,6 +532,7 @@ def build_plan(
     resolve_ip: Callable[[str], str] = socket.gethostbyname,
     node_prefix: Callable[[str], list[str]] | None = None,
     pick_port: Callable[[], int | str] | None = None,
+    head_gpus: Sequence[str] | None = None,
 ) -> LaunchPlan:
     """The full launch as argument lists, from the config, the paths and (multi-node) the SLURM env.
 
@@ -539,6 +540,11 @@ def build_plan(
     a SLURM step with the node's resources); the two-node test replaces it by entering a network namespace.
     ``pick_port()`` gives the Ray ports the config leaves open (null); by default a port free on every
     interface of this node (the head) right now, so two runs sharing a node do not collide.
+
+    ``head_gpus``: the GPU ids the Ray head may hand to slime (searchr1.retrieval.placement): the job's other
+    GPUs (a dedicated retriever's) stay out of Ray's reach. slime's actors map the ids Ray gives them through
+    CUDA_VISIBLE_DEVICES (slime/utils/accelerator ``resolve_visible_device_id``, 624b824a), so any subset works.
+    The retriever runs on the first node only, so the other nodes' ``ray start`` is left as it is.
     """
     paths = LaunchPaths.coerce(paths)
     env = os.environ if env is None else env
@@ -576,6 +582,13 @@ def build_plan(
         "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
         "--temp-dir", temp_dir, "--num-gpus", gpus, *node_label(cluster.head_host), "--disable-usage-stats", "--block",
     ]  # fmt: skip
+    if head_gpus is not None:
+        if len(head_gpus) != int(gpus):
+            raise LaunchError(
+                f"the Ray head is given {len(head_gpus)} GPU(s) ({','.join(head_gpus) or 'none'}) but "
+                f"train.slime.gpus_per_node is {gpus}"
+            )
+        head = ["env", f"CUDA_VISIBLE_DEVICES={','.join(head_gpus)}", *head]
     workers = []
     for host in cluster.worker_hosts:
         start = ["ray", "start", "--address", f"{cluster.head_ip}:{ray_port}", "--num-gpus", gpus,

@@ -13,7 +13,7 @@ from typing import Any
 from searchr1 import provenance
 from searchr1.fsutil import copy_file_atomic, move_dir, write_json_atomic, write_text_atomic
 from searchr1.steps import set_threads
-from searchr1.steps.retrieval import retrieval_client, retriever, retriever_inputs_record
+from searchr1.steps.retrieval import place, retrieval_client, retriever, retriever_inputs_record
 from searchr1.steps.settings import StepSettings
 
 log = logging.getLogger("searchr1.steps.train")
@@ -93,6 +93,8 @@ def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str, ima
         retriever_url=_planned_retriever_url(cfg, f"<ip of {placeholders[0]}>"),
         image_file=image_file,
     )
+    from searchr1.retrieval.placement import assign_gpus
+
     plan = build_plan(
         cfg,
         paths=paths,
@@ -100,6 +102,8 @@ def slime_preview(cfg: StepSettings, *, base_model: str, train_parquet: str, ima
         expand_hostnames=lambda _: placeholders,
         resolve_ip=lambda host: f"<ip of {host}>",
         pick_port=lambda: "<free port>",
+        # The job's GPU ids are known only inside it (SLURM's CUDA_VISIBLE_DEVICES): the preview shows 0..N-1.
+        head_gpus=assign_gpus(cfg, "train", {}).compute,
     )
     return plan.to_shell()
 
@@ -167,7 +171,8 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
     # slime on several nodes: the retriever binds the head's address in the allocation (retriever_host)
     cluster = slime_cluster(cfg) if backend == "slime" else None
     host = retriever_host(cfg, cluster.head_ip) if cluster else None
-    with retriever(cfg, inputs, log_path, host=host) as url:
+    gpus = place(cfg, "train")  # before the retriever and slime: a shared retriever that cannot fit is refused here
+    with retriever(cfg, inputs, log_path, host=host, gpus=gpus.retriever) as url:
         if backend == "torch":
             from searchr1.grpo.settings import GRPOSettings
             from searchr1.grpo.trainer import train_grpo
@@ -184,7 +189,7 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
             )
             final = {"backend": "torch", "hf_dir": str(summary["export_dir"]), "steps": summary["steps"]}
         else:
-            final = train_slime(cfg, inputs, url, log_path)
+            final = train_slime(cfg, inputs, url, log_path, head_gpus=gpus.compute)
     copy_file_atomic(work / "metrics.jsonl", Path(outputs["metrics"]))
     if outputs.get("curve"):  # declared when eval.interval turns the learning curve on
         curve_path = work / "eval_curve.jsonl"
