@@ -181,8 +181,9 @@ def cpu_search(index: Path, batches: list[int], k: int) -> dict:
     return out
 
 
-def make_cfg(placement: str, *, sglang_fraction: float | None = None):
-    """The recipe's config (config.yaml) on one GPU, with the given placement, as the train job declares it."""
+def make_cfg(placement: str, *, sglang_fraction: float | None = None, rows: int = WIKI18_ROWS):
+    """The recipe's config (config.yaml) on one GPU, with the given placement, as the train job declares it
+    (``rows``: the index's passages, budget.corpus_passages, which the shared plan is computed from)."""
     from searchr1.config import load_config
     from searchr1.steps.settings import StepSettings, declare
 
@@ -197,7 +198,10 @@ def make_cfg(placement: str, *, sglang_fraction: float | None = None):
     over = {
         "retriever": {"placement": placement, "port": 0, "startup_timeout_s": 900},
         "train": {"backend": "slime", "slime": slime},
+        "budget": {"corpus_passages": rows},
     }
+    if placement != "dedicated":
+        over["retriever"]["gpus"] = 0
     cfg = load_config(ROOT / "config.yaml", overrides=over)
     return StepSettings.from_params(declare(cfg, "retriever", "train", "eval", "budget", "agent"), step="train")
 
@@ -230,14 +234,24 @@ def load(url: str, procs: int, conc_each: int, duration_s: float, tmp: Path) -> 
     }
 
 
-def layout(placement: str, inputs: dict, tmp: Path, *, standin_gb: float, load_s: float, procs: int, fraction=None):
+def layout(
+    placement: str,
+    inputs: dict,
+    tmp: Path,
+    *,
+    standin_gb: float,
+    load_s: float,
+    procs: int,
+    fraction: float | None = None,
+    rows: int = WIKI18_ROWS,
+) -> dict:
     """The train job's retriever beside a stand-in for slime's GPU processes; GPU memory per process."""
     import httpx
 
     from searchr1.retrieval import placement as pl
     from searchr1.steps.retrieval import place, retriever
 
-    cfg = make_cfg(placement, sglang_fraction=fraction)
+    cfg = make_cfg(placement, sglang_fraction=fraction, rows=rows)
     out: dict = {"placement": placement, "describe": pl.describe(cfg, "train")}
     gpus = place(cfg, "train", env={})
     out["assignment"] = {"compute": gpus.compute, "retriever": gpus.retriever}
@@ -298,14 +312,14 @@ def layout(placement: str, inputs: dict, tmp: Path, *, standin_gb: float, load_s
     return out
 
 
-def shared_checks() -> dict:
+def shared_checks(rows: int = WIKI18_ROWS) -> dict:
     """``place(cfg, 'train')`` under shared on this GPU: refused at the recipe's fraction, allowed at a lower one."""
     from searchr1.retrieval.placement import PlacementError
     from searchr1.steps.retrieval import place
 
     out = {}
     for fraction in (None, 0.4):
-        cfg = make_cfg("shared", sglang_fraction=fraction)
+        cfg = make_cfg("shared", sglang_fraction=fraction, rows=rows)
         key = f"sglang_mem_fraction_static={cfg['train']['slime']['sglang_mem_fraction_static']}"
         try:
             place(cfg, "train", env={})
@@ -374,12 +388,21 @@ def main(argv: list[str] | None = None) -> int:
                 report[section] = cpu_search(Path(inputs["index"]), a.batches, a.k)
             elif section == "layout_cpu":
                 # the stand-in holds SGLang's static share (0.7 of the GPU) as slime's engines would
-                report[section] = layout("cpu", inputs, work, standin_gb=0.7 * 79.0, load_s=a.cpu_load_s, procs=1)
+                report[section] = layout(
+                    "cpu", inputs, work, standin_gb=0.7 * 79.0, load_s=a.cpu_load_s, procs=1, rows=a.rows
+                )
             elif section == "shared_checks":
-                report[section] = shared_checks()
+                report[section] = shared_checks(a.rows)
             elif section == "layout_shared":
                 report[section] = layout(
-                    "shared", inputs, work, standin_gb=0.4 * 79.0, load_s=a.gpu_load_s, procs=4, fraction=0.4
+                    "shared",
+                    inputs,
+                    work,
+                    standin_gb=0.4 * 79.0,
+                    load_s=a.gpu_load_s,
+                    procs=4,
+                    fraction=0.4,
+                    rows=a.rows,
                 )
             else:
                 raise ValueError(f"unknown section {section!r}")
