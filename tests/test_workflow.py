@@ -312,7 +312,8 @@ def test_every_rule_asks_for_the_resources_the_config_gives(workdir):
         "report": (1005, 105),
     }
     assert "2001 MB, 201 min" in res.stdout  # the train and evaluate jobs print their request in their message
-    assert all("2002 MB, 202 min" in m for m in eval_messages(res.stdout))
+    messages = eval_messages(res.stdout)
+    assert len(messages) == 4 and all("2002 MB, 202 min" in m for m in messages), messages
     blocks = {b.split(":", 1)[0]: b for b in res.stdout.split("rule ")[1:]}
     for rule, (mem, runtime) in expected.items():
         assert re.search(rf"\bmem_mb={mem}\b", blocks[rule]) and re.search(rf"\bruntime={runtime}\b", blocks[rule]), (
