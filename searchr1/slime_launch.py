@@ -542,9 +542,12 @@ def build_plan(
     interface of this node (the head) right now, so two runs sharing a node do not collide.
 
     ``head_gpus``: the GPU ids the Ray head may hand to slime (searchr1.retrieval.placement): the job's other
-    GPUs (a dedicated retriever's) stay out of Ray's reach. slime's actors map the ids Ray gives them through
-    CUDA_VISIBLE_DEVICES (slime/utils/accelerator ``resolve_visible_device_id``, 624b824a), so any subset works.
-    The retriever runs on the first node only, so the other nodes' ``ray start`` is left as it is.
+    GPUs (a dedicated retriever's) stay out of Ray's reach. Apptainer and no container: ``env
+    CUDA_VISIBLE_DEVICES=...`` before ``ray start`` (host ids: ``--nv`` keeps them); docker: the container is
+    given only those GPUs (``--gpus device=...``, renumbered from 0 inside). slime's actors map the ids Ray
+    gives them through CUDA_VISIBLE_DEVICES (slime/utils/accelerator ``resolve_visible_device_id``, 624b824a),
+    so any subset works. The retriever runs on the first node only, so the other nodes' ``ray start`` is left
+    as it is.
     """
     paths = LaunchPaths.coerce(paths)
     env = os.environ if env is None else env
@@ -566,9 +569,9 @@ def build_plan(
 
     cluster_env = dict(sl["env"])
 
-    def wrap(command: list[str], name: str | None = None) -> list[str]:
+    def wrap(command: list[str], name: str | None = None, process_env: Mapping[str, str] | None = env) -> list[str]:
         return wrap_in_container(
-            command, sl, binds, name=name, image_file=paths.image_file, env=cluster_env, process_env=env
+            command, sl, binds, name=name, image_file=paths.image_file, env=cluster_env, process_env=process_env
         )
 
     def node_label(host: str) -> list[str]:
@@ -588,7 +591,10 @@ def build_plan(
                 f"the Ray head is given {len(head_gpus)} GPU(s) ({','.join(head_gpus) or 'none'}) but "
                 f"train.slime.gpus_per_node is {gpus}"
             )
-        head = ["env", f"CUDA_VISIBLE_DEVICES={','.join(head_gpus)}", *head]
+        if sl["container_runtime"] != "docker":
+            head = ["env", f"CUDA_VISIBLE_DEVICES={','.join(head_gpus)}", *head]
+    # docker: the head's container is given the head's GPUs only (searchr1.container.gpu_devices)
+    head_env = None if head_gpus is None else {**env, "CUDA_VISIBLE_DEVICES": ",".join(head_gpus)}
     workers = []
     for host in cluster.worker_hosts:
         start = ["ray", "start", "--address", f"{cluster.head_ip}:{ray_port}", "--num-gpus", gpus,
@@ -629,7 +635,7 @@ def build_plan(
         *ray_entrypoint(train_argv),
     ]  # fmt: skip
     return LaunchPlan(
-        head_start=wrap(head, name=container_name),
+        head_start=wrap(head, name=container_name, process_env=env if head_env is None else head_env),
         worker_starts=workers,
         submit=wrap(submit),
         # docker: a fresh container cannot see the head's processes, so stop the head's container itself.

@@ -5,6 +5,7 @@ plan and the job messages say. GPU-free: the real-GPU layout is tests/test_place
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,11 @@ def test_evaluate_splits_its_gpus_between_sglang_and_a_dedicated_retriever(tmp_p
     i = wrapped.index("env")
     assert wrapped[i : i + 5] == ["env", "CUDA_VISIBLE_DEVICES=2", "python3", "-m", "sglang"]
     assert wrapped[:2] == ["apptainer", "exec"]
+    # docker: the server's container is given its GPU only (renumbered from 0 inside), no env prefix
+    docker = step("evaluate", tmp_path, {"retriever": {"placement": "dedicated", "gpus": 1},
+                                         "train": {"slime": {"container_runtime": "docker"}}})  # fmt: skip
+    wrapped = sglang_in_container(docker, str(tmp_path), None, ["2"])(["/venv/bin/python", "-m", "sglang"])
+    assert wrapped[wrapped.index("--gpus") + 1] == '"device=2"' and "env" not in wrapped
     # cpu: the server keeps every GPU of the job, the retriever none
     cfg = step("evaluate", tmp_path, {"retriever": {"placement": "cpu", "gpus": 0}})
     seen = started_retriever(cfg, "evaluate", {"CUDA_VISIBLE_DEVICES": "2"}, monkeypatch)
@@ -142,6 +148,14 @@ def test_the_ray_head_is_started_with_slimes_gpus_only(tmp_path):
     i = plan.head_start.index("env")  # inside the container, before ray start
     assert plan.head_start[i : i + 5] == ["env", "CUDA_VISIBLE_DEVICES=3,4,5,6", "ray", "start", "--head"]
     assert plan.head_start[plan.head_start.index("--num-gpus") + 1] == "4"
+    # docker renumbers a container's GPUs from 0: the head's container is given slime's GPUs only, no env
+    docker = copy.deepcopy(dict(cfg.items()))
+    docker["train"] = {**dict(cfg["train"].items()), "slime": {**dict(cfg["train"]["slime"].items()),
+                                                               "container_runtime": "docker"}}  # fmt: skip
+    plan = build_plan(docker, paths=paths, env=SLURM_GPUS, head_gpus=gpus.compute)
+    h = plan.head_start
+    assert h[h.index("--gpus") + 1] == '"device=3,4,5,6"' and "env" not in h[: h.index("ray")]
+    assert plan.submit[plan.submit.index("--gpus") + 1] == '"device=3,4,5,6,7"'  # the submit uses no GPU
     with pytest.raises(LaunchError, match=r"given 5 GPU\(s\) \(3,4,5,6,7\) but train.slime.gpus_per_node is 4"):
         build_plan(cfg, paths=paths, env={}, head_gpus=["3", "4", "5", "6", "7"])
 

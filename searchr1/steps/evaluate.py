@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ def sglang_in_container(
     """Run the eval's SGLang server where SGLang is installed: the slime image (train.slime.container_runtime),
     from the file the container_image step pulled, with the model's absolute directory bound (the server's
     --model-path is absolute too: searchr1.evaluate.sglang_server). ``gpus``: the GPU ids the server may see
-    (``env CUDA_VISIBLE_DEVICES=...`` inside the container: a dedicated retriever's GPUs are not its)."""
+    (apptainer, none: ``env CUDA_VISIBLE_DEVICES=...`` before it; docker: the container gets only those), so a
+    dedicated retriever's GPUs are not its."""
     from searchr1.slime_launch import wrap_in_container
 
     slime = cfg["train"]["slime"]
@@ -81,8 +83,12 @@ def sglang_in_container(
     def wrap(command: list[str]) -> list[str]:
         if slime["container_runtime"] != "none":
             command = ["python3", *command[1:]]  # the image's interpreter, not this job's
+        process_env = None
         if gpus is not None:
-            command = ["env", f"CUDA_VISIBLE_DEVICES={','.join(gpus)}", *command]
-        return wrap_in_container(command, slime, binds, image_file=image, env=slime["env"])
+            if slime["container_runtime"] == "docker":  # the container is given these GPUs only
+                process_env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+            else:  # host ids, kept by apptainer --nv
+                command = ["env", f"CUDA_VISIBLE_DEVICES={','.join(gpus)}", *command]
+        return wrap_in_container(command, slime, binds, image_file=image, env=slime["env"], process_env=process_env)
 
     return wrap
