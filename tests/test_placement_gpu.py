@@ -2,9 +2,10 @@
 ``searchr1.steps.retrieval.retriever`` with the GPUs ``place`` gives it, beside a stand-in process holding GPU
 memory as slime's would), with every process's GPU memory read from nvidia-smi.
 
-Skipped where torch sees no CUDA GPU (CI, the development machines); it ran on the lent H100 machine, its output
-is in benchmarks/retriever_placement.json ("pytest_gpu") and docs/placement.md. Uses the layout code of
-benchmarks/retriever_placement.py, at 2M passages."""
+Skipped where torch sees no CUDA GPU (CI, the development machines). It uses the layout code of
+benchmarks/retriever_placement.py at 2M passages; that code ran at 21M on the lent H100 machine (figures in
+benchmarks/retriever_placement.json and docs/placement.md), this file itself has not run there yet (no machine
+could be started for it: docs/placement.md)."""
 
 from __future__ import annotations
 
