@@ -3,17 +3,15 @@
 memory as slime's would), with every process's GPU memory read from nvidia-smi.
 
 Skipped where torch sees no CUDA GPU (CI, the development machines). It uses the layout code of
-benchmarks/retriever_placement.py at 2M passages; that code ran at 21M on the lent H100 machine (figures in
+benchmarks/retriever/placement.py at 2M passages; that code ran at 21M on the lent H100 machine (figures in
 benchmarks/retriever_placement.json and docs/placement.md), this file itself has not run there yet (no machine
 could be started for it: docs/placement.md)."""
 
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
-from helpers import ROOT
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(
@@ -22,8 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 ROWS = 2_000_000
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import retriever_placement as bench  # noqa: E402
+from benchmarks.retriever import placement as bench  # noqa: E402
 
 
 @pytest.fixture(scope="module")

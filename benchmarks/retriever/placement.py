@@ -1,6 +1,7 @@
 """Where the retriever runs, measured at wiki-18 size: the figures of docs/placement.md.
 
-On one GPU machine (run: ``python benchmarks/retriever_placement.py --out benchmarks/retriever_placement.json``):
+On one GPU machine, from the checkout's root: ``python -m benchmarks.retriever.placement --out
+benchmarks/retriever_placement.json``:
 
 1. a synthetic wiki-18-shaped pair (21,015,324 random unit vectors x 768 in a faiss Flat IP file, a 21M-row
    corpus, an e5-base-shaped random encoder: nothing can be downloaded there) in a tmpfs;
@@ -34,10 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from searchr1.fsutil import write_json_atomic
 
-from searchr1.fsutil import write_json_atomic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 FORMAT = "searchr1-placement-bench/1"
 WIKI18_ROWS = 21_015_324
@@ -51,7 +51,8 @@ time.sleep(3600)
 """
 LOADGEN = r"""
 import json, sys
-from searchr1.retrieval.bench import run_load_sync, synthetic_queries
+from benchmarks.retriever.loadgen import run_load_sync
+from benchmarks.retriever.synthetic import synthetic_queries
 url, conc, dur, seed, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 r = run_load_sync(url, synthetic_queries(200000, seed=seed), conc, duration_s=dur)
 json.dump({"requests": r.requests, "errors": r.errors, "wall_s": r.wall_s, "lat": r.latencies_s}, open(out, "w"))
@@ -126,9 +127,8 @@ def timed(fn, reps: int, warmup: int = 1) -> dict:
 
 
 def setup(work: Path, rows: int, dim: int) -> dict:
-    from searchr1.retrieval.bench import write_synthetic_corpus, write_synthetic_flat_index
+    from benchmarks.retriever.synthetic import make_e5_shaped_model, write_synthetic_corpus, write_synthetic_flat_index
     from searchr1.retrieval.corpus import build_offsets
-    from searchr1.retrieval.gpubench import make_e5_shaped_model
     from searchr1.retrieval.index import write_index_meta
 
     work.mkdir(parents=True, exist_ok=True)
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "format": FORMAT,
         "what": __doc__.split("\n\n", 1)[0],
-        "command": "python benchmarks/retriever_placement.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.retriever.placement " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "data": {"rows": a.rows, "dim": a.dim, "k": a.k, "vectors": "random unit vectors (synthetic)"},
     }
