@@ -224,7 +224,7 @@ TRAIN_MESSAGE = (
 _eval_retriever = retriever_placement.describe(config, "evaluate")
 _eval_retriever = _eval_retriever.replace("{", "{{").replace("}", "}}")
 EVAL_MESSAGE = (
-    f"evaluate {{wildcards.model}} on {{wildcards.split}} ({config['eval']['engine']}) on {{resources.gpu}} GPU(s), "
+    f"evaluate {{wildcards.model}} ({{input.model}}) on {{wildcards.split}} ({config['eval']['engine']}) on {{resources.gpu}} GPU(s), "
     f"{{resources.mem_mb}} MB, {{resources.runtime}} min; {_eval_retriever}"
 )
 
