@@ -147,6 +147,7 @@ TRAIN_SETTINGS = settings(
     f"train.{TRAIN_BACKEND}",
     # slime: a worker node's step asks for the job's per-node CPUs and memory (operational)
     *(["train.resources"] if TRAIN_BACKEND == "slime" else []),
+    "reward",  # the training reward's scores (searchr1.reward.RewardSettings)
     "agent.max_turns",
     "agent.on_retrieval_error",
     *(["agent.sglang_input"] if TRAIN_BACKEND == "slime" else []),

@@ -576,13 +576,17 @@ def sglang_server(
 # learning curve
 
 
-def append_curve_point(curve_path: str | Path, *, step: int, split: str, summary: Mapping[str, Any]) -> None:
+def append_curve_point(
+    curve_path: str | Path, *, step: int, split: str, summary: Mapping[str, Any], before_training: bool = False
+) -> None:
     """Write one learning-curve point (an eval of a training checkpoint) to the JSONL file the report plots;
-    a point of the same (step, split) is replaced (searchr1.metrics_file.write_curve_point)."""
+    a point of the same (step, split, before_training) is replaced (searchr1.metrics_file.write_curve_point).
+    ``step`` is slime's rollout id: the point before the first update is step 0 with ``before_training``."""
     from searchr1.metrics_file import write_curve_point
 
     point = {
         "step": int(step),
+        "before_training": bool(before_training),
         "split": split,
         "em": summary["em"],
         "n": summary["n"],

@@ -194,7 +194,7 @@ def plot_curve(curve: Mapping[str, list[tuple[int, float]]], path: Path) -> None
 
 # (plot name, metrics key, title, y label) of the per-rollout training plots
 _TRAIN_PLOTS = (
-    ("reward", "reward_mean", "Mean reward (exact match) per rollout step", "mean raw reward"),
+    ("reward", "reward_mean", "Mean training reward per rollout step", "mean raw reward"),
     ("response_length", "response_len_mean", "Mean response length per rollout step", "model tokens per response"),
     ("searches", "searches_mean", "Mean searches per response per rollout step", "searches per response"),
 )
@@ -341,12 +341,18 @@ def training_summary(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
     wall = sum(float(r.get("wall_time_s", 0.0)) for r in metrics)
     lines = [
         f"- rollout steps: {n} (steps {first['step']}–{last['step']})",
-        f"- reward: first step {first['reward_mean']:.3f}, last step {last['reward_mean']:.3f}; "
+        f"- training reward: first step {first['reward_mean']:.3f}, last step {last['reward_mean']:.3f}; "
         f"mean of the first {k} steps {mean(metrics[:k], 'reward_mean'):.3f}, of the last {k} "
         f"{mean(metrics[-k:], 'reward_mean'):.3f}",
         f"- response length (model tokens): first {first['response_len_mean']:.1f}, "
         f"last {last['response_len_mean']:.1f}",
     ]
+    if all("em_mean" in r for r in metrics):  # the same rollouts' exact match (differs under a shaped reward)
+        lines.append(
+            f"- exact match of the training rollouts: first step {first['em_mean']:.3f}, last step "
+            f"{last['em_mean']:.3f}; mean of the first {k} steps {mean(metrics[:k], 'em_mean'):.3f}, of the last "
+            f"{k} {mean(metrics[-k:], 'em_mean'):.3f}"
+        )
     if "searches_mean" in first and "searches_mean" in last:
         lines.append(f"- searches per response: first {first['searches_mean']:.2f}, last {last['searches_mean']:.2f}")
     lines.append(f"- training wall time (sum of per-step times): {_duration(wall)}")
@@ -534,7 +540,8 @@ def render_report(
         "",
         *headline_table(summaries, published, splits, comparable, models),
         "",
-        "EM is Search-R1's reward (the last `<answer>` of prompt + response, SQuAD-normalised exact match); "
+        "EM is Search-R1's exact match (the last `<answer>` of prompt + response, SQuAD-normalised), the "
+        "training reward when every reward.* score is 0; "
         "the interval is the 95% Wilson score interval. Published numbers are the seed run's "
         "(Qwen2.5-3B, slime GRPO, 3000 rollouts). "
         + (
@@ -561,7 +568,7 @@ def render_report(
         "",
     ]
     titles = {
-        "reward": "Mean reward per rollout step",
+        "reward": "Mean training reward per rollout step",
         "response_length": "Mean response length per rollout step",
         "searches": "Mean searches per rollout step",
         "em_curve": "Held-out EM during training",

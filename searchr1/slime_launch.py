@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import yaml
 
 from searchr1.cluster import NODE_RESOURCE_PREFIX, ClusterError, WorkerWatch, preflight, stop_job_ray, wait_for_nodes
 from searchr1.process import free_port, http_ok, log_tail, managed_process, sigterm_raises, stop_process_group
+from searchr1.reward import EM_REWARD_KEY, TRAINING_REWARD_KEY, RewardSettings
 
 PLUGIN = "searchr1.slime_plugin"
 DASHBOARD_HOST = "127.0.0.1"
@@ -453,6 +454,11 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
         "--custom-rollout-log-function-path", f"{PLUGIN}.log_rollout",
         "--custom-config-path", paths.custom_config_path,
     ]  # fmt: skip
+    if not RewardSettings.from_config(cfg).is_exact_match:
+        # a format-aware reward: the plugin's reward is a dict; slime trains on its "score" and evaluates its "em"
+        # (slime/utils/arguments.py:1336-1350 at 624b824a; searchr1.slime_plugin.reward_func says where slime
+        # reads them). All scores 0: neither flag and a float reward, the seed recipe's command exactly.
+        f += ["--reward-key", TRAINING_REWARD_KEY, "--eval-reward-key", EM_REWARD_KEY]
     # learning-curve evals inside training (optional)
     interval = cfg["eval"]["interval"]
     if interval and paths.eval_prompt_data:
@@ -495,6 +501,8 @@ def custom_config(
         "search_concurrency": int(agent["search_concurrency"]),
         "search_input_mode": str(agent["sglang_input"]),
         "search_metrics_path": os.path.abspath(os.fspath(metrics_path)),
+        # the training reward's scores (searchr1.slime_plugin.reward_settings)
+        **{f"search_{name}": float(value) for name, value in asdict(RewardSettings.from_config(cfg)).items()},
     }
     if eval_metrics_path:
         out["search_eval_metrics_path"] = os.path.abspath(os.fspath(eval_metrics_path))

@@ -166,6 +166,7 @@ def train(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_path=None
     record = cfg.record(inputs=_inputs_record(inputs))
     claim_work_dir(work, resume_key(record))
     require_free_disk(cfg, "train", work)  # before anything starts: checkpoints at the configured retention
+    check_reward_prompt(cfg, inputs)
     backend = cfg["train"]["backend"]
     curve = bool(cfg["eval"]["interval"])
     # slime on several nodes: the retriever binds the head's address in the allocation (retriever_host)
@@ -240,6 +241,24 @@ def train_slime(
     }
 
 
+def check_reward_prompt(cfg: StepSettings, inputs: Mapping[str, Any]) -> None:
+    """A format-aware reward (a non-zero ``reward.*`` score) needs Search-R1's assistant marker in the prompt:
+    checked on the first training prompt through the base model's chat template, before the retriever or slime
+    starts (both backends check again where the prompts are used: the torch trainer on every prompt, the slime
+    plugin on every sample). Raises searchr1.reward.RewardConfigError."""
+    from searchr1.reward import RewardSettings
+
+    reward = RewardSettings.from_config(cfg)
+    if reward.is_exact_match:
+        return
+    from transformers import AutoTokenizer
+
+    from searchr1.grpo.data import first_prompt_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(inputs["base"]))
+    reward.check_prompt(first_prompt_text(inputs["train"], tokenizer))
+
+
 def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, work: Path):
     """Greedy EM on a fixed held-out subset (the first ``eval.curve_subset`` rows of each split)."""
     import asyncio
@@ -253,7 +272,7 @@ def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, 
     curve_path = work / "eval_curve.jsonl"
     batch_size = cfg["eval"]["batch_size"]
 
-    def hook(step: int, model: Any, tokenizer: Any) -> None:
+    def hook(step: int, model: Any, tokenizer: Any, *, before_training: bool = False) -> None:
         async def run(split_rows):
             client = retrieval_client(cfg, url)
             try:
@@ -268,8 +287,9 @@ def learning_curve_hook(cfg: StepSettings, inputs: Mapping[str, Any], url: str, 
             for split, split_rows in rows.items():
                 summary = summarize_rows(asyncio.run(run(split_rows)))
                 # a resumed run evaluates a step again: its point is replaced, not duplicated
-                append_curve_point(curve_path, step=step, split=split, summary=summary)
-                log.info("learning curve: step %d %s EM %.3f", step, split, summary["em"])
+                append_curve_point(curve_path, step=step, split=split, summary=summary, before_training=before_training)
+                when = "before training" if before_training else f"step {step}"
+                log.info("learning curve: %s %s EM %.3f", when, split, summary["em"])
         finally:
             model.train(was_training)
 
