@@ -365,7 +365,29 @@ def test_write_custom_config(cfg, tmp_path):
         "search_input_mode": "text",
         "search_metrics_path": str(tmp_path / "m.jsonl"),
         "search_eval_metrics_path": str(tmp_path / "e.jsonl"),
+        "search_structure_format_score": 0.0,
+        "search_final_format_score": 0.0,
+        "search_retrieval_score": 0.0,
     }
+
+
+def test_reward_flags_only_with_a_format_aware_reward(cfg, tmp_path):
+    """All reward.* scores 0 (the recipe): no reward flag at all, the seed command. A non-zero score: the plugin's
+    dict reward, trained on "score" and evaluated on "em"; the scores reach the plugin through the custom config."""
+    plain = train_argv(build_plan(local(cfg), paths=paths(tmp_path), env={}))
+    assert "--reward-key" not in plain and "--eval-reward-key" not in plain
+    c = local(cfg)
+    c["reward"] = {"structure_format_score": 0.2, "final_format_score": 0.1, "retrieval_score": 0.0}
+    plan = build_plan(c, paths=paths(tmp_path), env={})
+    a = train_argv(plan)
+    assert flag(a, "--reward-key") == "score" and flag(a, "--eval-reward-key") == "em"
+    assert [x for x in a if x not in ("--reward-key", "score", "--eval-reward-key", "em")] == plain
+    assert (plan.custom_config["search_structure_format_score"], plan.custom_config["search_final_format_score"]) == (
+        0.2,
+        0.1,
+    )
+    c["reward"] = {"structure_format_score": 0.0, "final_format_score": 0.0, "retrieval_score": 0.3}
+    assert flag(train_argv(build_plan(c, paths=paths(tmp_path), env={})), "--reward-key") == "score"
 
 
 def test_final_hf_checkpoint_and_atomic_export(tmp_path):
