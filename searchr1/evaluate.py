@@ -2,7 +2,8 @@
 
 The evaluation reuses the training path exactly: the parquet row's ``prompt`` messages through the
 model's chat template, ``searchr1.agent.run_agent`` with the training agent settings, and the seed's
-reward ``searchr1.reward.em_score`` on prompt + response. Only the sampling differs (greedy, 1 sample).
+reward ``searchr1.reward.em_score`` on prompt + response (exact match, whatever ``reward.*`` trains on, as
+Search-R1 validates). Only the sampling differs (greedy, 1 sample).
 
 Resumability. Progress goes to ``<split>.partial.jsonl`` beside ``out_jsonl`` (a file Snakemake does
 not own, so it survives a failed job), one fsync'd append per batch. Batches are fixed slices of the

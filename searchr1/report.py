@@ -108,7 +108,7 @@ def load_curve_points(curve_path: Path, splits: Sequence[str]) -> dict[str, list
 
 def load_curve(curve_path: Path, splits: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
     """Learning-curve points per split. A line is {"step", "split", "em", ...} (evaluate.append_curve_point),
-    {"step", "dataset", "reward_mean", ...} (slime's eval log hook; the reward is EM), or
+    {"step", "dataset", "reward_mean", ...} (an older slime eval log hook line; its eval reward is EM), or
     {"step", "<split>" or "eval/<split>": em, ...}."""
     points: dict[str, list[tuple[int, float]]] = {s: [] for s in splits}
     for i, row in enumerate(read_jsonl(_require(curve_path))):

@@ -212,7 +212,10 @@ def compute_score_em(
     none (< 2 ``<answer>`` tags)    as "wrong"                  0
     ==============================  ==========================  ==================================
     """
-    target = ground_truth["target"]
+    try:
+        target = ground_truth["target"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"ground_truth must be {{'target': [golden answers]}}, got {str(ground_truth)[:200]}") from exc
     valid, _ = is_valid_sequence(solution_str)
     retrieval_correct = valid and is_retrieval_correct(solution_str, target)
     answer = extract_answer(solution_str)

@@ -227,6 +227,13 @@ def test_compute_score_em_score_argument_and_defaults():
     assert compute_score_em(PROMPT + "<answer> x </answer>", {"target": ["Tolkien"]}) == 0.0
 
 
+def test_compute_score_em_names_a_malformed_ground_truth():
+    with pytest.raises(ValueError, match="ground_truth must be"):
+        compute_score_em(PROMPT, ["Tolkien"])
+    with pytest.raises(ValueError, match="ground_truth must be"):
+        compute_score_em(PROMPT, {"answers": ["Tolkien"]})
+
+
 def test_compute_score_em_takes_no_ignored_format_score():
     """Upstream accepts and ignores format_score (slime's example passes 0.2 and trains on EM): refused here."""
     with pytest.raises(TypeError, match="format_score"):
