@@ -93,6 +93,11 @@ def test_no_other_field_shadows_a_config_value_with_a_default():
 # Keyword parameters named like a config key (its leaf, or ending in "_<leaf>") that keep a literal default,
 # each with the reason it is not that key's value. Anything else named like a config key is required.
 KEYWORD_DEFAULTS_NOT_CONFIG_VALUES = {
+    **{
+        f"searchr1.reward.compute_score_em({key})": "Search-R1's own signature (qa_em_format.py), kept so the function "
+        "reads as upstream's; the workflow always passes the reward: section's values (RewardSettings.score)"
+        for key in ("structure_format_score", "final_format_score", "retrieval_score")
+    },
     "searchr1.engines.HFEngine(device)": "the HF eval engine's torch device (the toy evaluates on the CPU); no config "
     "key sets it (train.torch.device is the trainer's)",
     "searchr1.engines.HFEngine(max_batch_size)": "sequences per HF generate call, not retriever.max_batch_size",

@@ -533,7 +533,9 @@ def test_train_step_refuses_a_format_reward_behind_a_prompt_without_the_marker(c
     _run("train", params, tmp_path)
     (call,) = [c for c in stubs.calls if c[0] in ("run_plan", "train_grpo")]
     if call[0] == "run_plan":
-        argv = call[1][0].submit
+        from helpers import entrypoint_argv
+
+        argv = entrypoint_argv(call[1][0].submit)
         assert argv[argv.index("--reward-key") + 1] == "score"
     else:
         assert call[2]["settings"].reward.structure_format_score == 0.2
