@@ -10,9 +10,15 @@ sys.path.insert(
     0, workflow.basedir
 )  # the searchr1 package beside the Snakefile, installed or not
 
-from searchr1.config import ConfigError, validate_config  # noqa: E402
-from searchr1.experiments import runs, validate_experiments  # noqa: E402
+from searchr1.config import (  # noqa: E402
+    ConfigError,
+    validate_config,
+    validate_experiments,
+)
+from searchr1.experiments import runs  # noqa: E402
 from searchr1.steps.settings import StepSettings, declare  # noqa: E402
+
+from searchr1.retrieval import placement as retriever_placement  # noqa: E402
 
 try:
     config = validate_config(config)
@@ -20,6 +26,12 @@ try:
     RUN_CONFIGS = validate_experiments(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+# A shared retriever that cannot fit beside SGLang is refused here, before anything is submitted.
+_placement_problems = retriever_placement.plan_check(config)
+if _placement_problems:
+    raise WorkflowError(
+        "retriever placement:\n  - " + "\n  - ".join(_placement_problems)
+    )
 
 DATA = config["data_dir"]
 WORK = config[
@@ -153,8 +165,32 @@ RETRIEVER_SETTINGS = ENCODER_SETTINGS + [
         "startup_timeout_s",
         "timeout_s",
         "max_retries",
+        "placement",  # where the server runs (searchr1.retrieval.placement)
+        "gpus",
     )
 ]
+# What a job's placement check reads under placement shared: the shard size, the allowances, SGLang's share.
+SHARED_PLACEMENT = (
+    config["retriever"]["placement"] == "shared" and not config["retriever"]["url"]
+)
+SHARED_SETTINGS = (
+    [
+        "budget.corpus_passages",
+        "budget.embedding_dim",
+        "budget.retriever_gpu_overhead_mb",
+        "budget.retriever_encoder_gpu_mb",
+        "budget.colocate_margin_gb",
+        "train.slime.sglang_mem_fraction_static",
+    ]
+    if SHARED_PLACEMENT
+    else []
+)
+# Jobs whose only GPU user is the retriever shard it like training does under shared: they read its GPU count.
+RETRIEVER_ONLY_SETTINGS = (
+    ["train.backend", "train.slime.gpus_per_node", "train.resources.gpus"]
+    if SHARED_PLACEMENT
+    else []
+)
 CLIENT_SETTINGS = ["agent.search_concurrency"]
 # The agent loop of evaluation (and of the learning curve during training): searchr1.evaluate.eval_agent_config.
 EVAL_AGENT_SETTINGS = [
@@ -180,12 +216,17 @@ TRAIN_KEYS = [
         if key not in ("slime", "torch", "resources", "seeds")
     ),
     f"train.{TRAIN_BACKEND}",
+    # slime: a worker node's step asks for the job's per-node CPUs and memory (operational)
+    *(["train.resources"] if TRAIN_BACKEND == "slime" else []),
+    "reward",  # the training reward's scores (searchr1.reward.RewardSettings)
     "agent.max_turns",
     "agent.on_retrieval_error",
     *(["agent.sglang_input"] if TRAIN_BACKEND == "slime" else []),
     "retriever.topk",
     *RETRIEVER_SETTINGS,
     *CLIENT_SETTINGS,
+    *SHARED_SETTINGS,
+    "train.resources.gpus",  # the torch backend's GPUs: the split between it and a dedicated retriever
     "eval.interval",
     *(
         ["eval.curve_subset", "eval.splits", "eval.temperature", "eval.batch_size"]
@@ -198,20 +239,19 @@ TRAIN_KEYS = [
 ]
 TRAIN_SETTINGS = {run: declare(RUN_CONFIG[run], *TRAIN_KEYS) for run in RUNS}
 
-# A job that starts its own retriever holds the retriever's GPUs too.
-RETRIEVER_GPUS = 0 if config["retriever"]["url"] else config["retriever"]["gpus"]
+# GPUs per job from retriever.placement (searchr1.retrieval.placement): dedicated adds the retriever's own GPUs
+# to the train and evaluate jobs; the retriever check asks for what its retriever uses (none on the CPU).
 TRAIN_NODES = SLIME["nodes"] if TRAIN_BACKEND == "slime" else 1
-TRAIN_GPUS_PER_NODE = (
-    SLIME["gpus_per_node"] if TRAIN_BACKEND == "slime" else TRAIN_RES["gpus"]
-)
-TRAIN_GPUS = TRAIN_NODES * TRAIN_GPUS_PER_NODE + RETRIEVER_GPUS
+TRAIN_GPUS_PER_NODE = retriever_placement.job_gpus(config, "train")
+TRAIN_GPUS = TRAIN_NODES * TRAIN_GPUS_PER_NODE
 if TRAIN_NODES > 1:
     # SLURM's --gpus is a job total it may split unevenly over the nodes; gres is per node (the retriever's
     # GPUs are asked on every node, since which node runs the job's first step is not known in advance).
-    TRAIN_GPU_RESOURCES = {"gres": f"gpu:{TRAIN_GPUS_PER_NODE + RETRIEVER_GPUS}"}
+    TRAIN_GPU_RESOURCES = {"gres": f"gpu:{TRAIN_GPUS_PER_NODE}"}
 else:
     TRAIN_GPU_RESOURCES = {"gpu": TRAIN_GPUS}
-EVAL_GPUS = EVAL_RES["gpus"] + RETRIEVER_GPUS
+EVAL_GPUS = retriever_placement.job_gpus(config, "evaluate")
+CHECK_GPUS = retriever_placement.job_gpus(config, "retriever_check")
 
 # The slime image, pulled once by rule container_image (rules/train.smk) to a file under the work dir, when
 # a step runs in it: slime training, or the SGLang evaluation server.
@@ -248,13 +288,21 @@ from searchr1.budget import need_bytes  # noqa: E402
 TRAIN_PARAMS = per_run_params(TRAIN_SETTINGS)
 # the message's last part, per run (a param, so `-n` shows each run's own work dir and command)
 TRAIN_PARAMS["command"] = lambda wildcards: MessageText(
-    f"{RUN_CONFIG[run_of(wildcards)]['work_dir']}/train (with margin); runs:\n"
+    f"{RUN_CONFIG[run_of(wildcards)]['work_dir']}/train (with margin); "
+    f"{retriever_placement.describe(config, 'train')}; runs:\n"
     + slime_command_preview(run_of(wildcards))
 )
 TRAIN_MESSAGE = (
     f"GRPO training ({TRAIN_BACKEND}) on {TRAIN_GPUS} GPUs, {TRAIN_NODES} node(s), "
     f"{{resources.mem_mb}} MB, {{resources.runtime}} min, up to {need_bytes(config, 'train') / 1e9:,.1f} GB "
     "of disk under {params.command}"
+)
+# Braces doubled: Snakemake formats the message with the job's wildcards.
+_eval_retriever = retriever_placement.describe(config, "evaluate")
+_eval_retriever = _eval_retriever.replace("{", "{{").replace("}", "}}")
+EVAL_MESSAGE = (
+    f"evaluate {{wildcards.model}} ({{input.model}}) on {{wildcards.split}} ({config['eval']['engine']}) on {{resources.gpu}} GPU(s), "
+    f"{{resources.mem_mb}} MB, {{resources.runtime}} min; {_eval_retriever}"
 )
 
 

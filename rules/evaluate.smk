@@ -14,12 +14,13 @@ EVAL_KEYS = [
     *EVAL_AGENT_SETTINGS,
     *RETRIEVER_SETTINGS,
     *CLIENT_SETTINGS,
+    *SHARED_SETTINGS,
+    "eval.resources.gpus",  # the engine's GPUs: the split between it and the retriever
     # the SGLang server: in the slime image, at training's memory share, tensor parallel over its GPUs
     *(
         [
             "agent.sglang_input",
             "agent.skip_special_tokens",
-            "eval.resources.gpus",
             "train.slime.sglang_mem_fraction_static",
             "train.slime.container_runtime",
             "train.slime.image",
@@ -79,6 +80,8 @@ rule evaluate:
         # a run's RL model is evaluated under its run's effective config (its experiment's agent settings),
         # the base model and eval.models under the config (common.smk: eval_params)
         **EVAL_PARAMS,
+    message:
+        EVAL_MESSAGE
     script:
         "../scripts/evaluate.py"
 

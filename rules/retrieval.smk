@@ -145,13 +145,21 @@ rule retriever_check:
     threads: RES["retriever_check"]["cpus"]
     resources:
         **job_resources("retriever_check"),
-        gpu=RETRIEVER_GPUS,
+        gpu=CHECK_GPUS,
     params:
-        **settings("seed", "retriever.topk", *RETRIEVER_SETTINGS, *CLIENT_SETTINGS),
+        **settings(
+            "seed",
+            "retriever.topk",
+            *RETRIEVER_SETTINGS,
+            *CLIENT_SETTINGS,
+            *RETRIEVER_ONLY_SETTINGS,
+        ),
     script:
         "../scripts/retriever_check.py"
 
 
+# The benchmark lives beside the package (benchmarks/retriever/, not installed): the checkout's root goes on
+# PYTHONPATH (params.checkout: a path, not a setting), so the rule runs from any --directory.
 rule bench_retriever:
     """Benchmark: batched server vs per-request baseline at 1/32/256 concurrent clients (not part of `all`)."""
     output:
@@ -165,5 +173,8 @@ rule bench_retriever:
     threads: RES["bench_retriever"]["cpus"]
     resources:
         **job_resources("bench_retriever"),
+    params:
+        checkout=workflow.basedir,
     shell:
-        "python -m searchr1.retrieval bench --out {output} > {log} 2>&1"
+        "PYTHONPATH={params.checkout:q}${{PYTHONPATH:+:$PYTHONPATH}} "
+        "python -m benchmarks.retriever.cpu --out {output} > {log} 2>&1"

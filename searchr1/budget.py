@@ -250,10 +250,10 @@ def need_bytes(cfg: Mapping[str, Any], step: str) -> float:
 def jobs(cfg: Mapping[str, Any]) -> list[Job]:
     """GPU, CPU, memory and time requests of the GPU and long jobs (the rules' resources come from the same
     keys; rules/common.smk)."""
+    from searchr1.retrieval.placement import job_gpus
+
     res, train, ev = cfg["resources"], cfg["train"], cfg["eval"]
-    ret_gpus = 0 if cfg["retriever"]["url"] else cfg["retriever"]["gpus"]
-    slime = train["slime"]
-    train_gpus = slime["nodes"] * slime["gpus_per_node"] if train["backend"] == "slime" else train["resources"]["gpus"]
+    nodes = train["slime"]["nodes"] if train["backend"] == "slime" else 1
     rows = []
     if cfg["scale"] != "toy":
         rows += [
@@ -270,19 +270,21 @@ def jobs(cfg: Mapping[str, Any]) -> list[Job]:
         ib = res["index_build"]
         rows.append(Job("build_index", 1, ib["gpus"], ib["cpus"], ib["mem_mb"], ib["runtime_min"]))
     rc = res["retriever_check"]
-    rows.append(Job("retriever_check", 1, ret_gpus, rc["cpus"], rc["mem_mb"], rc["runtime_min"]))
+    rows.append(
+        Job("retriever_check", 1, job_gpus(cfg, "retriever_check"), rc["cpus"], rc["mem_mb"], rc["runtime_min"])
+    )
     if uses_container(cfg):
         d = res["download"]
         rows.append(Job("container_image", 1, 0, d["cpus"], d["mem_mb"], d["runtime_min"]))
     tr = train["resources"]
     n_runs = len(runs(cfg))  # one train job per run (experiments x train.seeds)
-    rows.append(Job("train", n_runs, train_gpus + ret_gpus, tr["cpus"], tr["mem_mb"], tr["runtime_min"]))
+    rows.append(Job("train", n_runs, nodes * job_gpus(cfg, "train"), tr["cpus"], tr["mem_mb"], tr["runtime_min"]))
     er = ev["resources"]
     rows.append(
         Job(
             "evaluate",
             (1 + n_runs + len(ev["models"])) * len(ev["splits"]),
-            er["gpus"] + ret_gpus,
+            job_gpus(cfg, "evaluate"),
             er["cpus"],
             er["mem_mb"],
             er["runtime_min"],
@@ -342,7 +344,33 @@ def format_plan(cfg: Mapping[str, Any]) -> str:
         f"    GPU-hours requested: {gpu_hours:,.0f} in all, {train_hours:,.0f} of them training "
         f"({n_runs} run{'s' if n_runs > 1 else ''}; requests are upper bounds)"
     )
+    lines += ["", f"  retriever placement: {cfg['retriever']['placement'] if not cfg['retriever']['url'] else 'url'}"]
+    lines += placement_lines(cfg)
     return "\n".join(lines)
+
+
+def placement_lines(cfg: Mapping[str, Any]) -> list[str]:
+    """Where each job's retriever runs; under shared, its memory per GPU against what SGLang leaves on a
+    ``budget.gpu_memory_gb`` GPU (the check the jobs repeat on their real GPUs)."""
+    from searchr1.retrieval.placement import GB, check_shared_fit, describe, placement, retriever_gpus
+
+    lines = [f"    {job:<16}{describe(cfg, job)}" for job in ("train", "evaluate", "retriever_check")]
+    if placement(cfg) == "shared":
+        gpu = cfg["budget"]["gpu_memory_gb"] * GB
+        beside_sglang = [("train", cfg["train"]["backend"] == "slime"), ("evaluate", cfg["eval"]["engine"] == "sglang")]
+        for job, applies in beside_sglang:
+            if not applies:
+                continue
+            n = retriever_gpus(cfg, job)
+            try:
+                f = check_shared_fit(cfg, job, [gpu] * n, source="budget.gpu_memory_gb")
+                lines.append(
+                    f"    {job}: {f['need_per_gpu'] / GB:.1f} GB per GPU fits in the {f['room_per_gpu'] / GB:.1f} GB "
+                    f"SGLang leaves on a {gpu / GB:.0f} GB GPU (checked again on the job's GPUs)"
+                )
+            except Exception as e:  # the plan shows it; rules/common.smk and `searchr1 plan` refuse
+                lines.append(f"    {job}: DOES NOT FIT: {e}")
+    return lines
 
 
 def existing_bytes(path: str | Path) -> int:

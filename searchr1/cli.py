@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 
 def _load(argv: list[str]) -> dict | None:
-    """config.yaml with the files of ``argv`` on top, validated; None (the problems printed) if invalid."""
-    from searchr1.config import ConfigError, load_config
-    from searchr1.experiments import validate_experiments
+    """config.yaml (the packaged one) with the files of ``argv`` on top, validated with every experiment's
+    merged config, as the workflow checks them; None (the problems printed) if invalid."""
+    from searchr1.config import ConfigError, default_config, validate_experiments
 
     try:
-        cfg = load_config(Path(__file__).resolve().parents[1] / "config.yaml", *argv)
-        validate_experiments(cfg)  # every experiment's merged config, as the workflow checks it
+        cfg = default_config(*argv)
+        validate_experiments(cfg)
         return cfg
     except ConfigError as err:
         print(err, file=sys.stderr)
@@ -42,11 +41,16 @@ def _config(argv: list[str]) -> int:
 
 def _plan(argv: list[str]) -> int:
     from searchr1.budget import format_plan
+    from searchr1.retrieval.placement import plan_check
 
     cfg = _load(argv)
     if cfg is None:
         return 2
     print(format_plan(cfg))
+    problems = plan_check(cfg)
+    if problems:
+        print("retriever placement:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 2
     return 0
 
 

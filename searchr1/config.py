@@ -16,7 +16,13 @@ from typing import Any, ClassVar
 import jsonschema
 import yaml
 
+from searchr1.experiments import Run, is_run_model_name, override_problems, runs, train_seeds
+
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.yaml"
+# The recipe's defaults shipped with the package (package data, see pyproject.toml). In a checkout these are
+# symbolic links to the root config.yaml and config.toy.yaml, the files the Snakefile reads and users edit:
+# one source of truth, which a build copies into the wheel, so an installed package never reads a checkout.
+DEFAULTS_DIR = Path(__file__).parent / "defaults"
 
 
 class ConfigError(ValueError):
@@ -99,8 +105,6 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
                 f"config key 'eval.splits': split {split!r} is not defined in data.splits "
                 f"({', '.join(cfg['data']['splits'])})"
             )
-    from searchr1.experiments import is_run_model_name, override_problems, train_seeds
-
     for name in ev["models"]:
         if name == "base" or is_run_model_name(name):
             problems.append(
@@ -160,11 +164,52 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
             )
     if cfg["scale"] == "toy" and "toy" not in cfg:
         problems.append("config key 'toy': required when scale is 'toy'")
+    problems += _placement_problems(cfg)
     if train["save_hf_interval"] is not None and train["save_hf_interval"] % train["save_interval"]:
         problems.append(
             f"config key 'train.save_hf_interval': {train['save_hf_interval']} is not a multiple of "
             f"train.save_interval {train['save_interval']} (an HF export is written only at a checkpoint)"
         )
+    return problems
+
+
+def _placement_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """``retriever.placement`` against ``retriever.gpus``, the backend and the scale (docs/placement.md); whether a
+    shared retriever fits beside SGLang is the plan's check (searchr1.retrieval.placement.plan_check)."""
+    ret = cfg["retriever"]
+    if ret["url"]:
+        return []  # the jobs start no retriever
+    where, gpus, backend = ret["placement"], ret["gpus"], ret["backend"]
+    problems = []
+    if where == "dedicated" and gpus < 1:
+        problems.append("config key 'retriever.gpus': placement 'dedicated' needs at least 1 GPU for the retriever")
+    if where != "dedicated" and gpus:
+        problems.append(
+            f"config key 'retriever.gpus': {gpus} GPU(s) only apply to placement 'dedicated', but placement is "
+            f"{where!r} (set it to 0, or placement: dedicated)"
+        )
+    if where == "cpu" and backend == "faiss_gpu":
+        problems.append("config key 'retriever.backend': 'faiss_gpu' cannot run under retriever.placement 'cpu'")
+    if where == "shared" and backend not in ("auto", "torch"):
+        problems.append(
+            f"config key 'retriever.backend': placement 'shared' runs the torch backend (the fp16 layout whose "
+            f"memory it checks), not {backend!r}; set backend: auto or torch"
+        )
+    if where == "shared":
+        train = cfg["train"]
+        own = train["slime"]["gpus_per_node"] if train["backend"] == "slime" else train["resources"]["gpus"]
+        if own < 1:
+            problems.append(
+                "config key 'retriever.placement': 'shared' shards the index over the training GPUs, and "
+                f"train.backend {train['backend']!r} has none (train.resources.gpus 0)"
+            )
+        if cfg["eval"]["resources"]["gpus"] < 1:
+            problems.append(
+                "config key 'retriever.placement': 'shared' shards the index over each job's GPUs, and the "
+                "evaluation has none (eval.resources.gpus 0)"
+            )
+    if cfg["scale"] == "toy" and where != "cpu":
+        problems.append(f"config key 'retriever.placement': the toy world runs on the CPU, got {where!r}")
     return problems
 
 
@@ -180,8 +225,6 @@ def resolve_derived(cfg: dict[str, Any]) -> dict[str, Any]:
     if slime and slime.get("rollout_num_gpus") is None and slime.get("colocate"):
         slime["rollout_num_gpus"] = slime["nodes"] * slime["gpus_per_node"]
     if cfg["train"]["seed"] is None:  # the first run's seed (each run's config sets its own: searchr1.experiments)
-        from searchr1.experiments import train_seeds
-
         cfg["train"] = {**cfg["train"], "seed": train_seeds(cfg)[0]}
     return cfg
 
@@ -260,6 +303,17 @@ def load_config(*paths: str | Path, overrides: Mapping[str, Any] | None = None) 
     return validate_config(merged)
 
 
+def default_config_paths(*, toy: bool = False) -> list[Path]:
+    """The packaged config.yaml, plus config.toy.yaml on top with ``toy``."""
+    return [DEFAULTS_DIR / "config.yaml", *([DEFAULTS_DIR / "config.toy.yaml"] if toy else [])]
+
+
+def default_config(*paths: str | Path, toy: bool = False) -> dict[str, Any]:
+    """The packaged recipe (the toy's with ``toy``), the files of ``paths`` on top, validated: the defaults of
+    the command-line tools, so a command run by hand and a job of the workflow agree."""
+    return load_config(*default_config_paths(toy=toy), *paths)
+
+
 def config_value(cfg: Mapping[str, Any], key: str) -> Any:
     """The value of the dotted ``key`` (``train.torch.device``) in ``cfg``."""
     node: Any = cfg
@@ -288,3 +342,31 @@ class FromConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **extra: Any) -> Any:
         return settings_from_config(cls, cfg, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs (experiments x train.seeds, searchr1.experiments): each run's effective config
+# ----------------------------------------------------------------------------------------------
+
+
+def run_config(cfg: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """The effective config of ``run``: ``cfg`` merged with its experiment's overrides, validated, with
+    ``train.seed`` = the run's seed and, with several runs, its own work directory."""
+    overrides = cfg["experiments"][run.experiment]
+    merged = deep_merge(cfg, overrides)
+    merged["train"]["seed"] = run.seed
+    try:
+        merged = validate_config(merged)
+    except ConfigError as err:
+        raise ConfigError(f"experiment {run.experiment!r} (seed {run.seed}): {err}") from None
+    if not run.single:
+        merged["work_dir"] = f"{cfg['work_dir']}/runs/{run.experiment}/seed{run.seed}"
+    return merged
+
+
+def validate_experiments(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Check every experiment's overrides and its merged config; return the runs' effective configs."""
+    problems = override_problems(cfg)
+    if problems:
+        raise ConfigError("invalid experiments:\n  - " + "\n  - ".join(problems))
+    return [run_config(cfg, run) for run in runs(cfg)]

@@ -386,11 +386,11 @@ class SGLangEngine:
         self,
         base_url: str,
         *,
+        skip_special_tokens: bool,  # the config's agent.skip_special_tokens (false: slime's default)
         concurrency: int = 256,
         timeout_s: float = 600,
         max_retries: int = 2,
         backoff_s: float = 1.0,
-        skip_special_tokens: bool = False,  # slime's default (--rollout-skip-special-tokens unset)
         input_mode: str = "text",
     ) -> None:
         input_fields(GenerationRequest(input_ids=[0], max_new_tokens=1), input_mode)  # validates the mode

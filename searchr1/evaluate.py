@@ -2,7 +2,8 @@
 
 The evaluation reuses the training path exactly: the parquet row's ``prompt`` messages through the
 model's chat template, ``searchr1.agent.run_agent`` with the training agent settings, and the seed's
-reward ``searchr1.reward.em_score`` on prompt + response. Only the sampling differs (greedy, 1 sample).
+reward ``searchr1.reward.em_score`` on prompt + response (exact match, whatever ``reward.*`` trains on, as
+Search-R1 validates). Only the sampling differs (greedy, 1 sample).
 
 Resumability. Progress goes to ``<split>.partial.jsonl`` beside ``out_jsonl`` (a file Snakemake does
 not own, so it survives a failed job), one fsync'd append per batch. Batches are fixed slices of the
@@ -403,7 +404,7 @@ def evaluate_split(
     device: str = "cpu",
     sglang_url: str | None = None,
     sglang_input_mode: str = "text",
-    sglang_skip_special_tokens: bool = False,  # slime's default; the workflow passes agent.skip_special_tokens
+    sglang_skip_special_tokens: bool,  # the config's agent.skip_special_tokens (used with engine "sglang")
     partial_dir: str | Path | None = None,
     sglang_wrap: Callable[[list[str]], list[str]] | None = None,
     sglang_tp: int = 1,
@@ -576,13 +577,17 @@ def sglang_server(
 # learning curve
 
 
-def append_curve_point(curve_path: str | Path, *, step: int, split: str, summary: Mapping[str, Any]) -> None:
+def append_curve_point(
+    curve_path: str | Path, *, step: int, split: str, summary: Mapping[str, Any], before_training: bool = False
+) -> None:
     """Write one learning-curve point (an eval of a training checkpoint) to the JSONL file the report plots;
-    a point of the same (step, split) is replaced (searchr1.metrics_file.write_curve_point)."""
+    a point of the same (step, split, before_training) is replaced (searchr1.metrics_file.write_curve_point).
+    ``step`` is slime's rollout id: the point before the first update is step 0 with ``before_training``."""
     from searchr1.metrics_file import write_curve_point
 
     point = {
         "step": int(step),
+        "before_training": bool(before_training),
         "split": split,
         "em": summary["em"],
         "n": summary["n"],

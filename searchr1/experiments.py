@@ -7,6 +7,10 @@
 effective config, so a changed experiment setting reruns only that experiment's runs, and a new seed trains
 only the new runs.
 
+This module names the runs and checks the overrides; it imports no other module of the package, so
+searchr1.config can use it. The runs' effective configs are built and validated there (``run_config``,
+``validate_experiments``).
+
 Paths: the default single run (one experiment, one seed) keeps the single run's paths (``results/train``,
 ``results/models/rl``, evaluation model ``rl``). With several runs, every run lives under
 ``results/runs/<experiment>/seed<seed>/`` (``train/``, ``model/``) and its evaluation is the model
@@ -19,8 +23,6 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from searchr1.config import ConfigError, deep_merge, validate_config
 
 SECTIONS = ("reward", "train", "agent")
 # Keys that change a run's shape (its jobs, machines or the seed list), not what it trains: not per experiment.
@@ -125,29 +127,6 @@ def override_problems(cfg: Mapping[str, Any]) -> list[str]:
             elif not _known(cfg, key):
                 problems.append(f"{where}: unknown key (not a key of the config)")
     return problems
-
-
-def run_config(cfg: Mapping[str, Any], run: Run) -> dict[str, Any]:
-    """The effective config of ``run``: ``cfg`` merged with its experiment's overrides, validated, with
-    ``train.seed`` = the run's seed and, with several runs, its own work directory."""
-    overrides = cfg["experiments"][run.experiment]
-    merged = deep_merge(cfg, overrides)
-    merged["train"]["seed"] = run.seed
-    try:
-        merged = validate_config(merged)
-    except ConfigError as err:
-        raise ConfigError(f"experiment {run.experiment!r} (seed {run.seed}): {err}") from None
-    if not run.single:
-        merged["work_dir"] = f"{cfg['work_dir']}/runs/{run.experiment}/seed{run.seed}"
-    return merged
-
-
-def validate_experiments(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Check every experiment's overrides and its merged config; return the runs' effective configs."""
-    problems = override_problems(cfg)
-    if problems:
-        raise ConfigError("invalid experiments:\n  - " + "\n  - ".join(problems))
-    return [run_config(cfg, run) for run in runs(cfg)]
 
 
 def override_keys(overrides: Mapping[str, Any]) -> list[str]:

@@ -30,14 +30,21 @@ def truncate_metrics(metrics_path: str | Path, completed_steps: int) -> int:
     return len(kept)
 
 
+def _curve_key(point: Mapping[str, Any]) -> tuple[Any, Any, bool]:
+    # slime numbers the evaluation before the first update and the one after rollout 0 both 0 (rollout ids):
+    # with eval.interval 1 both exist, told apart by before_training
+    return point.get("step"), point.get("split"), bool(point.get("before_training", False))
+
+
 def write_curve_point(curve_path: str | Path, point: Mapping[str, Any]) -> None:
     """Write one learning-curve point (``{"step", "split", "em", ...}``) to the curve file. A point of the same
-    (step, split) already there, from a run that was killed after it and resumed, is replaced, not duplicated."""
+    (step, split, before_training) already there, from a run that was killed after it and resumed, is replaced,
+    not duplicated."""
     path = Path(curve_path)
-    key = (int(point["step"]), point["split"])
+    key = _curve_key({**point, "step": int(point["step"])})
     kept = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and (json.loads(line).get("step"), json.loads(line).get("split")) != key:
+            if line.strip() and _curve_key(json.loads(line)) != key:
                 kept.append(line)
     write_text_atomic(path, "".join(f"{line}\n" for line in [*kept, json.dumps(dict(point))]))

@@ -112,7 +112,7 @@ def load_curve_points(curve_path: Path, splits: Sequence[str]) -> dict[str, list
 
 def load_curve(curve_path: Path, splits: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
     """Learning-curve points per split. A line is {"step", "split", "em", ...} (evaluate.append_curve_point),
-    {"step", "dataset", "reward_mean", ...} (slime's eval log hook; the reward is EM), or
+    {"step", "dataset", "reward_mean", ...} (an older slime eval log hook line; its eval reward is EM), or
     {"step", "<split>" or "eval/<split>": em, ...}."""
     points: dict[str, list[tuple[int, float]]] = {s: [] for s in splits}
     for i, row in enumerate(read_jsonl(_require(curve_path))):
@@ -198,7 +198,7 @@ def plot_curve(curve: Mapping[str, list[tuple[int, float]]], path: Path) -> None
 
 # (plot name, metrics key, title, y label) of the per-rollout training plots
 _TRAIN_PLOTS = (
-    ("reward", "reward_mean", "Mean reward (exact match) per rollout step", "mean raw reward"),
+    ("reward", "reward_mean", "Mean training reward per rollout step", "mean raw reward"),
     ("response_length", "response_len_mean", "Mean response length per rollout step", "model tokens per response"),
     ("searches", "searches_mean", "Mean searches per response per rollout step", "searches per response"),
 )
@@ -345,12 +345,18 @@ def training_summary(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
     wall = sum(float(r.get("wall_time_s", 0.0)) for r in metrics)
     lines = [
         f"- rollout steps: {n} (steps {first['step']}–{last['step']})",
-        f"- reward: first step {first['reward_mean']:.3f}, last step {last['reward_mean']:.3f}; "
+        f"- training reward: first step {first['reward_mean']:.3f}, last step {last['reward_mean']:.3f}; "
         f"mean of the first {k} steps {mean(metrics[:k], 'reward_mean'):.3f}, of the last {k} "
         f"{mean(metrics[-k:], 'reward_mean'):.3f}",
         f"- response length (model tokens): first {first['response_len_mean']:.1f}, "
         f"last {last['response_len_mean']:.1f}",
     ]
+    if all("em_mean" in r for r in metrics):  # the same rollouts' exact match (differs under a shaped reward)
+        lines.append(
+            f"- exact match of the training rollouts: first step {first['em_mean']:.3f}, last step "
+            f"{last['em_mean']:.3f}; mean of the first {k} steps {mean(metrics[:k], 'em_mean'):.3f}, of the last "
+            f"{k} {mean(metrics[-k:], 'em_mean'):.3f}"
+        )
     if "searches_mean" in first and "searches_mean" in last:
         lines.append(f"- searches per response: first {first['searches_mean']:.2f}, last {last['searches_mean']:.2f}")
     lines.append(f"- training wall time (sum of per-step times): {_duration(wall)}")
@@ -424,7 +430,7 @@ def examples_markdown(
     rows: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
     splits: Sequence[str],
     n_examples: int,
-    compare: Sequence[str] = ("base", "rl"),
+    compare: Sequence[str],
 ) -> str:
     first, second = compare
     a_name, b_name = model_name(first), model_name(second)
@@ -470,12 +476,12 @@ def render_report(
     plots_dir: str | Path,
     scale: str,
     record: Mapping[str, Any],
+    compare: Sequence[str],
     final_path: str | Path | None = None,
     provenance_json: str | Path | None = None,
     curve_path: str | Path | None = None,
     n_examples: int = DEFAULT_EXAMPLES,
     models: Sequence[str] = MODELS,
-    compare: Sequence[str] = ("base", "rl"),
     curve_every: int | None = None,
 ) -> None:
     """Render results/headline.md, the plots and results/examples.md from the eval and training files.
@@ -538,7 +544,8 @@ def render_report(
         "",
         *headline_table(summaries, published, splits, comparable, models),
         "",
-        "EM is Search-R1's reward (the last `<answer>` of prompt + response, SQuAD-normalised exact match); "
+        "EM is Search-R1's exact match (the last `<answer>` of prompt + response, SQuAD-normalised), the "
+        "training reward when every reward.* score is 0; "
         "the interval is the 95% Wilson score interval. Published numbers are the seed run's "
         "(Qwen2.5-3B, slime GRPO, 3000 rollouts). "
         + (
@@ -565,7 +572,7 @@ def render_report(
         "",
     ]
     titles = {
-        "reward": "Mean reward per rollout step",
+        "reward": "Mean training reward per rollout step",
         "response_length": "Mean response length per rollout step",
         "searches": "Mean searches per rollout step",
         "em_curve": "Held-out EM during training",

@@ -12,15 +12,23 @@ kept on purpose because the published numbers were produced with them:
 
 ``em_score_response_only`` is a stricter diagnostic (answer taken from the response alone); it is
 never the training reward.
+
+``compute_score_em`` is Search-R1's format-aware reward (``verl/utils/reward_score/qa_em_format.py`` at
+PeterGriffinJin/Search-R1 a14dc3a): with its three scores 0 (the config's ``reward:`` defaults, the seed recipe)
+it equals ``em_score``. ``RewardSettings`` holds the three scores of the ``reward:`` config section; both training
+backends score rollouts with ``RewardSettings.score`` and evaluation always with ``em_score``.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_INFORMATION_RE = re.compile(r"<information>(.*?)</information>", re.DOTALL)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
 
@@ -142,3 +150,150 @@ def is_valid_sequence(text: str) -> tuple[bool, str]:
     if state != "end":
         return False, f"Incomplete sequence, ended in state {state}"
     return True, "Valid sequence format"
+
+
+# ----------------------------------------------------------------------------------------------
+# Search-R1's format-aware reward (verl/utils/reward_score/qa_em_format.py, PeterGriffinJin/Search-R1 a14dc3a)
+# ----------------------------------------------------------------------------------------------
+
+# slime's reward dict keys (searchr1.slime_plugin.reward_func; --reward-key / --eval-reward-key): the training
+# reward and the exact match evaluation reads.
+TRAINING_REWARD_KEY = "score"
+EM_REWARD_KEY = "em"
+
+# Well-formed responses for RewardSettings.check_prompt: one of them is format-valid behind any prompt that
+# ends with the assistant marker, or with an opened <think> or a closed think block (templates that add one).
+_CANARY_RESPONSES = (
+    "<think> x </think>\n<answer> x </answer>",
+    " x </think>\n<answer> x </answer>",
+    "<answer> x </answer>",
+)
+
+
+def extract_information_blocks(text: str) -> list[str]:
+    """The stripped contents of every ``<information>...</information>`` in ``text`` (prompt included)."""
+    return [block.strip() for block in _INFORMATION_RE.findall(text)]
+
+
+def is_retrieval_correct(text: str, golden_answers: str | Iterable[str]) -> bool:
+    """Search-R1's retrieval check: a normalised golden answer is a substring of a normalised ``<information>``
+    block of the whole text. A plain substring test, as upstream: "1" is found in "Doc 1", and a golden answer
+    that normalises to "" (e.g. "the") is found in any block; the prompt's own "between <information> and
+    </information>" is a block (" and ") too."""
+    answers = [normalize_answer(g) for g in _as_answer_list(golden_answers)]
+    return any(answer in normalize_answer(block) for block in extract_information_blocks(text) for answer in answers)
+
+
+def compute_score_em(
+    solution_str: str,
+    ground_truth: Mapping[str, Any],
+    *,
+    structure_format_score: float = 0,
+    final_format_score: float = 0,
+    retrieval_score: float = 0,
+    score: float = 1.0,
+) -> float:
+    """Search-R1's ``compute_score_em`` (qa_em_format.py, a14dc3a) on ``solution_str`` = chat-templated prompt +
+    response, with ``ground_truth = {"target": [golden answers]}``.
+
+    The keyword defaults are Search-R1's own (its signature), not a second home of the config's ``reward:``
+    values: the workflow always passes those (``RewardSettings.score``). Upstream also takes ``method`` and
+    ``format_score`` and ignores both; they are not accepted here, so a caller that means a format score gets
+    a TypeError instead of silent pure EM (slime's example passes ``format_score=0.2`` and trains on EM).
+
+    ==============================  ==========================  ==================================
+    answer (last of >= 2 matches)   format valid                format invalid
+    ==============================  ==========================  ==================================
+    exact match                     ``score``                   ``score - structure_format_score``
+    wrong                           ``structure_format_score``  ``final_format_score``
+                                    (``+ retrieval_score`` if
+                                    a golden answer is in an
+                                    ``<information>`` block)
+    none (< 2 ``<answer>`` tags)    as "wrong"                  0
+    ==============================  ==========================  ==================================
+    """
+    try:
+        target = ground_truth["target"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"ground_truth must be {{'target': [golden answers]}}, got {str(ground_truth)[:200]}") from exc
+    valid, _ = is_valid_sequence(solution_str)
+    retrieval_correct = valid and is_retrieval_correct(solution_str, target)
+    answer = extract_answer(solution_str)
+    if answer is not None and em_check(answer, target):
+        return score if valid else score - structure_format_score
+    if valid:
+        return structure_format_score + retrieval_score if retrieval_correct else structure_format_score
+    return final_format_score if answer is not None else 0.0
+
+
+class RewardConfigError(ValueError):
+    """The reward settings cannot work with this prompt (the message says why and what to change)."""
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """The ``reward:`` config section: Search-R1's three scores of ``compute_score_em`` (all 0 = exact match)."""
+
+    structure_format_score: float
+    final_format_score: float
+    retrieval_score: float
+
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {
+        "structure_format_score": "reward.structure_format_score",
+        "final_format_score": "reward.final_format_score",
+        "retrieval_score": "reward.retrieval_score",
+    }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> RewardSettings:
+        # searchr1.config imported here: the slime plugin imports this module inside slime's image
+        from searchr1.config import settings_from_config
+
+        return settings_from_config(cls, cfg)
+
+    @property
+    def is_exact_match(self) -> bool:
+        """All three scores 0: the reward is ``em_score`` (the seed recipe)."""
+        return not (self.structure_format_score or self.final_format_score or self.retrieval_score)
+
+    def score(self, text: str, golden_answers: str | Iterable[str]) -> float:
+        """The training reward of ``text`` (chat-templated prompt + response)."""
+        if self.is_exact_match:
+            return em_score(text, golden_answers)
+        return compute_score_em(
+            text,
+            {"target": _as_answer_list(golden_answers)},
+            structure_format_score=self.structure_format_score,
+            final_format_score=self.final_format_score,
+            retrieval_score=self.retrieval_score,
+        )
+
+    def check_prompt(self, prompt_text: str) -> None:
+        """Refuse a format-aware reward behind a prompt under which no response can be format-valid.
+
+        Search-R1's ``is_valid_sequence`` reads the text after the first ``<|im_start|>assistant`` (the Qwen chat
+        template's generation prompt): without that marker, or with more prompt text after it, every sequence is
+        invalid and the format scores would silently turn into a constant penalty. Checked by scoring well-formed
+        responses behind ``prompt_text``: the prompt is refused when none of them is valid.
+        """
+        if self.is_exact_match:
+            return
+        verdicts = [is_valid_sequence(prompt_text + response) for response in _CANARY_RESPONSES]
+        if any(valid for valid, _ in verdicts):
+            return
+        reason = verdicts[0][1]
+        nonzero = ", ".join(
+            f"reward.{name} = {getattr(self, name)}" for name in self.CONFIG_KEYS if getattr(self, name)
+        )
+        if _ASSISTANT_RE.search(prompt_text) is None:
+            why = (
+                "the chat-templated prompt has no '<|im_start|>assistant' marker (the tokenizer's chat template is "
+                "not Qwen's ChatML)"
+            )
+        else:
+            why = f"the prompt's text after its first '<|im_start|>assistant' marker is not a response ({reason[:160]})"
+        raise RewardConfigError(
+            f"{nonzero}, but {why}: Search-R1's is_valid_sequence would score every sequence as format-invalid. "
+            f"Set the reward.* scores to 0 (exact match) or use a policy whose chat template ends the prompt with "
+            f"'<|im_start|>assistant'. Prompt ends with: {prompt_text[-120:]!r}"
+        )

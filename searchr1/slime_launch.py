@@ -1,11 +1,13 @@
 """Build and run the slime command lines for the Search-R1 recipe (Ray cluster + `ray job submit`).
 
 ``build_plan(cfg, paths=...)`` turns the config into argument lists (never shell strings): a Ray head,
-one Ray worker per extra SLURM node (``srun --nodes=1 --ntasks=1 -w <node>``), the ``ray job submit``
-of slime's ``train.py`` with every recipe flag, each wrapped in the container runtime, and a
-fallback ``ray stop``. ``run_plan`` executes it and always stops what it started. Unlike slime's
-example script, nothing here kills processes by name: only the processes this module started, by
-their handles.
+one Ray worker per extra SLURM node (``srun --nodes=1 --ntasks=1 -w <node>`` with the node's resources;
+the prefix is injectable), a pre-flight check per node, the ``ray job submit`` of slime's ``train.py``
+with every recipe flag, each wrapped in the container runtime. ``run_plan`` executes it: it waits until
+every node has joined with its GPUs (``searchr1.cluster``), runs the pre-flight from every node, watches
+the workers while slime runs, and always stops what it started. Unlike slime's example script, nothing
+here kills processes by name: only the processes this module started, by their handles, and what is left
+of this job's own Ray (its per-job ``--temp-dir``).
 
 Flag names are checked against THUDM/slime 624b824a ``slime/utils/arguments.py``; the Megatron flags
 (parallelism, recompute, optimizer, dropout) are the ones slime's ``examples/search-r1/run_qwen2.5_3B.sh``
@@ -24,13 +26,15 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from searchr1.process import http_ok, managed_process, sigterm_raises
+from searchr1.cluster import NODE_RESOURCE_PREFIX, ClusterError, WorkerWatch, preflight, stop_job_ray, wait_for_nodes
+from searchr1.process import free_port, http_ok, log_tail, managed_process, sigterm_raises, stop_process_group
+from searchr1.reward import EM_REWARD_KEY, TRAINING_REWARD_KEY, RewardSettings
 
 PLUGIN = "searchr1.slime_plugin"
 DASHBOARD_HOST = "127.0.0.1"
@@ -118,6 +122,21 @@ class ClusterInfo:
     head_ip: str
     worker_hosts: list[str]
 
+    @property
+    def hosts(self) -> list[str]:
+        return [self.head_host, *self.worker_hosts]
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` is a loopback IP (127.0.0.0/8, ::1): Debian's ``127.0.1.1 <hostname>`` hosts entry
+    makes a node's own name resolve to one."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
 
 def slurm_hostnames(nodelist: str) -> list[str]:
     """Expand a SLURM node list (``node[01-03]``) with ``scontrol show hostnames``."""
@@ -143,8 +162,55 @@ def cluster_from_env(
     if len(hosts) < nodes:
         raise LaunchError(f"train.slime.nodes is {nodes} but the SLURM allocation has {len(hosts)}: {hosts}")
     head = hosts[0]
-    head_ip = env.get("MASTER_ADDR") or env.get("SLIME_HOST_IP") or resolve_ip(head)
+    given = env.get("MASTER_ADDR") or env.get("SLIME_HOST_IP")
+    head_ip = given or resolve_ip(head)
+    if is_loopback(head_ip):
+        source = "MASTER_ADDR/SLIME_HOST_IP" if given else f"the name {head!r} (resolved on this node)"
+        raise LaunchError(
+            f"train.slime.nodes is {nodes} but the head's address from {source} is the loopback address "
+            f"{head_ip}, which the other nodes cannot reach (Debian-style hosts files map the own hostname to "
+            "127.0.1.1); set MASTER_ADDR (or SLIME_HOST_IP) to the head's address on the cluster network"
+        )
     return ClusterInfo(head_host=head, head_ip=head_ip, worker_hosts=hosts[1:nodes])
+
+
+def srun_prefix(resources: Mapping[str, Any], gpus_per_node: int) -> Callable[[str], list[str]]:
+    """The prefix that runs a command on one node of the train job's allocation: a SLURM step with that node's
+    share of the job (``train.resources`` cpus and mem_mb are per node; ``gpus_per_node``).
+
+    The resources are explicit because since SLURM 22.05 a step no longer inherits the job's
+    ``--cpus-per-task``: without them a worker's whole Ray runtime could be put on one CPU. ``--overlap``
+    because the job's own first step (the one running this launcher) may already hold the allocation's
+    resources, and a step that may not share them would wait for them forever; the explicit sizes keep
+    each step to its node's share. ``--exact`` is not needed: one task per step, with its CPUs given.
+    """
+    cpus = int(resources["cpus"])
+    mem_mb = int(resources["mem_mb"])
+
+    def prefix(host: str) -> list[str]:
+        out = [
+            "srun",
+            "--nodes=1",
+            "--ntasks=1",
+            "-w",
+            host,
+            "--overlap",
+            f"--cpus-per-task={cpus}",
+            f"--mem={mem_mb}M",
+        ]
+        if gpus_per_node:
+            out.append(f"--gres=gpu:{gpus_per_node}")
+        return out
+
+    return prefix
+
+
+@dataclass
+class NodeCheck:
+    """The pre-flight of one node: ``command`` runs ``searchr1/node_check.py`` there (through the node's prefix)."""
+
+    host: str
+    command: list[str]
 
 
 @dataclass
@@ -152,21 +218,45 @@ class LaunchPlan:
     head_start: list[str]
     worker_starts: list[list[str]]
     submit: list[str]
-    stop: list[str]
+    stop: list[str] | None  # docker: stop the head's container; else None (the per-job Ray temp dir is enough)
     dashboard_url: str
     custom_config: dict[str, Any]
     make_dirs: list[str]
     save_dir: str
     metrics_path: str
+    gpus_per_node: int  # the GPUs every node must bring before the job is submitted
+    join_timeout_s: float  # how long to wait for them, and for each node's pre-flight (multi-node)
+    worker_hosts: list[str] = field(default_factory=list)  # one per worker_starts entry
+    head_host: str = "localhost"
+    ray_temp_dir: str | None = None  # this job's Ray --temp-dir: what is left under it is this job's
+    node_checks: list[NodeCheck] = field(default_factory=list)  # the pre-flight, head first (multi-node)
+    preflight_dir: str | None = None
+    preflight_token: str = ""
 
     def commands(self) -> list[list[str]]:
-        return [self.head_start, *self.worker_starts, self.submit, self.stop]
+        return [
+            self.head_start,
+            *self.worker_starts,
+            *(c.command for c in self.node_checks),
+            self.submit,
+            *([self.stop] if self.stop else []),
+        ]
 
     def to_shell(self) -> str:
         """One ``shlex.join`` line per command (for ``snakemake -n -p``); workers and head run in the background."""
         lines = [shlex.join(self.head_start) + " &"]
         lines += [shlex.join(w) + " &" for w in self.worker_starts]
-        lines += [shlex.join(self.submit), shlex.join(self.stop)]
+        if self.worker_starts:
+            lines.append(
+                f"# wait until {1 + len(self.worker_starts)} nodes with {self.gpus_per_node} GPUs each "
+                f"have joined (at most {self.join_timeout_s:g} s), then the pre-flight on every node:"
+            )
+        lines += [shlex.join(c.command) for c in self.node_checks]
+        lines.append(shlex.join(self.submit))
+        if self.stop:
+            lines.append(shlex.join(self.stop))
+        if self.ray_temp_dir:
+            lines.append(f"# then: stop what is left of this job's Ray (processes under {self.ray_temp_dir})")
         return "\n".join(lines)
 
 
@@ -365,6 +455,11 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
         "--custom-rollout-log-function-path", f"{PLUGIN}.log_rollout",
         "--custom-config-path", paths.custom_config_path,
     ]  # fmt: skip
+    if not RewardSettings.from_config(cfg).is_exact_match:
+        # a format-aware reward: the plugin's reward is a dict; slime trains on its "score" and evaluates its "em"
+        # (slime/utils/arguments.py:1336-1350 at 624b824a; searchr1.slime_plugin.reward_func says where slime
+        # reads them). All scores 0: neither flag and a float reward, the seed recipe's command exactly.
+        f += ["--reward-key", TRAINING_REWARD_KEY, "--eval-reward-key", EM_REWARD_KEY]
     # learning-curve evals inside training (optional)
     interval = cfg["eval"]["interval"]
     if interval and paths.eval_prompt_data:
@@ -407,6 +502,8 @@ def custom_config(
         "search_concurrency": int(agent["search_concurrency"]),
         "search_input_mode": str(agent["sglang_input"]),
         "search_metrics_path": os.path.abspath(os.fspath(metrics_path)),
+        # the training reward's scores (searchr1.slime_plugin.reward_settings)
+        **{f"search_{name}": float(value) for name, value in asdict(RewardSettings.from_config(cfg)).items()},
     }
     if eval_metrics_path:
         out["search_eval_metrics_path"] = os.path.abspath(os.fspath(eval_metrics_path))
@@ -428,6 +525,13 @@ def write_custom_config(
     return data
 
 
+def ray_temp_dir(env: Mapping[str, str]) -> str:
+    """A Ray ``--temp-dir`` of this job alone (the worker nodes take the head's): short, because Ray's unix
+    sockets live under it and a socket path may not exceed 107 bytes."""
+    job = env.get("SLURM_JOB_ID") or str(os.getpid())
+    return f"/tmp/searchr1-ray-{job}"
+
+
 def build_plan(
     cfg: Mapping[str, Any],
     *,
@@ -435,34 +539,88 @@ def build_plan(
     env: Mapping[str, str] | None = None,
     expand_hostnames: Callable[[str], list[str]] = slurm_hostnames,
     resolve_ip: Callable[[str], str] = socket.gethostbyname,
+    node_prefix: Callable[[str], list[str]] | None = None,
+    pick_port: Callable[[], int | str] | None = None,
+    head_gpus: Sequence[str] | None = None,
 ) -> LaunchPlan:
-    """The full launch as argument lists, from the config, the paths and (multi-node) the SLURM env."""
+    """The full launch as argument lists, from the config, the paths and (multi-node) the SLURM env.
+
+    ``node_prefix(host)`` is what runs a command on another node of the allocation (default: ``srun_prefix``,
+    a SLURM step with the node's resources); the two-node test replaces it by entering a network namespace.
+    ``pick_port()`` gives the Ray ports the config leaves open (null); by default a port free on every
+    interface of this node (the head) right now, so two runs sharing a node do not collide.
+
+    ``head_gpus``: the GPU ids the Ray head may hand to slime (searchr1.retrieval.placement): the job's other
+    GPUs (a dedicated retriever's) stay out of Ray's reach. Apptainer and no container: ``env
+    CUDA_VISIBLE_DEVICES=...`` before ``ray start`` (host ids: ``--nv`` keeps them); docker: the container is
+    given only those GPUs (``--gpus device=...``, renumbered from 0 inside). slime's actors map the ids Ray
+    gives them through CUDA_VISIBLE_DEVICES (slime/utils/accelerator ``resolve_visible_device_id``, 624b824a),
+    so any subset works. The retriever runs on the first node only, so the other nodes' ``ray start`` is left
+    as it is.
+    """
     paths = LaunchPaths.coerce(paths)
+    env = os.environ if env is None else env
     sl = cfg["train"]["slime"]
-    cluster = cluster_from_env(int(sl["nodes"]), env, expand_hostnames=expand_hostnames, resolve_ip=resolve_ip)
-    ray_port = int(sl["ray_port"])
-    dashboard_port = int(sl["dashboard_port"])
+    nodes = int(sl["nodes"])
+    cluster = cluster_from_env(nodes, env, expand_hostnames=expand_hostnames, resolve_ip=resolve_ip)
+    if node_prefix is None:
+        node_prefix = srun_prefix(cfg["train"]["resources"], int(sl["gpus_per_node"]))
+    if pick_port is None:
+        pick_port = lambda: free_port("0.0.0.0")  # noqa: E731
+    ray_port, dashboard_port, client_port, agent_port = (
+        sl[key] or pick_port()
+        for key in ("ray_port", "dashboard_port", "ray_client_server_port", "dashboard_agent_port")
+    )
     gpus = str(sl["gpus_per_node"])
+    temp_dir = ray_temp_dir(env)
     binds = _bind_dirs(paths, sl)
     container_name = f"searchr1-slime-{os.getpid()}" if sl["container_runtime"] == "docker" else None
 
     cluster_env = dict(sl["env"])
 
-    def wrap(command: list[str], name: str | None = None) -> list[str]:
+    def wrap(command: list[str], name: str | None = None, process_env: Mapping[str, str] | None = env) -> list[str]:
         return wrap_in_container(
-            command, sl, binds, name=name, image_file=paths.image_file, env=cluster_env, process_env=env
+            command, sl, binds, name=name, image_file=paths.image_file, env=cluster_env, process_env=process_env
         )
+
+    def node_label(host: str) -> list[str]:
+        # A custom resource naming the node's host in the allocation: the join wait finds each node by it,
+        # whatever interface Ray picked for the node's address.
+        return ["--resources", json.dumps({f"{NODE_RESOURCE_PREFIX}{host}": 1})]
 
     head = [
         "ray", "start", "--head", "--node-ip-address", cluster.head_ip, "--port", str(ray_port),
         "--dashboard-host", DASHBOARD_HOST, "--dashboard-port", str(dashboard_port),
-        "--num-gpus", gpus, "--disable-usage-stats", "--block",
+        "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
+        "--temp-dir", temp_dir, "--num-gpus", gpus, *node_label(cluster.head_host), "--disable-usage-stats", "--block",
     ]  # fmt: skip
+    if head_gpus is not None:
+        if len(head_gpus) != int(gpus):
+            raise LaunchError(
+                f"the Ray head is given {len(head_gpus)} GPU(s) ({','.join(head_gpus) or 'none'}) but "
+                f"train.slime.gpus_per_node is {gpus}"
+            )
+        if sl["container_runtime"] != "docker":
+            head = ["env", f"CUDA_VISIBLE_DEVICES={','.join(head_gpus)}", *head]
+    # docker: the head's container is given the head's GPUs only (searchr1.container.gpu_devices)
+    head_env = None if head_gpus is None else {**env, "CUDA_VISIBLE_DEVICES": ",".join(head_gpus)}
     workers = []
     for host in cluster.worker_hosts:
         start = ["ray", "start", "--address", f"{cluster.head_ip}:{ray_port}", "--num-gpus", gpus,
-                 "--disable-usage-stats", "--block"]  # fmt: skip
-        workers.append(["srun", "--nodes=1", "--ntasks=1", "-w", host, *wrap(start)])
+                 *node_label(host), "--disable-usage-stats", "--block"]  # fmt: skip
+        workers.append([*node_prefix(host), *wrap(start)])
+
+    # Multi-node: the pre-flight, from every node through the prefix and container its Ray runs in.
+    preflight_dir = os.path.join(os.path.dirname(paths.save_hf_dir), ".preflight")
+    token = f"{temp_dir.rsplit('-', 1)[-1]}-{os.urandom(6).hex()}"
+    checks = []
+    if cluster.worker_hosts:
+        script = os.path.join(paths.plugin_pythonpath, "searchr1", "node_check.py")
+        for host in cluster.hosts:
+            check = ["python3", script, "--node", host, "--url", paths.retriever_url, "--dir", preflight_dir,
+                     "--token", token, "--timeout-s", _flag_value(float(cfg["retriever"]["timeout_s"]))]  # fmt: skip
+            prefix = [] if host == cluster.head_host else node_prefix(host)
+            checks.append(NodeCheck(host=host, command=[*prefix, *wrap(check)]))
 
     own_env = {
         "PYTHONPATH": f"{sl['megatron_dir']}:{paths.plugin_pythonpath}",
@@ -486,11 +644,13 @@ def build_plan(
         *ray_entrypoint(train_argv),
     ]  # fmt: skip
     return LaunchPlan(
-        head_start=wrap(head, name=container_name),
+        head_start=wrap(head, name=container_name, process_env=env if head_env is None else head_env),
         worker_starts=workers,
         submit=wrap(submit),
         # docker: a fresh container cannot see the head's processes, so stop the head's container itself.
-        stop=["docker", "stop", container_name] if container_name else wrap(["ray", "stop"]),
+        # Otherwise nothing: `ray stop` would stop every Ray of the user on this node, other jobs' included;
+        # what this job's head leaves behind is found by its own --temp-dir (stop_job_ray).
+        stop=["docker", "stop", container_name] if container_name else None,
         dashboard_url=dashboard_url,
         custom_config=custom_config(cfg, paths.retriever_url, paths.metrics_path, paths.eval_metrics_path),
         make_dirs=[
@@ -502,6 +662,14 @@ def build_plan(
         ],  # fmt: skip
         save_dir=paths.save_dir,
         metrics_path=paths.metrics_path,
+        worker_hosts=list(cluster.worker_hosts),
+        head_host=cluster.head_host,
+        gpus_per_node=int(sl["gpus_per_node"]),
+        join_timeout_s=float(sl["join_timeout_s"]),
+        ray_temp_dir=temp_dir,
+        node_checks=checks,
+        preflight_dir=preflight_dir if checks else None,
+        preflight_token=token,
     )
 
 
@@ -525,15 +693,21 @@ def run_plan(
     *,
     head_timeout_s: float = 600.0,
     stop_grace_s: float = 30.0,
+    poll_interval_s: float = 1.0,
     popen: Callable[..., subprocess.Popen] = subprocess.Popen,
 ) -> int:
-    """Start the head and workers, submit the job (its output streamed to ``log_path``), stop what we started.
+    """Start the head and workers, wait for every node, pre-flight, submit the job (its output streamed to
+    ``log_path``), stop what we started.
 
     Before submitting: the directories exist, and metrics lines past slime's latest checkpoint are
-    dropped (slime resumes at that rollout + 1 and will log them again). Returns the submit's exit status.
+    dropped (slime resumes at that rollout + 1 and will log them again). Multi-node, also before submitting:
+    every node has joined with its GPUs within ``plan.join_timeout_s``, and the pre-flight passed on every
+    node (``searchr1.cluster``); while slime runs, a Ray worker (or the head) that exits stops the submit and
+    raises ClusterError naming its node. Returns the submit's exit status.
     Each process is a ``searchr1.process.managed_process`` (own process group, dies with this job, the
     head waited for until its dashboard answers): on every exit path, SIGTERM from Snakemake/SLURM
-    included, what was started is stopped, newest first, and then ``ray stop`` runs if a head was started.
+    included, what was started is stopped, newest first, and then what is left of this job's Ray (its
+    ``--temp-dir``; docker: the head's container) if a head was started.
     """
     from searchr1.metrics_file import truncate_metrics
 
@@ -551,16 +725,16 @@ def run_plan(
 
         def start_head(*args: Any, **kwargs: Any) -> subprocess.Popen:
             head = popen(*args, **kwargs)
-            # The head runs with --block and gets SIGTERM on the way out; `ray stop` then catches what it left
-            # behind on this node. It runs after every process here is stopped (callbacks run newest first),
-            # also when the head never became healthy, and never when no head was started.
-            started.callback(_ray_stop, plan.stop, log_path)
+            # The head runs with --block and gets SIGTERM on the way out; what it left behind on this node is
+            # stopped after every process here is stopped (callbacks run newest first), also when the head
+            # never became healthy, and never when no head was started.
+            started.callback(_stop_job_ray, plan, log_path)
             return head
 
-        started.enter_context(
+        head = started.enter_context(
             managed_process(
                 plan.head_start,
-                name="the Ray head",
+                name=f"the Ray head on {plan.head_host}",
                 error=LaunchError,
                 startup_timeout_s=head_timeout_s,
                 healthy=lambda: http_ok(f"{plan.dashboard_url}/api/version"),
@@ -568,25 +742,74 @@ def run_plan(
                 **{**common, "popen": start_head},
             )  # fmt: skip
         )
-        for i, worker in enumerate(plan.worker_starts):
-            started.enter_context(managed_process(worker, name=f"Ray worker {i + 1}", **common))
+        hosts = plan.worker_hosts or [f"worker {i + 1}" for i in range(len(plan.worker_starts))]
+        workers = []
+        for host, worker in zip(hosts, plan.worker_starts):
+            workers.append(
+                (host, started.enter_context(managed_process(worker, name=f"Ray worker on {host}", **common)))
+            )
+        if plan.worker_hosts:
+            wait_for_nodes(
+                plan.dashboard_url,
+                [plan.head_host, *plan.worker_hosts],
+                plan.gpus_per_node,
+                timeout_s=plan.join_timeout_s,
+                workers=workers,
+                log_path=log_path,
+                poll_interval_s=poll_interval_s,
+            )
+        if plan.node_checks:
+            assert plan.preflight_dir is not None
+            preflight(
+                plan.node_checks,
+                plan.preflight_dir,
+                plan.preflight_token,
+                timeout_s=plan.join_timeout_s,
+                log_path=log_path,
+            )
         submit = started.enter_context(
             managed_process(plan.submit, name="ray job submit", stdout=subprocess.PIPE, **common)
         )
         assert submit.stdout is not None
-        with open(log_path, "ab") as log:
-            for line in submit.stdout:  # stream to the log and to our stdout
-                log.write(line)
-                log.flush()
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
-        return submit.wait()
+
+        def lost(name: str, rc: int) -> None:
+            with open(log_path, "ab") as log:
+                log.write(f"# {name} exited with status {rc} while slime ran: stopping the job\n".encode())
+            stop_process_group(submit, stop_grace_s)
+
+        watched = [(f"the Ray head on {plan.head_host}", head)] + [(f"the Ray worker on {h}", p) for h, p in workers]
+        with WorkerWatch(watched if plan.worker_hosts else [], lost, poll_interval_s) as watch:
+            with open(log_path, "ab") as log:
+                for line in submit.stdout:  # stream to the log and to our stdout
+                    log.write(line)
+                    log.flush()
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+            rc = submit.wait()
+        if watch.exited:
+            name, code = watch.exited
+            raise ClusterError(
+                f"{name} exited with status {code} while slime ran; last lines of {log_path}:\n" + log_tail(log_path)
+            )
+        return rc
 
 
-def _ray_stop(command: Sequence[str], log_path: Path) -> None:
+def _stop_job_ray(plan: LaunchPlan, log_path: Path) -> None:
     with open(log_path, "ab") as log:
-        subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False,
-                       timeout=120)  # fmt: skip
+        if plan.stop:
+            subprocess.run(
+                list(plan.stop),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                check=False,
+                timeout=120,
+            )
+        if plan.ray_temp_dir:
+            stopped = stop_job_ray(plan.ray_temp_dir)
+            log.write(
+                f"# stopped {len(stopped)} leftover process(es) of this job's Ray ({plan.ray_temp_dir})\n".encode()
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,7 +820,8 @@ _ITER_RE = re.compile(r"^iter_(\d+)$")
 
 
 def final_hf_checkpoint(save_hf_dir: str | Path) -> Path:
-    """The newest ``iter_<rollout_id>`` HF directory slime wrote with --save-hf."""
+    """The newest ``iter_<rollout_id>`` HF directory slime wrote with --save-hf, checked complete
+    (``check_hf_export``): an incomplete one is refused, never passed on as the RL model."""
     root = Path(save_hf_dir)
     found = []
     if root.is_dir():
@@ -607,7 +831,50 @@ def final_hf_checkpoint(save_hf_dir: str | Path) -> Path:
                 found.append((int(match.group(1)), child))
     if not found:
         raise LaunchError(f"no iter_*/ HF checkpoint with a config.json under {root}")
-    return max(found)[1]
+    newest = max(found)[1]
+    check_hf_export(newest)
+    return newest
+
+
+HF_INDEX = "model.safetensors.index.json"
+
+
+def check_hf_export(hf_dir: str | Path) -> None:
+    """Raise LaunchError unless every weight file of the HF checkpoint ``hf_dir`` is there and not empty.
+
+    slime's --save-hf has every node write its own safetensors shards into the same directory, and rank 0
+    the config and the index (``model.safetensors.index.json``, whose ``weight_map`` names a shard per
+    tensor). With a work directory that is not shared between the nodes, the head's copy has the index and
+    only its own shards: the shards the index names are checked against the files present.
+    """
+    hf_dir = Path(hf_dir)
+    index_path = hf_dir / HF_INDEX
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LaunchError(f"{index_path} is not a safetensors index with a weight_map: {e}") from e
+        if not shards:
+            raise LaunchError(f"{index_path} names no shard files")
+    else:
+        shards = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+        if not shards:
+            raise LaunchError(f"{hf_dir} holds no safetensors weights (neither {HF_INDEX} nor *.safetensors)")
+    missing = [name for name in shards if not (hf_dir / name).is_file()]
+    empty = [name for name in shards if name not in missing and (hf_dir / name).stat().st_size == 0]
+    if missing or empty:
+        what = []
+        if missing:
+            what.append(f"missing {len(missing)} of {len(shards)} shard(s): {', '.join(missing)}")
+        if empty:
+            what.append(f"empty: {', '.join(empty)}")
+        raise LaunchError(
+            f"the HF export {hf_dir} is incomplete ({'; '.join(what)}). slime writes each node's shards into "
+            "this directory from that node: a work_dir that is not shared by all nodes of the allocation "
+            "(node-local disk) leaves the other nodes' shards on those nodes. Put work_dir on a shared "
+            "filesystem, or copy the shards here from the other nodes, and rerun."
+        )
 
 
 def export_hf(src: str | Path, dst: str | Path) -> Path:

@@ -29,7 +29,14 @@ from searchr1.agent import AgentConfig, Trajectory, run_agent
 from searchr1.engines import GenerationOutput, GenerationRequest, input_fields, parse_sglang_output
 from searchr1.metrics_file import write_curve_point
 from searchr1.retrieval.client import RetrievalClient
-from searchr1.reward import em_score, extract_answer_from_response
+from searchr1.reward import (
+    EM_REWARD_KEY,
+    TRAINING_REWARD_KEY,
+    RewardSettings,
+    em_score,
+    extract_answer_from_response,
+    is_valid_sequence,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,10 @@ REQUIRED_ARGS = (
     "search_max_retries",
     "search_concurrency",
     "search_input_mode",
+    # the reward.* scores (searchr1.reward.RewardSettings)
+    "search_structure_format_score",
+    "search_final_format_score",
+    "search_retrieval_score",
 )
 # Not a config key: one /retrieve call per turn for the whole batch instead of one per trajectory.
 SEARCH_BATCH_DEFAULT = False
@@ -216,9 +227,48 @@ def _golden_answers(sample: Any) -> Sequence[str]:
         ) from exc
 
 
-async def reward_func(args: Any, sample: Any, **kwargs: Any) -> float:
-    """slime's custom reward: Search-R1 EM on the chat-templated prompt plus the whole response."""
-    return em_score(sample.prompt + sample.response, _golden_answers(sample))
+def reward_settings(args: Any) -> RewardSettings:
+    """The ``reward.*`` scores, from the custom config's ``search_<name>`` keys."""
+    return RewardSettings(**{name: float(_arg(args, f"search_{name}")) for name in RewardSettings.CONFIG_KEYS})
+
+
+def _check_reward_keys(args: Any, reward: RewardSettings) -> bool:
+    """Whether slime reads the reward as a dict (--reward-key), checked against what the reward settings need."""
+    keys = (getattr(args, "reward_key", None), getattr(args, "eval_reward_key", None))
+    if keys == (None, None) and reward.is_exact_match:
+        return False
+    if keys != (TRAINING_REWARD_KEY, EM_REWARD_KEY):
+        raise PluginConfigError(
+            f"slime args have reward_key={keys[0]!r}, eval_reward_key={keys[1]!r}; the plugin's reward needs "
+            f"--reward-key {TRAINING_REWARD_KEY} --eval-reward-key {EM_REWARD_KEY} when a reward.* score is non-zero "
+            f"({reward}) and neither flag otherwise (searchr1.slime_launch.recipe_flags passes them)"
+        )
+    return True
+
+
+async def reward_func(args: Any, sample: Any, **kwargs: Any) -> float | dict[str, float]:
+    """slime's custom reward: Search-R1's ``compute_score_em`` on the chat-templated prompt plus the whole response.
+
+    All ``reward.*`` scores 0 (the seed recipe): the float EM, exactly as before, and slime runs without
+    --reward-key. A non-zero score: ``{"score": shaped reward, "em": exact match, "format_valid": 0/1}``, and the
+    launcher passes ``--reward-key score --eval-reward-key em``. At slime 624b824a the training path reads a dict
+    reward only through ``Sample.get_reward_value`` (slime/utils/types.py:246-247: ``reward[args.reward_key]``),
+    which feeds the GRPO advantages and ``rollout/raw_reward`` (slime/ray/rollout.py:612, _post_process_rewards)
+    and the zero-std metrics (slime/observability/rollout_metrics.py:151); evaluation reads
+    ``reward[args.eval_reward_key]`` (slime/rollout/sglang_rollout.py:617-620; ``--eval-reward-key`` defaults to
+    ``--reward-key``, slime/utils/arguments.py:1887-1888), so ``eval/<split>`` and our curve stay EM.
+    """
+    text = sample.prompt + sample.response
+    golden = _golden_answers(sample)
+    reward = reward_settings(args)
+    reward.check_prompt(sample.prompt)  # a format score behind a prompt without the assistant marker: refused
+    if not _check_reward_keys(args, reward):
+        return em_score(text, golden)
+    return {
+        TRAINING_REWARD_KEY: reward.score(text, golden),
+        EM_REWARD_KEY: em_score(text, golden),
+        "format_valid": float(is_valid_sequence(text)[0]),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +276,7 @@ async def reward_func(args: Any, sample: Any, **kwargs: Any) -> float:
 # ----------------------------------------------------------------------------------------------
 
 _last_log_time: dict[str, float] = {}
+_rollouts_logged: set[int] = set()  # rollout ids log_rollout saw in this process (log_eval's before_training)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -233,9 +284,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _reward_value(args: Any, sample: Any) -> float:
+    """The training reward slime used for ``sample`` (a dict reward: its --reward-key entry, as
+    ``Sample.get_reward_value``)."""
     reward = sample.reward
     if isinstance(reward, dict):
-        reward = reward[getattr(args, "reward_key", None) or "score"]
+        reward = reward[getattr(args, "reward_key", None) or TRAINING_REWARD_KEY]
     return float(reward) if reward is not None else 0.0
 
 
@@ -278,6 +331,7 @@ def log_rollout(
     rollout_id: int, args: Any, samples: list[Any], rollout_extra_metrics: dict | None, rollout_time: float
 ) -> bool:
     """--custom-rollout-log-function-path: one line per rollout step in ``args.search_metrics_path``."""
+    _rollouts_logged.add(int(rollout_id))
     path = getattr(args, "search_metrics_path", None)
     if not path:
         logger.warning("search_metrics_path is not set; rollout %s metrics not written", rollout_id)
@@ -307,21 +361,32 @@ def log_eval(rollout_id: int, args: Any, data: dict[str, dict], extra_metrics: d
     if not path and not samples_dir:
         logger.warning("search_eval_metrics_path is not set; eval %s metrics not written", rollout_id)
         return False
+    # slime's train.py evaluates before the first update as rollout 0, and after rollout 0 (eval interval 1) as
+    # rollout 0 again: the first is the one no rollout was logged before, in this process
+    before_training = int(rollout_id) == 0 and not _rollouts_logged
     for name, entry in data.items():
         samples = entry.get("samples") or []
         rewards = entry.get("rewards") or []
         if path:
-            record = {"step": int(rollout_id), "dataset": name, "n": len(rewards), "reward_mean": _mean(rewards)}
+            record = {
+                "step": int(rollout_id),
+                "before_training": before_training,
+                "dataset": name,
+                "n": len(rewards),
+                "reward_mean": _mean(rewards),
+            }
             if samples:
                 metrics = sample_metrics(args, samples)
                 metrics.pop("reward_mean")
                 record.update(metrics)
-            # the learning-curve point of the torch backend (searchr1.evaluate.append_curve_point): the reward
-            # is EM; with its 95% interval
+            # the learning-curve point of the torch backend (searchr1.evaluate.append_curve_point): exact match
+            # (slime's eval reward is EM: the float reward, or the dict's --eval-reward-key em), with its 95%
+            # interval; computed from the samples where slime passes them
             from searchr1.stats import wilson_ci
 
-            low, high = wilson_ci(int(sum(1 for r in rewards if r >= 1.0)), len(rewards)) if rewards else (0.0, 0.0)
-            record.update({"split": name, "em": record["reward_mean"], "ci95_low": low, "ci95_high": high})
+            em = [em_score(s.prompt + s.response, _golden_answers(s)) for s in samples] if samples else rewards
+            low, high = wilson_ci(int(sum(1 for r in em if r >= 1.0)), len(em)) if em else (0.0, 0.0)
+            record.update({"split": name, "em": _mean(em), "ci95_low": low, "ci95_high": high})
             write_curve_point(path, record)  # slime evaluates a step again after a resume: replaced, not doubled
         if samples_dir and samples:
             out = Path(samples_dir) / name / f"step_{int(rollout_id)}.jsonl"

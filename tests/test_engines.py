@@ -308,7 +308,7 @@ def sglang_generate(url: str, requests: list[GenerationRequest], **engine_kw) ->
     """``requests`` through a fresh SGLangEngine(url, **engine_kw), closed afterwards."""
 
     async def main():
-        engine = SGLangEngine(url, **engine_kw)
+        engine = SGLangEngine(url, **{"skip_special_tokens": False, **engine_kw})
         try:
             return await engine.generate(requests)
         finally:

@@ -73,8 +73,9 @@ def test_named_model_from_a_local_directory_is_evaluated_from_it(tmp_path):
     (wf / "extra.yaml").write_text(f"eval:\n  models:\n    mine: {{path: {local}}}\n")
     res = snakemake("-n", "--configfile", "config.yaml", "extra.yaml", "--", "results/eval/mine/nq_test.json", cwd=wf)
     assert res.returncode == 0, res.stderr + res.stdout
-    job = res.stdout.split("rule evaluate:", 1)[1].split("\n\n", 1)[0]
-    assert str(local) in job and "wildcards: model=mine, split=nq_test" in job
+    # the job's message names the model, its directory and the split (rules/common.smk EVAL_MESSAGE)
+    job = res.stdout.split("evaluate mine (", 1)[1].split("\n", 1)[0]
+    assert job.startswith(f"{local}) on nq_test")
     assert "rule train:" not in res.stdout and "rule download_policy:" not in res.stdout
 
 
@@ -115,25 +116,27 @@ def test_learning_curve_points_survive_a_kill_without_duplicates_or_gaps(grpo_wo
     summary = {"em": 0.5, "n": 4, "ci95": {"low": 0.1, "high": 0.9}, "searched_at_least_once": 1.0}
     kill = {"at": 3}
 
-    def hook(step, model, tokenizer):
-        record_curve_point(curve, step=step, split="nq_test", summary=summary)
+    def hook(step, model, tokenizer, *, before_training):
+        record_curve_point(curve, step=step, split="nq_test", summary=summary, before_training=before_training)
         if step == kill["at"]:
             raise Killed()  # after nq_test's point of this step, before hotpotqa_test's and the checkpoint
-        record_curve_point(curve, step=step, split="hotpotqa_test", summary=summary)
+        record_curve_point(curve, step=step, split="hotpotqa_test", summary=summary, before_training=before_training)
 
     with pytest.raises(Killed):
         run(grpo_world, tmp_path / "out", s, hook=hook)
-    assert [(p["step"], p["split"]) for p in read_jsonl(curve)] == [
-        (1, "nq_test"),
-        (1, "hotpotqa_test"),
-        (3, "nq_test"),
+    assert [(p["step"], p["split"], p["before_training"]) for p in read_jsonl(curve)] == [
+        (0, "nq_test", True),  # the starting policy, before the first update (slime's rollout-0 evaluation)
+        (0, "hotpotqa_test", True),
+        (1, "nq_test", False),
+        (1, "hotpotqa_test", False),
+        (3, "nq_test", False),
     ]
     kill["at"] = None
     resumed = run(grpo_world, tmp_path / "out", s, hook=hook)
-    assert resumed["resumed_from"] is None  # no checkpoint before the kill: steps 1 and 3 evaluated again
+    assert resumed["resumed_from"] is None  # no checkpoint before the kill: steps 0, 1 and 3 evaluated again
     points = [(p["step"], p["split"]) for p in read_jsonl(curve)]
-    assert sorted(points) == sorted((step, split) for step in (1, 3, 5) for split in ("nq_test", "hotpotqa_test"))
-    assert len(points) == len(set(points)) == 6
+    assert sorted(points) == sorted((step, split) for step in (0, 1, 3, 5) for split in ("nq_test", "hotpotqa_test"))
+    assert len(points) == len(set(points)) == 8
 
 
 def test_report_step_passes_published_numbers_of_every_model(tmp_path, monkeypatch):

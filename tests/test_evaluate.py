@@ -354,6 +354,7 @@ def evaluate_one_split(**settings) -> dict:
             "retriever_timeout_s": 60.0,
             "retriever_max_retries": 3,
             "retriever_concurrency": 256,
+            "sglang_skip_special_tokens": False,  # agent.skip_special_tokens of config.yaml
             "seed": 0,
             "progress": False,
             **settings,

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import config as make_config
-from helpers import copy_workflow, job_counts, snakemake
+from helpers import copy_workflow, entrypoint_argv, job_counts, snakemake
 
 from searchr1.budget import format_plan, jobs
-from searchr1.config import ConfigError, validate_config
-from searchr1.experiments import Run, run_config, runs, train_seeds, validate_experiments
+from searchr1.config import ConfigError, run_config, validate_config, validate_experiments
+from searchr1.experiments import Run, runs, train_seeds
 
 TOY_CONFIGS = ("config.yaml", "config.toy.yaml")
 TWO_BY_TWO = {"experiments": {"recipe": {}, "lr_high": {"train": {"lr": 2.0e-4}}}, "train": {"seeds": [1, 2]}}
@@ -212,14 +212,15 @@ def test_the_default_single_run_keeps_its_paths(tmp_path):
 
 
 def _train_commands(out: str) -> dict[tuple[str, str], list[str]]:
-    """{(experiment, seed): the slime train.py command's words} from the train jobs' messages of `-n`."""
+    """{(experiment, seed): the slime train.py command's words (inside ray job submit's sh -c)} from the
+    train jobs' messages of `-n`."""
     commands = {}
     for block in out.split("GRPO training (slime)")[1:]:
         line = next(ln for ln in block.splitlines() if "/root/slime/train.py" in ln)
         m = re.search(r"runs/(\w+)/seed(\d+)/", line)
         # the run's own directories (checkpoints, custom config, container binds) are named after the run
-        words = shlex.split(re.sub(r"runs/\w+/seed\d+\b", "runs/<run>", line))
-        commands[(m.group(1), m.group(2))] = words
+        submit = shlex.split(re.sub(r"runs/\w+/seed\d+\b", "runs/<run>", line))
+        commands[(m.group(1), m.group(2))] = entrypoint_argv(submit)  # slime's train.py words
     return commands
 
 

@@ -518,7 +518,8 @@ def test_profile_by_bare_name_or_path(name):
         outs.append(out)
     assert _resources(outs[0]) == _resources(outs[1]) and _resources(outs[0])
     if name == "slurm":
-        assert "GRPO training (slime) on 4 GPUs" in outs[0] and "slurm_partition" in outs[0]
+        # slime's 4 GPUs + the default dedicated retriever GPU (docs/placement.md)
+        assert "GRPO training (slime) on 5 GPUs" in outs[0] and "slurm_partition" in outs[0]
     else:
         assert "scale toy" in outs[0]
 

@@ -52,6 +52,9 @@ RECIPE = {
     "retriever.timeout_s": ("retrieval_timeout_s", 12.0),
     "retriever.max_retries": ("retrieval_max_retries", 1),
     "eval.interval": ("eval_interval", 4),
+    "reward.structure_format_score": ("structure_format_score", 0.2),
+    "reward.final_format_score": ("final_format_score", 0.1),
+    "reward.retrieval_score": ("retrieval_score", 0.05),
 }
 OBJECTIVE_FIELDS = {
     "eps_clip",
@@ -114,3 +117,11 @@ def test_lr_schedule_by_hand(style, expected):
 @pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
 def test_a_single_optimizer_step_uses_the_full_lr(style):
     assert lr_at(grpo_settings(lr=2e-4, lr_decay_style=style), 0, 1) == 2e-4
+
+
+def test_reward_settings_follow_the_reward_section():
+    from searchr1.reward import RewardSettings
+
+    s = GRPOSettings.from_config(config(toy=True, reward={"structure_format_score": 0.2, "final_format_score": 0.1}))
+    assert s.reward == RewardSettings(0.2, 0.1, 0.0)
+    assert GRPOSettings.from_config(config(toy=True)).reward.is_exact_match  # the recipe: EM

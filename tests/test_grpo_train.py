@@ -1,9 +1,11 @@
 """End-to-end runs of the local GRPO trainer on a tiny policy (conftest's grpo_world): learning step, kill and
 resume."""
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,7 +114,7 @@ def test_killed_run_resumes_to_identical_metrics_and_weights(grpo_world, tmp_pat
         else:
             assert r["pg_loss"] == 0.0 and 0 < r["grad_norm"] < 0.01, r
 
-    def kill_at_step_2(step, model, tokenizer):  # after metrics line 2, past the checkpoint of 2 steps
+    def kill_at_step_2(step, model, tokenizer, *, before_training):  # after metrics line 2, past checkpoint 2
         if step == 2:
             raise Killed()
 
@@ -143,11 +145,78 @@ def test_killed_run_resumes_to_identical_metrics_and_weights(grpo_world, tmp_pat
 def test_single_optimizer_step_is_on_policy_and_eval_hook_runs(grpo_world, tmp_path):
     calls = []
     s = settings(num_rollout=2, global_batch_size=8, checkpoint_interval=5, eval_interval=1, use_tis=False)
-    run(grpo_world, tmp_path, s, hook=lambda step, model, tok: calls.append(step))
+    run(grpo_world, tmp_path, s, hook=lambda step, model, tok, before_training: calls.append((step, before_training)))
     recs = read_metrics(tmp_path / "metrics.jsonl")
-    assert calls == [0, 1]
+    # slime's schedule: the starting policy at rollout 0 before the first update, then after every rollout
+    assert calls == [(0, True), (0, False), (1, False)]
     for r in recs:  # one optimizer step per rollout: ratio is exactly 1 (old logprobs = current, detached)
         assert r["clipfrac"] == 0.0 and r["ppo_kl"] == 0.0
         assert "tis" not in r
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
     assert [n for n, _ in list_checkpoints(tmp_path / "work")] == [2]  # the last step is always saved
+
+
+def test_curve_point_before_training_only_when_starting_from_step_0(grpo_world, tmp_path):
+    """As slime's train.py (only when the start rollout id is 0): a resumed run adds no point before training."""
+    calls = []
+
+    def hook(step, model, tokenizer, *, before_training):
+        calls.append((step, before_training))
+
+    s = settings(num_rollout=2, checkpoint_interval=1, eval_interval=2)
+    run(grpo_world, tmp_path, dataclasses.replace(s, num_rollout=1), hook=hook)
+    assert calls == [(0, True)]  # interval 2: no point after rollout 0
+    calls.clear()
+    assert run(grpo_world, tmp_path, s, hook=hook)["resumed_from"] == 1
+    assert calls == [(1, False)]
+
+
+def test_format_aware_reward_trains_on_the_shaped_score_and_logs_em_beside_it(grpo_world, tmp_path, monkeypatch):
+    """reward.* non-zero: every rollout is scored with Search-R1's compute_score_em (reward_mean, the GRPO groups),
+    and its exact match is logged beside it (em_mean)."""
+    from searchr1.reward import RewardSettings, compute_score_em, em_score, is_valid_sequence
+
+    scored = []
+    real_score = RewardSettings.score
+
+    def spy(self, text, golden):
+        value = real_score(self, text, golden)
+        scored.append((text, list(golden), value))
+        return value
+
+    monkeypatch.setattr(RewardSettings, "score", spy)
+    s = settings(num_rollout=2, structure_format_score=0.2, final_format_score=0.1, retrieval_score=0.05)
+    run(grpo_world, tmp_path, s)
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    n = s.rollout_batch_size * s.n_samples_per_prompt
+    assert len(scored) == 2 * n
+    for step, rec in enumerate(recs):
+        batch = scored[step * n : (step + 1) * n]
+        for text, golden, value in batch:
+            expected = compute_score_em(
+                text, {"target": golden}, structure_format_score=0.2, final_format_score=0.1, retrieval_score=0.05
+            )
+            assert value == expected
+        assert rec["reward_mean"] == pytest.approx(sum(v for _, _, v in batch) / n)
+        assert rec["em_mean"] == pytest.approx(sum(em_score(t, g) for t, g, _ in batch) / n)
+        assert rec["format_valid_rate"] == pytest.approx(sum(is_valid_sequence(t)[0] for t, _, _ in batch) / n)
+    # the shaped reward differs from EM on these rollouts (format and final scores are paid)
+    assert any(r["reward_mean"] != r["em_mean"] for r in recs)
+
+
+def test_format_aware_reward_behind_a_prompt_without_the_assistant_marker_is_refused(grpo_world, tmp_path):
+    from transformers import AutoTokenizer
+
+    from searchr1.reward import RewardConfigError
+
+    policy, parquet = grpo_world
+    plain = tmp_path / "plain_policy"
+    shutil.copytree(policy, plain)
+    tok = AutoTokenizer.from_pretrained(plain)
+    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    tok.save_pretrained(plain)
+    s = settings(num_rollout=1, final_format_score=0.1)
+    with pytest.raises(RewardConfigError, match="no '<\\|im_start\\|>assistant' marker"):
+        run((plain, parquet), tmp_path / "out", s)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    run((plain, parquet), tmp_path / "em", dataclasses.replace(s, final_format_score=0.0))  # exact match: trains

@@ -32,6 +32,7 @@ def _render(
 ) -> Path:
     results = tmp_path / "results"
     render_report(
+        compare=("base", "rl"),
         eval_dir=eval_dir or FIXTURES / "eval",
         metrics_path=FIXTURES / "metrics.jsonl",
         published=PUBLISHED,
@@ -181,7 +182,7 @@ def test_fence_survives_backticks_in_responses() -> None:
     row = read_jsonl(FIXTURES / "eval" / "rl" / "nq_test.jsonl")[4]  # nq_4, RL wrong
     base = dict(read_jsonl(FIXTURES / "eval" / "base" / "nq_test.jsonl")[4], response="```\nrm -rf\n```")
     rows = {("base", "nq_test"): [base], ("rl", "nq_test"): [row]}
-    text = examples_markdown(rows, ["nq_test"], 1)
+    text = examples_markdown(rows, ["nq_test"], 1, ("base", "rl"))
     assert "````text\n```\nrm -rf\n```\n````" in text
 
 
@@ -365,6 +366,7 @@ def test_declared_curve_without_points_still_plots(tmp_path: Path) -> None:
     empty.write_text("")
     results = tmp_path / "results"
     render_report(
+        compare=("base", "rl"),
         eval_dir=FIXTURES / "eval",
         metrics_path=FIXTURES / "metrics.jsonl",
         published=PUBLISHED,

@@ -41,6 +41,7 @@ CASES = {
     # train
     "train.lr": ({"train": {"lr": 5.0e-4}}, RL_DOWNSTREAM),
     "train.num_rollout": ({"train": {"num_rollout": 20}}, RL_DOWNSTREAM),
+    "reward.structure_format_score (the training reward)": ({"reward": {"structure_format_score": 0.2}}, RL_DOWNSTREAM),
     "train.save_interval (operational)": ({"train": {"save_interval": 5}}, {}),
     "train.keep_checkpoints (operational)": ({"train": {"keep_checkpoints": 1}}, {}),
     "train.save_hf_interval (operational)": ({"train": {"save_hf_interval": 20}}, {}),

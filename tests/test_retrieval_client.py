@@ -8,9 +8,16 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from helpers import free_port, serve_app
+from helpers import config, free_port, serve_app
 
 from searchr1.retrieval.client import RetrievalClient, RetrievalError
+
+# The client's timeout and retries are the config's (retriever.timeout_s, retriever.max_retries: 60 s, 3).
+_RET = config()["retriever"]
+
+
+def make_client(url: str, **kwargs) -> RetrievalClient:
+    return RetrievalClient(url, **{"timeout_s": _RET["timeout_s"], "max_retries": _RET["max_retries"], **kwargs})
 
 
 def corpus_row(query: str, rank: int) -> dict:
@@ -75,7 +82,7 @@ def serve(scripted_server: tuple[str, dict]) -> Iterator[Callable[[dict], str]]:
 
 def run_search(url: str, queries, topk: int = 2, **kwargs):
     async def main():
-        async with RetrievalClient(url, **kwargs) as client:
+        async with make_client(url, **kwargs) as client:
             try:
                 return await client.search(queries, topk)
             finally:
@@ -194,13 +201,13 @@ def test_health(serve):
     base = serve({})
 
     async def main():
-        async with RetrievalClient(base + "/retrieve") as client:
+        async with make_client(base + "/retrieve") as client:
             return await client.health()
 
     assert asyncio.run(main()) == {"status": "ok"}
 
     async def down():
-        async with RetrievalClient(f"http://127.0.0.1:{free_port()}/retrieve") as client:
+        async with make_client(f"http://127.0.0.1:{free_port()}/retrieve") as client:
             await client.health()
 
     with pytest.raises(RetrievalError, match="health check"):
@@ -241,7 +248,7 @@ def test_idle_connections_are_not_reused_into_a_closing_server(monkeypatch):
     async def main() -> dict:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        async with server, RetrievalClient(f"http://127.0.0.1:{port}/retrieve", backoff_s=0.01) as client:
+        async with server, make_client(f"http://127.0.0.1:{port}/retrieve", backoff_s=0.01) as client:
             await client.search(["a"], 1)
             await asyncio.sleep(0.4)  # idle past the client's expiry
             await client.search(["b"], 1)
@@ -262,7 +269,7 @@ def test_start_on_first_search_starts_once(serve):
         return base + "/retrieve"
 
     async def main() -> tuple:
-        retriever = StartOnFirstSearch(start, lambda url: RetrievalClient(url))
+        retriever = StartOnFirstSearch(start, make_client)
         before = (await retriever.search([], 2), retriever.url, retriever.stats, len(starts))
         both = await asyncio.gather(retriever.search(["a"], 2), retriever.search(["b", "c"], 1))
         after = (retriever.url, retriever.stats)

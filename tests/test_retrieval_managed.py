@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import encoder_kwargs
 
 from searchr1.retrieval.managed import RetrieverStartError, check_health, free_port, managed_server
 
@@ -36,7 +37,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ]
     corpus.write_text("".join(json.dumps({"id": str(i), "contents": t}) + "\n" for i, t in enumerate(texts)))
     index = root / "index.faiss"
-    build_index(corpus, Encoder(MINILM, query_prefix="", passage_prefix="", device="cpu"), index, progress=False)
+    enc = Encoder(MINILM, **encoder_kwargs(), device="cpu")
+    build_index(corpus, enc, index, batch_size=512, shard_size=100_000, progress=False)
     return corpus, index
 
 
@@ -84,7 +86,7 @@ def test_mismatched_pair_fails_fast_with_both_names(pair: tuple[Path, Path], tmp
 def test_given_url_is_only_health_checked() -> None:
     dead = f"http://127.0.0.1:{free_port()}/retrieve"
     with pytest.raises(RetrieverStartError, match="not healthy"):
-        with managed_server(url=dead):
+        with managed_server(url=dead, startup_timeout_s=60):
             pytest.fail("must not yield a dead server")
 
 
@@ -116,7 +118,7 @@ def test_cli_multiprocess_server_serves_and_its_whole_group_stops(pair: tuple[Pa
         from searchr1.retrieval.encoder import Encoder
         from searchr1.retrieval.index import load_backend
 
-        enc = Encoder(MINILM, query_prefix="", passage_prefix="", device="cpu")
+        enc = Encoder(MINILM, **encoder_kwargs(), device="cpu")
         queries = ["Which river flows through Africa?", "highest mountain", "capital of France"]
         want_s, want_i = load_backend(index).search(enc.encode_queries(queries), 2)
         got = httpx.post(url, json={"queries": queries, "topk": 2, "return_scores": True}).json()["result"]

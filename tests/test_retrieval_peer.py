@@ -1,4 +1,4 @@
-"""The runner of Search-R1's own server (searchr1.retrieval.peer) and the benchmark's synthetic corpus.
+"""The runner of Search-R1's own server (benchmarks/retriever/peer.py) and the benchmark's synthetic corpus.
 
 Search-R1's source is not part of this project, so a stand-in checkout holds a
 ``search_r1/search/retrieval_server.py`` with what the runner must change in the real one: a model put on
@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from searchr1.retrieval.bench import write_synthetic_corpus
+from benchmarks.retriever.peer import PeerSourceError, managed_peer, peer_command
+from benchmarks.retriever.synthetic import write_synthetic_corpus
 from searchr1.retrieval.corpus import CorpusStore
-from searchr1.retrieval.peer import PeerSourceError, managed_peer, peer_command
 
 STANDIN = """
 import argparse, sys

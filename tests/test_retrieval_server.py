@@ -15,8 +15,9 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from helpers import server_kwargs
 
-from searchr1.retrieval.bench import run_load
+from benchmarks.retriever.loadgen import run_load
 from searchr1.retrieval.corpus import CorpusStore
 from searchr1.retrieval.index import FaissCPUBackend
 from searchr1.retrieval.managed import free_port
@@ -105,6 +106,7 @@ def server(world: World) -> Iterator[ServerThread]:
         world.encoder,
         world.backend,
         topk_max=50,
+        default_topk=3,
         max_queries=64,
         max_query_chars=500,
         max_body_bytes=20_000,
@@ -250,7 +252,7 @@ def test_health_reports_index_and_batching(world: World, server: ServerThread) -
 
 
 def test_per_request_mode_never_batches(world: World) -> None:
-    app = create_app(world.corpus, world.encoder, world.backend, batching=False)
+    app = create_app(world.corpus, world.encoder, world.backend, batching=False, **server_kwargs())
     with ServerThread(app) as s:
         queries = [f"baseline {i}" for i in range(64)]
         results = _slime_style_clients(s.url, queries, 64)
@@ -268,7 +270,7 @@ def test_server_fault_is_a_500_and_the_server_keeps_serving(world: World) -> Non
                 raise RuntimeError("encoder exploded")
             return super().encode_queries(texts)
 
-    app = create_app(world.corpus, FlakyEncoder(), world.backend)
+    app = create_app(world.corpus, FlakyEncoder(), world.backend, **server_kwargs())
     with ServerThread(app) as s:
         assert httpx.post(s.url, json={"queries": ["boom"]}).status_code == 500
         assert httpx.post(s.url, json={"queries": ["fine"], "topk": 2}).status_code == 200
@@ -278,7 +280,7 @@ def test_mismatched_corpus_and_backend_refused(world: World) -> None:
     index = faiss.IndexFlatIP(DIM)
     index.add(world.vectors[:10])
     with pytest.raises(ValueError, match="300 rows but the index has 10"):
-        create_app(world.corpus, world.encoder, FaissCPUBackend(index))
+        create_app(world.corpus, world.encoder, FaissCPUBackend(index), **server_kwargs())
 
 
 # --- the benchmark's load generator (raw asyncio HTTP/1.1): its accounting must be exact -------------
@@ -313,7 +315,7 @@ def test_load_generator_survives_a_dead_server() -> None:
 
 
 def test_read_response_parses_status_and_body() -> None:
-    from searchr1.retrieval.bench import _HTTPClientError, _read_response
+    from benchmarks.retriever.loadgen import _HTTPClientError, _read_response
 
     async def parse(raw: bytes) -> tuple[int, bytes]:
         reader = asyncio.StreamReader()
@@ -330,7 +332,7 @@ def test_read_response_parses_status_and_body() -> None:
 
 
 def test_health_stage_timings_add_up(world: World, server: ServerThread) -> None:
-    from searchr1.retrieval.bench import _server_deltas
+    from benchmarks.retriever.cpu import _server_deltas
 
     health = server.url.replace("/retrieve", "/health")
     before = httpx.get(health).json()
@@ -437,7 +439,7 @@ async def _enqueue_bad(worker) -> None:
 
 
 def test_bench_tables_show_ratio_and_stages() -> None:
-    from searchr1.retrieval.bench import markdown_table, stage_table
+    from benchmarks.retriever.cpu import markdown_table, stage_table
 
     def run(c: int, qps: float, batch: float) -> dict:
         return {
@@ -471,3 +473,50 @@ def test_bench_tables_show_ratio_and_stages() -> None:
     assert "| fp32 | 1,000 | 256 | 10.0 | 125.0 | 12.5x |" in markdown_table(report)
     stages = stage_table(report)
     assert "| fp32 | 1,000 | batching | 200 | 1.0 | 2.0 | 0.01 | 5.0 | 1.00 | 0.20 |" in stages
+
+
+# --- the served OpenAPI schema documents what the server answers ------------------------------------------
+
+
+def test_openapi_declares_every_answer_and_the_running_servers_limits(world: World, server: ServerThread) -> None:
+    """The schema a client reads (/openapi.json) carries this server's limits as JSON-schema constraints and
+    every status /retrieve answers; real answers at and past each limit validate against what it declares."""
+    import jsonschema
+
+    base = server.url.removesuffix("/retrieve")
+    schema = httpx.get(base + "/openapi.json").json()
+    post = schema["paths"]["/retrieve"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    limits = server.server.config.app.state.limits
+    assert body["properties"]["topk"]["maximum"] == limits.topk_max == 50
+    assert body["properties"]["topk"]["default"] == limits.default_topk == 3
+    assert body["properties"]["queries"]["maxItems"] == limits.max_queries == 64
+    assert body["properties"]["queries"]["items"]["maxLength"] == limits.max_query_chars == 500
+    assert str(limits.max_body_bytes) in post["description"]
+    assert set(post["responses"]) == {"200", "400", "408", "413", "415", "422", "431", "500"}
+    assert set(schema["paths"]["/health"]["get"]["responses"]) == {"200"}
+
+    def declared(status: int) -> dict:
+        return post["responses"][str(status)]["content"]["application/json"]["schema"]
+
+    def answer(payload: dict) -> httpx.Response:
+        return httpx.post(server.url, json=payload, timeout=10)
+
+    ok = answer({"queries": ["q"], "topk": limits.topk_max})
+    assert ok.status_code == 200 and len(ok.json()["result"][0]) == limits.topk_max
+    jsonschema.validate(ok.json(), declared(200))
+    jsonschema.validate(answer({"queries": ["q"], "return_scores": True}).json(), declared(200))
+    for bad in (
+        {"queries": ["q"], "topk": limits.topk_max + 1},
+        {"queries": ["q"] * (limits.max_queries + 1)},
+        {"queries": ["x" * (limits.max_query_chars + 1)]},
+    ):
+        r = answer(bad)
+        assert r.status_code == 422, r.text
+        jsonschema.validate(r.json(), declared(422))
+        jsonschema.validate(bad, {"not": body})  # the declared body schema refuses it too
+    big = httpx.post(
+        server.url, content=b"x" * (limits.max_body_bytes + 1), headers={"content-type": "application/json"}
+    )
+    assert big.status_code == 413
+    jsonschema.validate(big.json(), declared(413))

@@ -38,7 +38,14 @@ PASSAGES = [
 assert len(PASSAGES) <= CHECK_PROBES  # every passage is probed
 
 
-def run_check(tmp_path: Path, monkeypatch, served: list[dict]) -> dict:
+def run_check(
+    tmp_path: Path,
+    monkeypatch,
+    served: list[dict],
+    *,
+    configfiles: tuple[str, ...] = ("config.yaml", "config.toy.yaml"),
+    seen: dict | None = None,
+) -> dict:
     """retriever_check on its declared toy settings, the corpus file holding PASSAGES and the retriever
     serving ``served`` (a real MiniLM encoder and faiss index; the server process is the only stand-in)."""
     import searchr1.retrieval.index
@@ -51,6 +58,8 @@ def run_check(tmp_path: Path, monkeypatch, served: list[dict]) -> dict:
     @contextlib.contextmanager
     def managed_server(**kwargs):
         assert (kwargs["corpus"], kwargs["index"]) == (str(corpus), str(index))
+        if seen is not None:
+            seen.update(kwargs)
         with serve_real_retriever(served, tmp_path / "served") as url:
             yield url
 
@@ -58,9 +67,7 @@ def run_check(tmp_path: Path, monkeypatch, served: list[dict]) -> dict:
     monkeypatch.setattr(searchr1.retrieval.managed, "managed_server", managed_server)
     monkeypatch.setattr(searchr1.retrieval.index, "check_pair", lambda i, c: {"n": len(PASSAGES)})
     out = tmp_path / "check.json"
-    cfg = StepSettings.from_params(
-        rule_params("retriever_check", "config.yaml", "config.toy.yaml"), step="retriever_check"
-    )
+    cfg = StepSettings.from_params(rule_params("retriever_check", *configfiles), step="retriever_check")
     retriever_check(
         cfg,
         inputs={"corpus": str(corpus), "index": str(index), "encoder": str(tmp_path / "enc")},
@@ -95,3 +102,19 @@ def test_a_mismatched_pair_is_refused_naming_both_files(tmp_path, monkeypatch, n
     assert f"{n_right / len(PASSAGES):.2f}" in message
     assert str(tmp_path / "corpus.jsonl") in message and str(tmp_path / "index.faiss") in message
     assert not (tmp_path / "check.json").exists()  # no report: the job fails and Snakemake keeps no output
+
+
+def test_the_checks_retriever_is_placed_as_configured(tmp_path, monkeypatch):
+    """retriever.placement reaches the server the check starts: the toy's cpu hides every GPU from it (it used to
+    inherit the job's GPUs), the recipe's dedicated GPU is the one SLURM gave the job."""
+    seen: dict = {}
+    run_check(tmp_path, monkeypatch, PASSAGES, seen=seen)
+    assert seen["env"] == {"CUDA_VISIBLE_DEVICES": ""}
+    args = seen["extra_args"]
+    assert args[args.index("--device") + 1] == "cpu" and args[args.index("--index-device") + 1] == "cpu"
+    seen.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    (tmp_path / "recipe").mkdir()
+    run_check(tmp_path / "recipe", monkeypatch, PASSAGES, configfiles=("config.yaml",), seen=seen)
+    assert seen["env"] == {"CUDA_VISIBLE_DEVICES": "5"}
+    assert seen["extra_args"][seen["extra_args"].index("--device") + 1] == "cuda:0"

@@ -52,9 +52,6 @@ SETTINGS_CLASSES = [(name, cls) for name, cls in _dataclasses() if hasattr(cls, 
 # Fields named like a config key that are something else, each with its reason.
 NOT_CONFIG_VALUES = {
     "searchr1.engines.GenerationRequest.temperature": "per request; the agent always sets the rollout/eval one",
-    "searchr1.retrieval.server.Limits.topk_max": (
-        "the server library's limit; `serve` and the DAG pass retriever.topk_max"
-    ),
     "searchr1.toy.warmstart.WarmStartConfig.weight_decay": "the warm start's own optimiser, not train.weight_decay",
     "searchr1.toy.warmstart.WarmStartConfig.grad_clip": "the warm start's own optimiser, not train.torch.grad_clip",
     "searchr1.toy.world.World.splits": "the generated question splits (data), not data.splits",
@@ -88,6 +85,147 @@ def test_no_other_field_shadows_a_config_value_with_a_default():
     assert set(found) == set(NOT_CONFIG_VALUES), (
         "a dataclass field named like a config key has a literal default: read it from the config "
         f"(CONFIG_KEYS) or list it with its reason: {sorted(set(found) ^ set(NOT_CONFIG_VALUES))}"
+    )
+
+
+# --- keyword defaults: no function or method of the package restates (or contradicts) a config value ----------
+
+# Keyword parameters named like a config key (its leaf, or ending in "_<leaf>") that keep a literal default,
+# each with the reason it is not that key's value. Anything else named like a config key is required.
+KEYWORD_DEFAULTS_NOT_CONFIG_VALUES = {
+    **{
+        f"searchr1.reward.compute_score_em({key})": "Search-R1's own signature (qa_em_format.py), kept so the function "
+        "reads as upstream's; the workflow always passes the reward: section's values (RewardSettings.score)"
+        for key in ("structure_format_score", "final_format_score", "retrieval_score")
+    },
+    "searchr1.engines.HFEngine(device)": "the HF eval engine's torch device (the toy evaluates on the CPU); no config "
+    "key sets it (train.torch.device is the trainer's)",
+    "searchr1.engines.HFEngine(max_batch_size)": "sequences per HF generate call, not retriever.max_batch_size",
+    "searchr1.engines.HFEngine.from_pretrained(device)": "as HFEngine(device)",
+    "searchr1.engines.SGLangEngine(timeout_s)": "the SGLang generation client's timeout, not retriever.timeout_s",
+    "searchr1.engines.SGLangEngine(max_retries)": "the SGLang generation client's retries, not retriever.max_retries",
+    "searchr1.evaluate.evaluate_split(device)": "as HFEngine(device)",
+    "searchr1.evaluate.sglang_server(port)": "0 = a free port for an SGLang server, not retriever.port",
+    "searchr1.evaluate.sglang_server(host)": "an SGLang server binds loopback unless told (security), "
+    "not retriever.host",
+    "searchr1.evaluate.sglang_server(startup_timeout_s)": "an SGLang server's start, not the retriever's",
+    "searchr1.evaluate.sglang_server(extra_args)": "no extra SGLang flags, not train.slime.extra_args",
+    "searchr1.grpo.logprobs.token_logprobs(temperature)": "1.0 leaves the logits as they are; the trainer passes "
+    "the rollout temperature",
+    "searchr1.grpo.logprobs.token_logprobs(device)": "a tensor helper's device; the trainer passes its own",
+    "searchr1.grpo.logprobs.token_logprobs(bf16_autocast)": "a tensor helper is exact unless asked; the trainer "
+    "passes train.torch.bf16_autocast",
+    "searchr1.cluster.ray_nodes(timeout_s)": "one request to Ray's state API on the head, not the retrieval "
+    "client's timeout",
+    "searchr1.cluster.wait_for_nodes(list_nodes)": "the function that lists Ray's nodes (a test seam), not "
+    "train.slime.nodes",
+    "searchr1.process.free_port(host)": "a probe of the loopback interface, not retriever.host",
+    "searchr1.process.http_ok(timeout_s)": "a health probe's timeout, not the retrieval client's",
+    "searchr1.process.managed_process(startup_timeout_s)": "any child process's start; callers pass their own",
+    "searchr1.report.headline_table(models)": "base and rl, the two models every run evaluates (not eval.models, "
+    "the named models besides them)",
+    "searchr1.report.behaviour_table(models)": "as headline_table(models)",
+    "searchr1.report.render_report(models)": "as headline_table(models)",
+    "searchr1.retrieval.download.download_index(delete_parts)": "a switch of the download, not retriever.index.parts",
+    "searchr1.retrieval.encoder.Encoder(batch_size)": "texts per encoder forward, not eval.batch_size",
+    "searchr1.retrieval.index.write_index_meta(source)": "how the index was obtained (metadata), not the config key",
+    "searchr1.retrieval.index.TorchBackend.from_shards(fp16)": "the index's storage dtype, not the encoder's fp16",
+    "searchr1.retrieval.managed.check_health(timeout_s)": "a health probe's timeout, not the retrieval client's",
+    "searchr1.retrieval.managed.serve_command(extra_args)": "no extra serve flags, not train.slime.extra_args",
+    "searchr1.retrieval.managed.managed_server(host)": "a server binds loopback unless told (security); the steps "
+    "pass retriever.host",
+    "searchr1.retrieval.managed.managed_server(port)": "0 = a free port; the steps pass retriever.port",
+    "searchr1.retrieval.managed.managed_server(extra_args)": "no extra serve flags, not train.slime.extra_args",
+    "searchr1.slime_launch.run_plan(head_timeout_s)": "the Ray head's start, not the retriever's timeout_s",
+    "searchr1.stats.summarize_rows(source)": "a label of the summarised rows, not retriever.index.source",
+}
+
+
+def _public_callables():
+    """(name, callable) of every public function, public class (its __init__ unless a dataclass: the field tests
+    above cover those) and public method defined in the package, ``__main__`` modules included."""
+    for info in pkgutil.walk_packages(searchr1.__path__, "searchr1."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(obj):
+                yield f"{module.__name__}.{name}", obj
+            elif inspect.isclass(obj):
+                if not dataclasses.is_dataclass(obj) and "__init__" in vars(obj):
+                    yield f"{module.__name__}.{name}", obj.__init__
+                for attr, member in vars(obj).items():
+                    func = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+                    if not attr.startswith("_") and inspect.isfunction(func):
+                        yield f"{module.__name__}.{name}.{attr}", func
+
+
+def keyword_defaults_named_like_config_keys(callables, leaves: set[str]) -> dict[str, object]:
+    """``{"module.func(param)": default}`` for each parameter named like a config key (its leaf, or ending in
+    ``_<leaf>``) whose default is a value (None means "not given" and is allowed)."""
+    found = {}
+    for name, func in callables:
+        for param in inspect.signature(func).parameters.values():
+            if param.default is inspect.Parameter.empty or param.default is None:
+                continue
+            if any(param.name == leaf or param.name.endswith("_" + leaf) for leaf in leaves):
+                found[f"{name}({param.name})"] = param.default
+    return found
+
+
+def _all_leaf_names() -> set[str]:
+    return {
+        key.split(".")[-1] for toy in (False, True) for top, v in config(toy=toy).items() for key in flatten(v, top)
+    }
+
+
+def test_no_keyword_default_restates_a_config_value():
+    found = keyword_defaults_named_like_config_keys(_public_callables(), _all_leaf_names())
+    unexplained = {k: v for k, v in found.items() if k not in KEYWORD_DEFAULTS_NOT_CONFIG_VALUES}
+    assert not unexplained, (
+        "keyword defaults named like a config key: make them required (the caller has the config) or list them in "
+        f"KEYWORD_DEFAULTS_NOT_CONFIG_VALUES with the reason they are not that key's value: {unexplained}"
+    )
+    stale = set(KEYWORD_DEFAULTS_NOT_CONFIG_VALUES) - set(found)
+    assert not stale, f"allowlisted keyword defaults that no longer exist: {sorted(stale)}"
+
+
+def test_the_keyword_default_scan_finds_the_old_literals():
+    """The defaults this scan made required (the server's topk_max 100 against retriever.topk_max 50, the client's
+    timeout and retries, create_app's batch size and wait) are found on functions shaped like the old ones."""
+
+    def create_app(corpus, encoder, backend, *, topk_max=100, max_batch_size=256, max_wait_ms=1.0, default_topk=3):
+        pass
+
+    class RetrievalClient:
+        def __init__(self, url, *, timeout_s=60.0, max_retries=3, backoff_s=0.5):
+            pass
+
+    found = keyword_defaults_named_like_config_keys(
+        [("old.create_app", create_app), ("old.RetrievalClient", RetrievalClient.__init__)], _all_leaf_names()
+    )
+    assert found == {
+        "old.create_app(topk_max)": 100,
+        "old.create_app(max_batch_size)": 256,
+        "old.create_app(max_wait_ms)": 1.0,
+        "old.create_app(default_topk)": 3,
+        "old.RetrievalClient(timeout_s)": 60.0,
+        "old.RetrievalClient(max_retries)": 3,
+    }
+
+
+def test_served_limits_come_from_the_config():
+    """``serve``'s flags default to the packaged config's retriever values (no second literal)."""
+    from searchr1.config import default_config
+    from searchr1.retrieval.__main__ import build_parser
+
+    ret = default_config()["retriever"]
+    a = build_parser().parse_args(["serve", "--corpus", "c", "--index", "i", "--encoder", "e"])
+    assert (a.topk_max, a.topk, a.max_batch_size, a.max_wait_ms) == (
+        ret["topk_max"],
+        ret["topk"],
+        ret["max_batch_size"],
+        ret["max_wait_ms"],
     )
 
 

@@ -187,7 +187,9 @@ def test_paths_with_spaces_survive_shell_quoting(cfg, tmp_path):
 
 
 def test_runtime_env_and_ray_commands(cfg, tmp_path):
-    plan = build_plan(local(cfg), paths=paths(tmp_path), env={})
+    c = local(cfg)
+    c["train"]["slime"].update(ray_port=6379, dashboard_port=8265)  # the config's ports, when set, are used
+    plan = build_plan(c, paths=paths(tmp_path), env={})
     s = plan.submit
     assert s[:5] == ["ray", "job", "submit", "--address", "http://127.0.0.1:8265"]
     env = json.loads(flag(s, "--runtime-env-json"))["env_vars"]
@@ -199,13 +201,40 @@ def test_runtime_env_and_ray_commands(cfg, tmp_path):
     assert flag(h, "--num-gpus") == str(cfg["train"]["slime"]["gpus_per_node"])
     assert flag(h, "--port") == "6379" and flag(h, "--dashboard-port") == "8265"
     assert flag(h, "--dashboard-host") == "127.0.0.1" and flag(h, "--node-ip-address") == "127.0.0.1"
-    assert plan.stop == ["ray", "stop"] and plan.worker_starts == []
+    # no `ray stop` (it stops every Ray of the user on the node): this job's own --temp-dir marks its processes
+    assert plan.stop is None and plan.worker_starts == [] and plan.node_checks == []
+    assert flag(h, "--temp-dir") == plan.ray_temp_dir == f"/tmp/searchr1-ray-{__import__('os').getpid()}"
+    assert flag(h, "--resources") == '{"searchr1_node:localhost": 1}'
+
+
+def test_ray_ports_default_to_free_ports_picked_at_launch(cfg, tmp_path):
+    """Two runs on one node got the same fixed ports (6379/8265/10001/52365); null ports are free ones now."""
+    from searchr1.process import free_port
+
+    c = local(cfg)
+    assert [c["train"]["slime"][k] for k in ("ray_port", "dashboard_port")] == [None, None]
+    picked = []
+
+    def pick():
+        picked.append(1)
+        return 40000 + len(picked)
+
+    h = build_plan(c, paths=paths(tmp_path), env={}, pick_port=pick).head_start
+    assert [
+        flag(h, f) for f in ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port")
+    ] == ["40001", "40002", "40003", "40004"]
+    a, b = (build_plan(c, paths=paths(tmp_path), env={}).head_start for _ in range(2))
+    ports = [int(flag(x, "--port")) for x in (a, b)] + [int(flag(x, "--dashboard-port")) for x in (a, b)]
+    assert all(p > 19999 or p < 10002 for p in ports)  # never inside Ray's worker port range
+    port = free_port()
+    c["train"]["slime"]["ray_client_server_port"] = port
+    assert flag(build_plan(c, paths=paths(tmp_path), env={}).head_start, "--ray-client-server-port") == str(port)
 
 
 def test_container_wrapping_per_runtime(cfg, tmp_path):
     c = copy.deepcopy(cfg)  # the recipe: apptainer
     plan = build_plan(c, paths=paths(tmp_path), env={})
-    for cmd in (plan.head_start, plan.submit, plan.stop):
+    for cmd in (plan.head_start, plan.submit):
         assert cmd[:3] == ["apptainer", "exec", "--nv"]
         assert cmd[cmd.index("--bind") + 2] == "docker://slimerl/slime:v0.3.1-cu129"
     binds = flag(plan.submit, "--bind").split(",")
@@ -243,10 +272,32 @@ def test_multi_node_workers_from_slurm_nodelist(cfg, tmp_path):
     )
     assert seen == ["gpu[07-10]"]
     assert flag(plan.head_start, "--node-ip-address") == "10.0.0.7"
-    assert len(plan.worker_starts) == 2
+    port = flag(plan.head_start, "--port")
+    assert len(plan.worker_starts) == 2 and plan.worker_hosts == ["gpu08", "gpu09"] and plan.head_host == "gpu07"
+    res = c["train"]["resources"]
     for host, w in zip(["gpu08", "gpu09"], plan.worker_starts):
-        assert w[:5] == ["srun", "--nodes=1", "--ntasks=1", "-w", host]
-        assert w[5:8] == ["ray", "start", "--address"] and flag(w, "--address") == "10.0.0.7:6379"
+        # the worker step asks for its node's share of the job: CPUs, memory, GPUs (SLURM >= 22.05 steps
+        # no longer inherit --cpus-per-task)
+        assert w[:10] == [
+            "srun",
+            "--nodes=1",
+            "--ntasks=1",
+            "-w",
+            host,
+            "--overlap",
+            f"--cpus-per-task={res['cpus']}",
+            f"--mem={res['mem_mb']}M",
+            "--gres=gpu:4",
+            "ray",
+        ]
+        assert w[10:12] == ["start", "--address"] and flag(w, "--address") == f"10.0.0.7:{port}"
+        assert flag(w, "--resources") == json.dumps({f"searchr1_node:{host}": 1})
+    assert plan.gpus_per_node == 4 and plan.join_timeout_s == c["train"]["slime"]["join_timeout_s"]
+    # the pre-flight: on the head as it is, on each worker through the same srun prefix
+    assert [chk.host for chk in plan.node_checks] == ["gpu07", "gpu08", "gpu09"]
+    assert plan.node_checks[0].command[0] == "python3"
+    assert plan.node_checks[1].command[:10] == plan.worker_starts[0][:9] + ["python3"]
+    assert flag(plan.node_checks[2].command, "--url") == "http://127.0.0.1:8000/retrieve"
     assert flag(train_argv(plan), "--actor-num-nodes") == "3"
     assert json.loads(flag(plan.submit, "--runtime-env-json"))["env_vars"]["MASTER_ADDR"] == "10.0.0.7"
     with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST"):
@@ -314,7 +365,29 @@ def test_write_custom_config(cfg, tmp_path):
         "search_input_mode": "text",
         "search_metrics_path": str(tmp_path / "m.jsonl"),
         "search_eval_metrics_path": str(tmp_path / "e.jsonl"),
+        "search_structure_format_score": 0.0,
+        "search_final_format_score": 0.0,
+        "search_retrieval_score": 0.0,
     }
+
+
+def test_reward_flags_only_with_a_format_aware_reward(cfg, tmp_path):
+    """All reward.* scores 0 (the recipe): no reward flag at all, the seed command. A non-zero score: the plugin's
+    dict reward, trained on "score" and evaluated on "em"; the scores reach the plugin through the custom config."""
+    plain = train_argv(build_plan(local(cfg), paths=paths(tmp_path), env={}))
+    assert "--reward-key" not in plain and "--eval-reward-key" not in plain
+    c = local(cfg)
+    c["reward"] = {"structure_format_score": 0.2, "final_format_score": 0.1, "retrieval_score": 0.0}
+    plan = build_plan(c, paths=paths(tmp_path), env={})
+    a = train_argv(plan)
+    assert flag(a, "--reward-key") == "score" and flag(a, "--eval-reward-key") == "em"
+    assert [x for x in a if x not in ("--reward-key", "score", "--eval-reward-key", "em")] == plain
+    assert (plan.custom_config["search_structure_format_score"], plan.custom_config["search_final_format_score"]) == (
+        0.2,
+        0.1,
+    )
+    c["reward"] = {"structure_format_score": 0.0, "final_format_score": 0.0, "retrieval_score": 0.3}
+    assert flag(train_argv(build_plan(c, paths=paths(tmp_path), env={})), "--reward-key") == "score"
 
 
 def test_final_hf_checkpoint_and_atomic_export(tmp_path):
@@ -324,6 +397,7 @@ def test_final_hf_checkpoint_and_atomic_export(tmp_path):
     for rid in (19, 119, 39):
         (hf / f"iter_{rid}").mkdir(parents=True)
         (hf / f"iter_{rid}" / "config.json").write_text(json.dumps({"rid": rid}))
+        (hf / f"iter_{rid}" / "model.safetensors").write_bytes(b"w")
     (hf / "iter_999").mkdir()  # incomplete: no config.json
     assert final_hf_checkpoint(hf).name == "iter_119"
     dst = tmp_path / "models" / "rl"
@@ -371,6 +445,8 @@ def test_run_plan_streams_submit_and_stops_what_it_started(tmp_path):
         make_dirs=[str(tmp_path / "logs")],
         save_dir=str(save),
         metrics_path=str(metrics),
+        gpus_per_node=0,
+        join_timeout_s=1.0,
     )
     started = []
 

@@ -226,8 +226,15 @@ def test_prompt_must_be_templated_and_partial_rollout_refused(slime, tokenizer_d
         run_plugin(args, [slime.Sample(prompt="x", label=GOLDEN)])
 
 
+def reward_args(structure=0.0, final=0.0, retrieval=0.0, **keys):
+    """slime's args as our custom config (reward.* scores) and slime's reward flags set them."""
+    scores = {"structure_format_score": structure, "final_format_score": final, "retrieval_score": retrieval}
+    ours = custom_config(config(reward=scores), "http://127.0.0.1:1/retrieve", "m.jsonl")
+    return SimpleNamespace(**ours, **{"reward_key": None, "eval_reward_key": None, **keys})
+
+
 def test_reward_func_uses_prompt_plus_response(slime):
-    args = SimpleNamespace()
+    args = reward_args()
     prompt = chat("who wrote the hobbit")
 
     def reward(response, label=GOLDEN):
@@ -235,10 +242,61 @@ def test_reward_func_uses_prompt_plus_response(slime):
         return asyncio.run(slime_plugin.reward_func(args, sample))
 
     assert reward("<answer> Tolkien </answer>") == 1.0
+    assert type(reward("<answer> Tolkien </answer>")) is float  # the seed recipe: a float, slime without --reward-key
     assert reward("<answer> Lewis </answer>") == 0.0
     assert reward("<think> no answer </think>", {"ground_truth": {"target": ["Beijing"]}}) == 1.0
     with pytest.raises(ValueError, match="reward_model dict"):
         reward("x", label="Tolkien")
+
+
+VALID_RIGHT = "<think> easy </think>\n<answer> Tolkien </answer>"
+VALID_WRONG = "<think> hm </think>\n<answer> Lewis </answer>"
+
+
+def test_reward_func_shaped_reward_is_a_dict_slime_reads_by_key(slime):
+    """A non-zero score: {"score": Search-R1's compute_score_em, "em": exact match, "format_valid"}; slime's
+    Sample.get_reward_value(args) (the training reward, --reward-key score) is the shaped value, its evaluation
+    (--eval-reward-key em) the exact match (hand-computed: structure 0.2, final 0.1)."""
+    args = reward_args(0.2, 0.1, reward_key="score", eval_reward_key="em")
+    prompt = chat("who wrote the hobbit")
+
+    def sample(response):
+        s = slime.Sample(prompt=prompt, response=response, label=GOLDEN)
+        s.reward = asyncio.run(slime_plugin.reward_func(args, s))
+        return s
+
+    cases = {
+        VALID_RIGHT: (1.0, 1.0, 1.0),
+        "<answer> Tolkien </answer>": (0.8, 1.0, 0.0),  # right, format invalid (no think): 1 - 0.2
+        VALID_WRONG: (0.2, 0.0, 1.0),
+        "<answer> Lewis </answer>": (0.1, 0.0, 0.0),
+        "<think> no answer </think>": (0.1, 0.0, 0.0),  # scored as the prompt's "Beijing": wrong, invalid
+    }
+    for response, (shaped, em, valid) in cases.items():
+        s = sample(response)
+        assert s.reward == {"score": pytest.approx(shaped), "em": em, "format_valid": valid}, response
+        assert s.get_reward_value(args) == pytest.approx(shaped)
+        assert s.reward[args.eval_reward_key] == em
+    assert sample("<answer> Tolkien </answer>").reward["score"] == 1.0 - 0.2  # Search-R1's arithmetic, bit for bit
+
+
+def test_reward_func_refuses_mismatched_flags_and_a_prompt_without_the_assistant_marker(slime):
+    from searchr1.reward import RewardConfigError
+
+    label = GOLDEN
+    shaped_without_keys = reward_args(0.2, 0.1)
+    s = slime.Sample(prompt=chat("q"), response=VALID_RIGHT, label=label)
+    with pytest.raises(slime_plugin.PluginConfigError, match="--reward-key score --eval-reward-key em"):
+        asyncio.run(slime_plugin.reward_func(shaped_without_keys, s))
+    with pytest.raises(slime_plugin.PluginConfigError, match="reward_key='em'"):
+        asyncio.run(slime_plugin.reward_func(reward_args(0.2, reward_key="em", eval_reward_key="score"), s))
+    plain = slime.Sample(prompt="User: who wrote the hobbit?\nAssistant:", response=VALID_RIGHT, label=label)
+    with pytest.raises(RewardConfigError, match="no '<\\|im_start\\|>assistant' marker"):
+        asyncio.run(slime_plugin.reward_func(reward_args(0.2, reward_key="score", eval_reward_key="em"), plain))
+    # exact match needs no marker (the seed recipe scores any prompt)
+    assert asyncio.run(slime_plugin.reward_func(reward_args(), plain)) == 0.0
+    with pytest.raises(slime_plugin.PluginConfigError, match="search_structure_format_score"):
+        asyncio.run(slime_plugin.reward_func(SimpleNamespace(), s))
 
 
 def _done_sample(slime, reward, searches, status="COMPLETED", mask=(1, 1, 0, 1)):
@@ -277,6 +335,34 @@ def test_log_rollout_appends_common_metrics(slime, tmp_path):
     assert first["slime/perf/x"] == 1.5 and "slime/note" not in first
     assert lines[1]["wall_time_s"] >= 0 and lines[1]["rollout_time_s"] == 3.0
     assert slime_plugin.log_rollout(2, SimpleNamespace(), samples, None, 1.0) is False  # no path: no file, no crash
+
+
+def test_log_rollout_with_a_shaped_reward_keeps_reward_and_em_apart(slime, tmp_path):
+    args = SimpleNamespace(
+        search_metrics_path=str(tmp_path / "metrics.jsonl"), n_samples_per_prompt=2, reward_key="score"
+    )
+    samples = [_done_sample(slime, 1, 1), _done_sample(slime, 0, 1)]
+    samples[0].reward = {"score": 0.8, "em": 1.0, "format_valid": 0.0}  # right answer, invalid format
+    samples[1].reward = {"score": 0.1, "em": 0.0, "format_valid": 0.0}
+    slime_plugin.log_rollout(0, args, samples, None, 1.0)
+    (line,) = [json.loads(x) for x in Path(args.search_metrics_path).read_text().splitlines()]
+    assert line["reward_mean"] == pytest.approx(0.45) and line["em_mean"] == 0.5
+    assert line["format_valid_rate"] == 0.0 and line["zero_std_group_frac"] == 0.0
+
+
+def test_log_eval_marks_the_point_before_training(slime, tmp_path, monkeypatch):
+    """slime's train.py evaluates before the first update as rollout 0 and, with --eval-interval 1, after rollout
+    0 as rollout 0 again: both points are kept, the first marked before_training."""
+    monkeypatch.setattr(slime_plugin, "_rollouts_logged", set())
+    args = SimpleNamespace(search_eval_metrics_path=str(tmp_path / "eval.jsonl"), n_samples_per_prompt=2)
+    data = {"nq_test": {"rewards": [0.0], "truncated": [False], "samples": [_done_sample(slime, 0, 0)]}}
+    slime_plugin.log_eval(0, args, data, {})
+    slime_plugin.log_rollout(0, args, [_done_sample(slime, 1, 1)], None, 1.0)
+    data = {"nq_test": {"rewards": [1.0], "truncated": [False], "samples": [_done_sample(slime, 1, 1)]}}
+    slime_plugin.log_eval(0, args, data, {})
+    slime_plugin.log_eval(0, args, data, {})  # logged again (a resume): replaced
+    points = [json.loads(x) for x in Path(args.search_eval_metrics_path).read_text().splitlines()]
+    assert [(p["step"], p["before_training"], p["em"]) for p in points] == [(0, True, 0.0), (0, False, 1.0)]
 
 
 def test_log_eval_appends_per_dataset_and_per_question(slime, tmp_path):

@@ -505,3 +505,37 @@ def test_train_work_is_resumed_only_under_the_same_settings_and_inputs(tmp_path,
         (work / RESUME_KEY).write_text(broken)
         claim_work_dir(work, changed)
         assert not (work / "checkpoints").exists() and (tmp_path / "train.superseded" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("configs", [FULL, TOY], ids=["full-slime", "toy-torch"])
+def test_train_step_refuses_a_format_reward_behind_a_prompt_without_the_marker(configs, stubs, tmp_path):
+    """A non-zero reward.* score is checked on the first training prompt through the base model's chat template
+    before the retriever or the trainer starts; with Qwen's ChatML the job goes on (slime: with the reward keys)."""
+    import pandas as pd
+    from helpers import bpe_tokenizer
+
+    from searchr1.prompt import make_messages
+    from searchr1.reward import RewardConfigError
+    from searchr1.toy.tokenizer import CHAT_TEMPLATE
+
+    (tmp_path / "reward.yaml").write_text("reward: {structure_format_score: 0.2, final_format_score: 0.1}\n")
+    params = rule_params("train", *configs, str(tmp_path / "reward.yaml"))
+    assert params["cfg__reward__structure_format_score"] == ("reward.structure_format_score", 0.2)  # declared
+    pd.DataFrame({"prompt": [make_messages("who wrote the hobbit")]}).to_parquet(tmp_path / "train.parquet")
+    tok = bpe_tokenizer()
+    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    tok.save_pretrained(tmp_path / "model")
+    with pytest.raises(RewardConfigError, match="no '<\\|im_start\\|>assistant' marker"):
+        _run("train", params, tmp_path)
+    assert not [c for c in stubs.calls if c[0] in ("managed_server", "run_plan", "train_grpo")]
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(tmp_path / "model")
+    _run("train", params, tmp_path)
+    (call,) = [c for c in stubs.calls if c[0] in ("run_plan", "train_grpo")]
+    if call[0] == "run_plan":
+        from helpers import entrypoint_argv
+
+        argv = entrypoint_argv(call[1][0].submit)
+        assert argv[argv.index("--reward-key") + 1] == "score"
+    else:
+        assert call[2]["settings"].reward.structure_format_score == 0.2

@@ -124,8 +124,9 @@ def test_report_files(toy_run):
 
 def test_three_models_and_a_learning_curve(toy_run):
     """Issue 15 in every CI run: eval.models' init (the policy before warm start, a local directory) is
-    evaluated like base and RL and gets its headline row; the learning curve has its 3 points x 30 questions
-    per split, once each, plotted and summarised."""
+    evaluated like base and RL and gets its headline row; the learning curve has its 4 points x 30 questions
+    per split (the starting policy at rollout 0, as slime evaluates before the first update, then every 5
+    rollouts), once each, plotted and summarised."""
     results = toy_run / "results"
     headline = (results / "headline.md").read_text()
     table = headline.split("## Exact match", 1)[1].split("## Behaviour", 1)[0]
@@ -138,7 +139,8 @@ def test_three_models_and_a_learning_curve(toy_run):
         init = load_json(results / f"eval/init/{split}.json")
         assert init["n"] == load_json(results / f"eval/base/{split}.json")["n"]
     points = load_metrics(results / "train/eval_curve.jsonl")
-    assert sorted((p["step"], p["split"]) for p in points) == sorted((s, sp) for s in (4, 9, 14) for sp in SPLITS)
+    assert sorted((p["step"], p["split"]) for p in points) == sorted((s, sp) for s in (0, 4, 9, 14) for sp in SPLITS)
+    assert sorted(p["step"] for p in points if p["before_training"]) == [0] * len(SPLITS)
     assert all(p["n"] == 30 and p["ci95_low"] <= p["em"] <= p["ci95_high"] for p in points)
     assert (results / "plots/em_curve.png").stat().st_size > 5_000
     assert "(plots/em_curve.png)" in headline and "- learning curve (greedy EM on the first 30 questions" in headline

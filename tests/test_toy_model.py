@@ -23,7 +23,7 @@ def dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("toy")
     write_world(5, root / "world", TINY)
     write_tokenizer(root / "world", root / "tok")
-    write_model(root / "tok", root / "model", SIZE)
+    write_model(root / "tok", root / "model", SIZE, seed=0)
     return root / "tok", root / "model"
 
 
@@ -53,7 +53,7 @@ def test_model_dir_loads_and_tokenizer_is_ours(dirs):
 def test_saved_weights_are_the_seeded_model_and_qwen2_shaped(dirs):
     tok_dir, model_dir = dirs
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    fresh = make_model(AutoTokenizer.from_pretrained(str(tok_dir)), SIZE, seed=0)  # write_model's default seed
+    fresh = make_model(AutoTokenizer.from_pretrained(str(tok_dir)), SIZE, seed=0)  # the seed write_model was given
     saved, made = model.state_dict(), fresh.state_dict()
     assert saved.keys() == made.keys()
     assert all(torch.equal(saved[k], made[k]) for k in saved)
@@ -88,7 +88,7 @@ def test_model_generates(dirs):
 
 def test_default_size_is_the_toy_config_size(dirs):
     tok = AutoTokenizer.from_pretrained(str(dirs[0]))
-    model = make_model(tok, model_size())  # the toy config's: hidden 256, 2 layers, 4 heads, intermediate 512
+    model = make_model(tok, model_size(), seed=0)  # the toy config's: hidden 256, 2 layers, 4 heads, intermediate 512
     n = count_parameters(model)
     assert 1.2e6 < n < 1.8e6, n  # ~1.5M at a ~600-word vocabulary
     assert (

@@ -45,7 +45,7 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     write_world(11, root / "world", TINY)
     write_tokenizer(root / "world", root / "tok")
-    write_model(root / "tok", root / "model", model_size(hidden=64, layers=1, heads=2, intermediate=128))
+    write_model(root / "tok", root / "model", model_size(hidden=64, layers=1, heads=2, intermediate=128), seed=0)
     world = load_world(root / "world")
     rows = [json.loads(line) for line in (root / "world/corpus.jsonl").read_text().splitlines()]
     return root, world, rows, AutoTokenizer.from_pretrained(str(root / "model"))

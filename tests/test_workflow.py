@@ -123,17 +123,42 @@ def test_index_build_switch(workdir):
     assert counts.get("build_index") == 1 and "download_index" not in counts
 
 
+def eval_messages(stdout: str) -> list[str]:
+    """The evaluate jobs' messages in a dry run (a job with a message prints it instead of its resources)."""
+    return re.findall(r"^Job \d+: (evaluate .*)$", stdout, flags=re.M)
+
+
 def test_slurm_profile_dry_run_requests_gpus(workdir):
     res = snakemake("--profile", "profiles/slurm", "-n", "results/headline.md", cwd=workdir)
     assert res.returncode == 0, res.stderr + res.stdout
-    assert "GRPO training (slime) on 4 GPUs, 1 node(s)" in res.stdout
-    evaluate = [b for b in res.stdout.split("rule ") if b.startswith("evaluate:")]
-    assert len(evaluate) == 4 and all(re.search(r"\bgpu=1\b", b) for b in evaluate)
+    # The default placement (dedicated, retriever.gpus 1): slime's 4 GPUs + the retriever's own, in the messages.
+    assert "GRPO training (slime) on 5 GPUs, 1 node(s)" in res.stdout
+    assert (
+        "retriever: on 1 dedicated GPU(s) (placement dedicated: the job's GPU(s) 4; its own work sees only "
+        "0,1,2,3)" in res.stdout
+    )
+    assert "env CUDA_VISIBLE_DEVICES=0,1,2,3 ray start --head" in res.stdout  # the Ray head gets slime's GPUs only
+    evaluate = eval_messages(res.stdout)  # the message shows the job's real gpu resource
+    assert len(evaluate) == 4 and all(" on 2 GPU(s)," in m for m in evaluate), evaluate
+    where = "retriever: on 1 dedicated GPU(s) (placement dedicated: the job's GPU(s) 1; its own work sees only 0)"
+    assert all(where in m for m in evaluate)
+    check = next(b for b in res.stdout.split("rule ") if b.startswith("retriever_check:"))
+    assert re.search(r"\bgpu=1\b", check)
+    # On the CPU: no GPU for any retriever, the jobs ask for their own work's GPUs only.
+    # (--config would pass nested numbers as strings: an extra config file is the way to override them.)
+    (workdir / "cpu_retriever.yaml").write_text("retriever: {placement: cpu, gpus: 0}\n")
+    res = snakemake(
+        "--profile", "profiles/slurm", "-n", "results/headline.md", "--configfile", "config.yaml", "cpu_retriever.yaml",
+        cwd=workdir,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "GRPO training (slime) on 4 GPUs" in res.stdout and "retriever: on the CPU (placement cpu" in res.stdout
+    evaluate = eval_messages(res.stdout)
+    assert len(evaluate) == 4 and all(" on 1 GPU(s)," in m and "retriever: on the CPU" in m for m in evaluate)
     check = next(b for b in res.stdout.split("rule ") if b.startswith("retriever_check:"))
     assert re.search(r"\bgpu=0\b", check)
-    # GPUs for the retriever's index are added to the jobs that start their own retriever.
-    # (--config would pass nested numbers as strings: an extra config file is the way to override them.)
-    (workdir / "gpu_retriever.yaml").write_text("retriever: {gpus: 2}\n")
+    # Two dedicated retriever GPUs are added to the jobs that start their own retriever.
+    (workdir / "gpu_retriever.yaml").write_text("retriever: {placement: dedicated, gpus: 2}\n")
     res = snakemake(
         "--profile",
         "profiles/slurm",
@@ -146,8 +171,8 @@ def test_slurm_profile_dry_run_requests_gpus(workdir):
     )
     assert res.returncode == 0, res.stderr + res.stdout
     assert "GRPO training (slime) on 6 GPUs" in res.stdout
-    evaluate = [b for b in res.stdout.split("rule ") if b.startswith("evaluate:")]
-    assert all(re.search(r"\bgpu=3\b", b) for b in evaluate)
+    evaluate = eval_messages(res.stdout)
+    assert len(evaluate) == 4 and all(" on 3 GPU(s)," in m for m in evaluate)
     # Two nodes: GPUs per node as gres (SLURM may split a --gpus total unevenly over the nodes).
     (workdir / "two_nodes.yaml").write_text("train: {slime: {nodes: 2}}\n")
     res = snakemake(
@@ -162,7 +187,7 @@ def test_slurm_profile_dry_run_requests_gpus(workdir):
         cwd=workdir,
     )
     assert res.returncode == 0, res.stderr + res.stdout
-    assert "GRPO training (slime) on 8 GPUs, 2 node(s)" in res.stdout and "srun --nodes=1" in res.stdout
+    assert "GRPO training (slime) on 10 GPUs, 2 node(s)" in res.stdout and "srun --nodes=1" in res.stdout
 
 
 @pytest.mark.parametrize("profile", [None, "profiles/toy"])
@@ -285,9 +310,10 @@ def test_every_rule_asks_for_the_resources_the_config_gives(workdir):
         "retriever_check": (1003, 103),
         "export_rl": (1004, 104),
         "report": (1005, 105),
-        "evaluate": (2002, 202),
     }
-    assert "2001 MB, 201 min" in res.stdout  # the train job prints its request in its message
+    assert "2001 MB, 201 min" in res.stdout  # the train and evaluate jobs print their request in their message
+    messages = eval_messages(res.stdout)
+    assert len(messages) == 4 and all("2002 MB, 202 min" in m for m in messages), messages
     blocks = {b.split(":", 1)[0]: b for b in res.stdout.split("rule ")[1:]}
     for rule, (mem, runtime) in expected.items():
         assert re.search(rf"\bmem_mb={mem}\b", blocks[rule]) and re.search(rf"\bruntime={runtime}\b", blocks[rule]), (

@@ -30,6 +30,22 @@ def _golden_answers(reward_model: Any, row_index: int) -> list[str]:
     return answers
 
 
+def chat_prompt_text(prompt: Any, tokenizer: Any) -> str:
+    """A row's ``prompt`` messages through the tokenizer's chat template (slime's --apply-chat-template)."""
+    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(prompt)]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def first_prompt_text(train_parquet: str | Path, tokenizer: Any) -> str:
+    """The chat-templated prompt of the parquet's first row (what the policy sees, before anything starts)."""
+    import pyarrow.parquet as pq
+
+    first = pq.ParquetFile(train_parquet).read_row_group(0, columns=["prompt"]).slice(0, 1).to_pylist()
+    if not first:
+        raise ValueError(f"{train_parquet}: no training rows")
+    return chat_prompt_text(first[0]["prompt"], tokenizer)
+
+
 def load_prompt_rows(train_parquet: str | Path, tokenizer: Any) -> list[PromptRow]:
     """Read the parquet and apply the chat template to each row's ``prompt`` messages
     (slime's --apply-chat-template)."""
@@ -40,8 +56,7 @@ def load_prompt_rows(train_parquet: str | Path, tokenizer: Any) -> list[PromptRo
     for i, (prompt, reward_model, source) in enumerate(
         zip(frame["prompt"], frame["reward_model"], frame["data_source"], strict=True)
     ):
-        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(prompt)]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = chat_prompt_text(prompt, tokenizer)
         rows.append(
             PromptRow(prompt_text=text, golden_answers=_golden_answers(reward_model, i), data_source=str(source))
         )

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from searchr1.config import FromConfig
 from searchr1.grpo.objective import ObjectiveSettings
+from searchr1.reward import RewardSettings
 
 
 @dataclass
@@ -40,6 +41,10 @@ class GRPOSettings(FromConfig):
     kl_loss_coef: float
     entropy_coef: float
     use_tis: bool
+    # the training reward (searchr1.reward.RewardSettings: Search-R1's compute_score_em scores)
+    structure_format_score: float
+    final_format_score: float
+    retrieval_score: float
     # optimizer (Megatron's adam is decoupled-weight-decay AdamW)
     lr: float
     lr_decay_style: str
@@ -111,7 +116,12 @@ class GRPOSettings(FromConfig):
         "retrieval_timeout_s": "retriever.timeout_s",
         "retrieval_max_retries": "retriever.max_retries",
         "eval_interval": "eval.interval",
+        **{k: f"reward.{k}" for k in ("structure_format_score", "final_format_score", "retrieval_score")},
     }
+
+    @property
+    def reward(self) -> RewardSettings:
+        return RewardSettings(**{name: getattr(self, name) for name in RewardSettings.CONFIG_KEYS})
 
     @property
     def samples_per_rollout(self) -> int:

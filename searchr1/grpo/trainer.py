@@ -2,9 +2,10 @@
 
 One step = one rollout id (slime's unit): ``rollout_batch_size`` prompts x ``n_samples_per_prompt``
 samples through ``searchr1.agent.run_agent`` on an ``HFEngine`` wrapping the policy being trained,
-EM rewards, group-normalised advantages, then ``steps_per_rollout`` optimizer steps of
-``global_batch_size`` samples each. Everything random is seeded per step, so a run killed and rerun
-resumes from its latest checkpoint and ends with the same numbers as an uninterrupted run (on CPU).
+rewards (``reward.*``: EM, or Search-R1's format-aware score), group-normalised advantages, then
+``steps_per_rollout`` optimizer steps of ``global_batch_size`` samples each. Everything random is seeded
+per step, so a run killed and rerun resumes from its latest checkpoint and ends with the same numbers as an
+uninterrupted run (on CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from searchr1.grpo.objective import group_advantages, grpo_loss
 from searchr1.grpo.settings import GRPOSettings
 from searchr1.metrics_file import truncate_metrics
 
-EvalHook = Callable[[int, Any, Any], None]
+# eval_hook(step, policy, tokenizer, before_training=...): a learning-curve point at rollout ``step``. As slime's
+# train.py: once before the first update (rollout 0, before_training=True; only when training starts from step
+# 0, not on resume), then after rollout ``step`` whenever (step + 1) % eval_interval == 0.
+EvalHook = Callable[..., None]
 
 # Reported per step, as means over the step's samples (slime reports per-sample means the same way).
 _LOSS_METRICS = (
@@ -223,11 +227,11 @@ class _Trainer:
         return out
 
 
-def _rollout_metrics(trajs: list[Any], rewards: list[float], group_size: int) -> dict[str, float]:
+def _rollout_metrics(trajs: list[Any], rewards: list[float], em: list[float], group_size: int) -> dict[str, float]:
     grouped = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
     return {
-        "reward_mean": float(np.mean(rewards)),
-        "em_mean": float(np.mean(rewards)),  # the reward is EM (Search-R1's compute_score_em)
+        "reward_mean": float(np.mean(rewards)),  # the training reward (reward.*: shaped when a score is non-zero)
+        "em_mean": float(np.mean(em)),  # exact match of the same rollouts
         "response_len_mean": float(np.mean([sum(t.loss_mask) for t in trajs])),
         "response_len_total_mean": float(np.mean([len(t.response_ids) for t in trajs])),
         "searches_mean": float(np.mean([t.num_searches for t in trajs])),
@@ -269,6 +273,9 @@ def train_grpo(
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     rows = load_prompt_rows(train_parquet, tokenizer)
+    reward = s.reward
+    for row in rows:  # a format score needs the assistant marker in every prompt (RewardConfigError otherwise)
+        reward.check_prompt(row.prompt_text)
     order = PromptOrder(len(rows), s.rollout_batch_size, seed=s.seed, shuffle=s.rollout_shuffle)
 
     ckpt = load_latest_checkpoint(work_dir)
@@ -303,6 +310,10 @@ def train_grpo(
             concurrency=s.search_concurrency,
         )
     try:
+        if eval_hook is not None and s.eval_interval and start_step == 0:
+            # slime evaluates before the first update (train.py, unless --skip-eval-before-train): the curve's
+            # first point is the starting policy, at rollout 0
+            eval_hook(0, policy, tokenizer, before_training=True)
         for step in range(start_step, s.num_rollout):
             t0 = time.monotonic()
             seed = step_seed(s.seed, step)
@@ -315,7 +326,8 @@ def train_grpo(
 
             from searchr1.reward import em_score
 
-            rewards = [float(em_score(t.full_text, g)) for t, g in zip(trajs, goldens, strict=True)]
+            rewards = [float(reward.score(t.full_text, g)) for t, g in zip(trajs, goldens, strict=True)]
+            em = [float(em_score(t.full_text, g)) for t, g in zip(trajs, goldens, strict=True)]
             if s.rewards_normalization:
                 advantages = group_advantages(
                     rewards, s.n_samples_per_prompt, std_normalization=s.grpo_std_normalization
@@ -325,13 +337,13 @@ def train_grpo(
             train_metrics = trainer.train_on_rollout(
                 trajs, advantages, step * s.steps_per_rollout, total_optimizer_steps
             )
-            record = {"step": step, **_rollout_metrics(trajs, rewards, s.n_samples_per_prompt), **train_metrics}
+            record = {"step": step, **_rollout_metrics(trajs, rewards, em, s.n_samples_per_prompt), **train_metrics}
             record["rollout_time_s"] = rollout_time
             record["wall_time_s"] = time.monotonic() - t0
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
             print(
-                f"[grpo] step {step + 1}/{s.num_rollout} reward {record['reward_mean']:.3f} "
+                f"[grpo] step {step + 1}/{s.num_rollout} reward {record['reward_mean']:.3f} em {record['em_mean']:.3f} "
                 f"search {record['search_rate']:.2f} len {record['response_len_mean']:.1f} "
                 f"kl {record.get('kl', 0.0):.4f} clip {record['clipfrac']:.3f} "
                 f"gnorm {record['grad_norm']:.3f} ({record['wall_time_s']:.1f}s)",
@@ -342,7 +354,7 @@ def train_grpo(
             # The learning-curve point before the checkpoint: a kill between the two resumes from the previous
             # checkpoint and evaluates this step again (the hook replaces its point), never skips it.
             if eval_hook is not None and s.eval_interval and done % s.eval_interval == 0:
-                eval_hook(step, policy, tokenizer)
+                eval_hook(step, policy, tokenizer, before_training=False)
             if done % s.checkpoint_interval == 0 or done == s.num_rollout:
                 save_checkpoint(
                     work_dir,

@@ -1,5 +1,5 @@
 """Command line of the retriever: ``python -m searchr1.retrieval {serve,build-index,offsets,write-meta,
-download-corpus,download-index,bench,gpu-check} ...``."""
+download-corpus,download-index} ...``. Its benchmarks live beside the package, in benchmarks/retriever/."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ log = logging.getLogger("searchr1.retrieval")
 
 
 def recipe() -> dict:
-    """The seed recipe's retriever settings (config.yaml beside the package): the defaults of the flags below
-    that the workflow config also holds, so a server started by hand and one a job starts agree."""
-    from searchr1.config import load_config
+    """The seed recipe's retriever settings (the packaged config.yaml): the defaults of the flags below that the
+    workflow config also holds, so a server started by hand and one a job starts agree."""
+    from searchr1.config import default_config
 
-    return load_config(Path(__file__).resolve().parents[2] / "config.yaml")["retriever"]
+    return default_config()["retriever"]
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -117,8 +117,14 @@ def _add_http_limit_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from searchr1.retrieval.guarded_protocol import UntestedVersionError, check_versions
     from searchr1.retrieval.server import HttpLimits, RetrieverServer, bind_socket, create_app
 
+    try:  # before anything is loaded: the connection limits run on the tested uvicorn/httptools only
+        check_versions()
+    except UntestedVersionError as e:
+        log.error("refusing to start: %s", e)
+        return 2
     try:
         http_limits = HttpLimits(
             max_header_bytes=a.max_header_bytes,
@@ -235,7 +241,13 @@ def _serve_multiprocess(a, sock, corpus, encoder, backend, http_limits, http_wor
         max_batch_chars=a.max_batch_chars,
         pipeline=pipeline,
     )
-    limits = Limits(a.topk_max, a.max_queries, a.max_query_chars, a.max_body_bytes, a.topk)
+    limits = Limits(
+        topk_max=a.topk_max,
+        default_topk=a.topk,
+        max_queries=a.max_queries,
+        max_query_chars=a.max_query_chars,
+        max_body_bytes=a.max_body_bytes,
+    )
     log.info(
         "serving on http://%s:%d/retrieve (backend %s, %d HTTP front ends, %d batch(es) in flight)",
         a.host,
@@ -381,9 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--topk", type=int, default=ret["topk"], help="passages for a request that names no topk (Search-R1's --topk)"
     )
     p.add_argument("--topk-max", type=int, default=ret["topk_max"])
-    p.add_argument("--max-queries", type=int, default=1024, help="most queries per request")
-    p.add_argument("--max-query-chars", type=int, default=4096)
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    from searchr1.retrieval.server import Limits
+
+    # the defaults live in the server, in one place
+    p.add_argument("--max-queries", type=int, default=Limits.max_queries, help="most queries per request")
+    p.add_argument("--max-query-chars", type=int, default=Limits.max_query_chars)
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
     _add_http_limit_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -436,13 +451,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", nargs="*", help="NAME=HEX expected digests")
     p.add_argument("--delete-parts", action="store_true")
     p.set_defaults(func=cmd_download_index)
-
-    from searchr1.retrieval import bench
-
-    bench.add_subcommands(sub)
-    from searchr1.retrieval import gpubench
-
-    gpubench.add_subcommands(sub, recipe())
     return parser
 
 

@@ -48,19 +48,21 @@ class Encoder:
         self,
         model_path: str | os.PathLike,
         *,
-        query_prefix: str = "query: ",
-        passage_prefix: str = "passage: ",
-        pooling: str = "mean",
-        normalize: bool = True,
-        max_length: int = 256,
+        query_prefix: str,
+        passage_prefix: str,
+        pooling: str,
+        normalize: bool,
+        max_length: int,
+        cpu_bf16: bool,
         fp16: bool | None = None,
         device: str | None = None,
         batch_size: int = 256,
-        cpu_bf16: bool = False,
         cuda_graphs: bool | None = None,
     ) -> None:
-        """``cpu_bf16``: run the model under bf16 autocast on CPU (about 2.8x faster batched on a CPU
-        with avx512_bf16; embeddings differ from fp32 by ~1e-5 in cosine). Off by default: exact fp32.
+        """The text settings (prefixes, pooling, normalize, max_length) and ``cpu_bf16`` are the config's
+        retriever.encoder section, so they have no default here (the index and its queries must agree).
+        ``cpu_bf16``: run the model under bf16 autocast on CPU (about 2.8x faster batched on a CPU
+        with avx512_bf16; embeddings differ from fp32 by ~1e-5 in cosine); False: exact fp32.
         ``cuda_graphs`` (default: on CUDA): replay CUDA graphs of the forward (see ``GraphedForward``)."""
         from transformers import AutoModel, AutoTokenizer
 

@@ -35,6 +35,8 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from searchr1.retrieval.guarded_protocol import guarded_protocol
+
 if TYPE_CHECKING:  # kept out of the import path: the encoder module pulls in torch
     from searchr1.retrieval.corpus import CorpusStore
     from searchr1.retrieval.encoder import TextEncoder
@@ -42,9 +44,6 @@ if TYPE_CHECKING:  # kept out of the import path: the encoder module pulls in to
 
 log = logging.getLogger("searchr1.retrieval.server")
 
-# Search-R1's server answers a request without topk with its --topk (default 3); ours with default_topk,
-# which `serve --topk` and the workflow's managed server set from the config's retriever.topk.
-DEFAULT_TOPK = 3
 # A batch's character budget: 256 typical queries (< 256 characters) fit, so slime's one-query
 # requests batch as before; 256 queries at the 4,096-character limit are served in 16 slices.
 DEFAULT_MAX_BATCH_CHARS = 65536
@@ -94,8 +93,8 @@ class BatchingWorker:
         encoder: TextEncoder,
         backend: SearchBackend,
         *,
-        max_batch_size: int = 256,
-        max_wait_ms: float = 1.0,
+        max_batch_size: int,
+        max_wait_ms: float,
         batching: bool = True,
         max_batch_chars: int = DEFAULT_MAX_BATCH_CHARS,
         pipeline: int | None = None,
@@ -441,11 +440,16 @@ def hits_for(corpus: Any, scores: list[float], ids: list[int], topk: int, return
 
 @dataclass(frozen=True)
 class Limits:
-    topk_max: int = 100
+    """What one /retrieve request may ask for (422 beyond; 413 for the body). ``topk_max`` and ``default_topk``
+    (the topk of a request that names none; Search-R1's server uses its --topk) are the config's
+    retriever.topk_max and retriever.topk, so they have no default here; the other three are the server's own
+    limits (``serve`` flags)."""
+
+    topk_max: int
+    default_topk: int
     max_queries: int = 1024
     max_query_chars: int = 4096
     max_body_bytes: int = 1 << 20
-    default_topk: int = DEFAULT_TOPK
 
 
 @dataclass(frozen=True)
@@ -575,8 +579,23 @@ def _json_response(payload: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
 
 
+# Every status /retrieve answers, and why (the served OpenAPI schema lists them; a test checks it against the
+# server's answers). 431 and the header 408 come from the connection layer (guarded_protocol), with the same body.
+RETRIEVE_ERRORS = {
+    400: "malformed JSON body or Content-Length header",
+    408: "headers not complete within header_timeout_s, or body within body_timeout_s (the connection is closed)",
+    413: "body larger than max_body_bytes",
+    415: "Content-Type is not application/json",
+    422: "the body is JSON but not a valid request: `detail` names the field and the limit it breaks "
+    "(queries missing, empty, over maxItems or a query over maxLength; topk not an integer in [1, maximum]; "
+    "return_scores not a boolean)",
+    431: "request line and headers over max_header_bytes, or more than max_headers header fields",
+}
+
+
 def _retrieve_openapi(limits: Limits) -> dict:
-    """The /retrieve body as JSON Schema (the handler parses raw bytes, so FastAPI cannot derive it)."""
+    """/retrieve's request body, answers and limits as OpenAPI (the handler parses raw bytes, so FastAPI cannot
+    derive them): the limits of this server are the schema's constraints (maxItems, maxLength, maximum)."""
     query = {"type": "string", "minLength": 1, "maxLength": limits.max_query_chars, "pattern": r"\S"}
     body = {
         "type": "object",
@@ -587,15 +606,43 @@ def _retrieve_openapi(limits: Limits) -> dict:
             "return_scores": {"type": "boolean", "default": False},
         },
     }
-    error = {
-        "description": "the request is wrong; `detail` names the problem",
-        "content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}},
+    passage = {"type": "object", "required": ["contents"], "properties": {"contents": {"type": "string"}}}
+    scored = {
+        "type": "object",
+        "required": ["document", "score"],
+        "properties": {"document": passage, "score": {"type": "number"}},
+    }
+    result = {
+        "type": "object",
+        "required": ["result"],
+        "properties": {
+            "result": {
+                "type": "array",
+                "description": "one list of at most topk hits per query, best first",
+                "items": {"type": "array", "items": {"anyOf": [passage, scored]}},
+            }
+        },
+    }
+    detail = {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}
+    errors = {
+        str(status): {"description": why, "content": {"application/json": {"schema": detail}}}
+        for status, why in RETRIEVE_ERRORS.items()
     }
     return {
+        "description": f"A request body of at most {limits.max_body_bytes} bytes (413 beyond).",
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
         "responses": {
-            "200": {"description": "`result`: one list of hits per query"},
-            **{str(c): error for c in (400, 408, 413, 415, 422)},
+            "200": {
+                "description": "`result`: one list of hits per query (corpus rows; {document, score} with "
+                "return_scores)",
+                "content": {"application/json": {"schema": result}},
+            },
+            **errors,
+            "500": {
+                "description": "a server fault (encoder, index or corpus): this request fails, the server keeps "
+                "serving",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
         },
     }
 
@@ -605,19 +652,22 @@ def create_app(
     encoder: TextEncoder,
     backend: SearchBackend,
     *,
-    topk_max: int = 100,
-    max_queries: int = 1024,
-    max_query_chars: int = 4096,
-    max_body_bytes: int = 1 << 20,
-    max_batch_size: int = 256,
-    max_wait_ms: float = 1.0,
+    topk_max: int,
+    default_topk: int,
+    max_batch_size: int,
+    max_wait_ms: float,
+    max_queries: int = Limits.max_queries,
+    max_query_chars: int = Limits.max_query_chars,
+    max_body_bytes: int = Limits.max_body_bytes,
     batching: bool = True,
     max_batch_chars: int = DEFAULT_MAX_BATCH_CHARS,
     http_limits: HttpLimits | None = None,
-    default_topk: int = DEFAULT_TOPK,
     pipeline: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``POST /retrieve`` and ``GET|HEAD /health`` over one corpus/encoder/backend.
+
+    ``topk_max``, ``default_topk``, ``max_batch_size`` and ``max_wait_ms`` are the config's retriever.topk_max,
+    retriever.topk, retriever.max_batch_size and retriever.max_wait_ms (``serve``'s flags default to them).
 
     ``http_limits`` (default ``HttpLimits()``) are stored on ``app.state`` for ``serve_app``, which
     applies the connection-level ones; the body timeout is applied here.
@@ -637,7 +687,13 @@ def create_app(
     return build_app(
         worker,
         index_info(corpus, encoder, backend),
-        Limits(topk_max, max_queries, max_query_chars, max_body_bytes, default_topk),
+        Limits(
+            topk_max=topk_max,
+            default_topk=default_topk,
+            max_queries=max_queries,
+            max_query_chars=max_query_chars,
+            max_body_bytes=max_body_bytes,
+        ),
         http_limits,
     )
 
@@ -771,165 +827,6 @@ def bind_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
     return sock
 
 
-def _guarded_protocol(limits: HttpLimits, counters: ClientCounters) -> type:
-    """uvicorn's httptools protocol plus the limits it lacks.
-
-    uvicorn bounds neither header size nor count with httptools, arms its keep-alive timer only after
-    a response (and cancels it on any byte), so a silent client or one stalled in its headers would
-    hold a connection forever. This subclass only observes the parser callbacks and the byte stream;
-    on a violation it answers itself (431/408, ``Connection: close``) and drops the connection.
-    """
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # pinned uvicorn; httptools is a dependency
-
-    def reply(status: int, reason: str, detail: str) -> bytes:
-        body = orjson.dumps({"detail": detail})
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        )
-        return head.encode("ascii") + body
-
-    class GuardedHttpProtocol(HttpToolsProtocol):
-        open_connections: set[GuardedHttpProtocol] = set()  # for the shutdown: close what is left
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._timer: asyncio.TimerHandle | None = None
-            self._timer_kind = ""
-            self._header_raw = 0  # raw bytes of the current request's line and headers so far
-            self._header_fields = 0
-            self._in_body = False  # between a request's headers and the end of its body
-            self._rejected = False
-
-        # -- timers --
-        def _arm(self, kind: str, delay: float, callback: Any) -> None:
-            self._disarm()
-            self._timer_kind = kind
-            self._timer = self.loop.call_later(delay, callback)
-
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer, self._timer_kind = None, ""
-
-        def _idle_expired(self) -> None:
-            self._timer = None
-            counters.idle_closed += 1
-            self.transport.close()
-
-        def _headers_expired(self) -> None:
-            self._timer = None
-            if self._in_body or self._header_raw == 0:  # trailing body bytes after an early answer
-                self.transport.close()
-                return
-            counters.header_timeouts += 1
-            self._reject(
-                408,
-                "Request Timeout",
-                f"request headers not received within header_timeout_s={limits.header_timeout_s:g} "
-                "(--header-timeout-s)",
-            )
-
-        def _reject(self, status: int, reason: str, detail: str) -> None:
-            self._rejected = True
-            self._disarm()
-            if not self.transport.is_closing():
-                if self.cycle is None or self.cycle.response_complete:  # never interleave with an answer
-                    self.transport.write(reply(status, reason, detail))
-                # Lingering close: stop writing, discard what the client still sends, close when it does
-                # (or after a second); closing at once would reset the connection and lose the answer.
-                if self.transport.can_write_eof():
-                    self.transport.write_eof()
-                    self.loop.call_later(1.0, self.transport.close)
-                else:
-                    self.transport.close()
-
-        # -- asyncio.Protocol --
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.open_connections.add(self)
-            self._arm("idle", limits.keep_alive_timeout_s, self._idle_expired)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.open_connections.discard(self)
-            self._disarm()
-            super().connection_lost(exc)
-
-        def eof_received(self) -> bool | None:
-            if self._rejected:
-                self.transport.close()
-            return super().eof_received()
-
-        def data_received(self, data: bytes) -> None:
-            while data and not self._rejected and not self.transport.is_closing():
-                if self._in_body:
-                    if self.cycle is not None and self.cycle.response_complete and self._timer_kind != "headers":
-                        # answered early (e.g. 413): what is left of the body must still arrive in time
-                        self._arm("headers", limits.header_timeout_s, self._headers_expired)
-                    super().data_received(data)
-                    return
-                if self._timer_kind != "headers":  # a request's first bytes: its headers must follow in time
-                    self._arm("headers", limits.header_timeout_s, self._headers_expired)
-                # Feed headers at most one byte past the limit, so the parser never buffers more.
-                room = max(limits.max_header_bytes - self._header_raw, 0) + 1
-                piece, data = data[:room], data[room:]
-                self._header_raw += len(piece)
-                super().data_received(piece)
-                if not self._in_body and self._header_raw > limits.max_header_bytes and not self._rejected:
-                    counters.header_too_large += 1
-                    self._reject(
-                        431,
-                        "Request Header Fields Too Large",
-                        f"request line and headers exceed max_header_bytes={limits.max_header_bytes} "
-                        "(--max-header-bytes)",
-                    )
-
-        # -- httptools callbacks --
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._header_fields = 0
-
-        def on_url(self, url: bytes) -> None:
-            if not self._rejected:
-                super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            if self._rejected:
-                return
-            self._header_fields += 1
-            if self._header_fields > limits.max_headers:
-                counters.header_too_large += 1
-                self._reject(
-                    431,
-                    "Request Header Fields Too Large",
-                    f"more than max_headers={limits.max_headers} header fields (--max-headers)",
-                )
-                return
-            super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
-            if self._rejected:
-                return
-            self._in_body = True
-            self._disarm()
-            super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            if not self._rejected:
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            if self._rejected:
-                return
-            self._in_body = False
-            self._header_raw = 0
-            if self._timer_kind == "headers":  # the early-answer drain timer, now moot
-                self._disarm()
-            super().on_message_complete()
-
-    return GuardedHttpProtocol
-
-
 class RetrieverServer:
     """Runs an app on a bound socket with uvicorn; bounded shutdown whatever the clients do.
 
@@ -948,7 +845,7 @@ class RetrieverServer:
         limits: HttpLimits = app.state.http_limits
         self.limits = limits
         self.sock = sock
-        self.protocol = _guarded_protocol(limits, app.state.counters)
+        self.protocol = guarded_protocol(limits, app.state.counters)
         config = uvicorn.Config(
             app,
             log_level=log_level,

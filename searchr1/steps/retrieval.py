@@ -7,7 +7,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +170,45 @@ def build_index(cfg: StepSettings, *, inputs, outputs, threads: int = 1, **_: An
 # --- the retriever a job starts ---------------------------------------------------------------------------
 
 
+def place(cfg: StepSettings, job: str, env: Mapping[str, str] | None = None):
+    """The job's GPUs split between its own work and its retriever (``retriever.placement``), after the shared
+    layout's memory check against the real GPUs where SGLang runs beside it (train with slime, SGLang
+    evaluation): a refusal comes before slime or SGLang starts."""
+    import os
+
+    from searchr1.retrieval.placement import assign_gpus, check_shared_fit, gpu_total_bytes, placement
+
+    assignment = assign_gpus(cfg, job, os.environ if env is None else env)
+    beside_sglang = (job == "train" and cfg["train"]["backend"] == "slime") or (
+        job == "evaluate" and cfg["eval"]["engine"] == "sglang"
+    )
+    if placement(cfg) == "shared" and beside_sglang:
+        figures = check_shared_fit(cfg, job, gpu_total_bytes(assignment.retriever), source="nvidia-smi")
+        log.info("shared retriever fits: %s", figures)
+    log.info(
+        "%s: GPUs of its own work %s, of its retriever %s", job, assignment.compute, assignment.retriever or "none"
+    )
+    return assignment
+
+
 @contextlib.contextmanager
-def retriever(cfg: StepSettings, inputs: Mapping[str, str], log_path: Path | None) -> Iterator[str]:
-    """The /retrieve URL for a job: ``retriever.url`` if set, else a server this job starts and stops."""
+def retriever(
+    cfg: StepSettings,
+    inputs: Mapping[str, str],
+    log_path: Path | None,
+    *,
+    gpus: Sequence[str],
+    host: str | None = None,
+) -> Iterator[str]:
+    """The /retrieve URL for a job: ``retriever.url`` if set, else a server this job starts and stops, bound
+    to ``host`` (default ``retriever.host``; the multi-node train job passes the head's address) and seeing
+    only the GPU ids ``gpus`` ([] = none: encoder and index on the CPU; see ``place``)."""
     from searchr1.retrieval.managed import managed_server
+    from searchr1.retrieval.placement import retriever_process
 
     ret = cfg["retriever"]
     server_log = log_path.with_suffix(".retriever.log") if log_path else Path("logs/retriever.log")
+    place_args, place_env = retriever_process(cfg, gpus) if not ret["url"] else ([], {})
     extra = [
         *encoder_server_args(cfg),
         "--backend",
@@ -189,17 +221,19 @@ def retriever(cfg: StepSettings, inputs: Mapping[str, str], log_path: Path | Non
         str(ret["max_batch_size"]),
         "--max-wait-ms",
         str(ret["max_wait_ms"]),
+        *place_args,  # after --backend: shared names the torch backend explicitly
     ]
     with managed_server(
         corpus=inputs.get("corpus"),
         index=inputs.get("index"),
         encoder=inputs.get("encoder"),
-        host=ret["host"],
+        host=host or ret["host"],
         port=ret["port"],
         log_path=server_log,
         startup_timeout_s=ret["startup_timeout_s"],
         url=ret["url"],
         extra_args=extra,
+        env=place_env,
     ) as url:
         yield url
 
@@ -235,7 +269,7 @@ def retriever_check(cfg: StepSettings, *, inputs, outputs, log_path=None, **_: A
     probes = [store.get(i) for i in rows]
     queries = [p["contents"].split("\n", 1)[-1][:200] for p in probes]
     topk = cfg["retriever"]["topk"]
-    with retriever(cfg, inputs, log_path) as url:
+    with retriever(cfg, inputs, log_path, gpus=place(cfg, "retriever_check").retriever) as url:
         health = check_health(url)
         client = retrieval_client(cfg, url)
 

@@ -12,7 +12,7 @@ from typing import Any
 from searchr1 import provenance
 from searchr1.fsutil import copy_file_atomic, write_json_atomic
 from searchr1.steps import set_threads
-from searchr1.steps.retrieval import retriever
+from searchr1.steps.retrieval import place, retriever
 from searchr1.steps.settings import StepSettings
 
 log = logging.getLogger("searchr1.steps.toy")
@@ -53,8 +53,10 @@ def toy_warm_start(cfg: StepSettings, *, inputs, outputs, threads: int = 1, log_
     set_threads(threads)
     out = Path(outputs["_list"][0])
     with ExitStack() as server:
-        url = server.enter_context(retriever(cfg, inputs, log_path))
-        search = http_retriever(url, timeout_s=cfg["retriever"]["timeout_s"])
+        url = server.enter_context(retriever(cfg, inputs, log_path, gpus=place(cfg, "toy_warm_start").retriever))
+        search = http_retriever(
+            url, timeout_s=cfg["retriever"]["timeout_s"], max_retries=cfg["retriever"]["max_retries"]
+        )
 
         def retrieve_then_stop_server(queries: list[str], topk: int) -> list[list[dict]]:
             # make_demos retrieves every demo's passages in this one call; stopping the server before the

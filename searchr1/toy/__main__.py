@@ -1,6 +1,6 @@
 """`python -m searchr1.toy {world,tokenizer,model,warmstart}`: the toy world's DAG steps, by hand.
 
-Defaults of the sizes are the toy config's (config.yaml + config.toy.yaml beside the package), read through
+Defaults of the sizes are the toy config's (config.yaml + config.toy.yaml, shipped in the package), read through
 the same ``from_config`` as the DAG, so this command and the workflow cannot disagree.
 """
 
@@ -50,10 +50,12 @@ def cmd_model(args: argparse.Namespace) -> None:
 
 def cmd_warmstart(args: argparse.Namespace) -> None:
     if args.retriever_url:
-        retrieve = http_retriever(args.retriever_url)
+        ret = toy_config()["retriever"]
+        retrieve = http_retriever(args.retriever_url, timeout_s=ret["timeout_s"], max_retries=ret["max_retries"])
     elif args.index and args.encoder:
         corpus = args.corpus or str(Path(args.world) / "corpus.jsonl")
-        retrieve = local_retriever(corpus, args.index, args.encoder, query_prefix=args.query_prefix)
+        enc = {**toy_config()["retriever"]["encoder"], "query_prefix": args.query_prefix}
+        retrieve = local_retriever(corpus, args.index, args.encoder, encoder_settings=enc)
     else:
         sys.exit(
             "warmstart needs --retriever-url, or --index and --encoder (with --corpus) for an in-process retriever"
@@ -75,10 +77,9 @@ def cmd_warmstart(args: argparse.Namespace) -> None:
 
 
 def toy_config() -> dict:
-    from searchr1.config import load_config
+    from searchr1.config import default_config
 
-    root = Path(__file__).resolve().parents[2]
-    return load_config(root / "config.yaml", root / "config.toy.yaml")
+    return default_config(toy=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="corpus.jsonl for the in-process retriever (default: WORLD/corpus.jsonl)")
     p.add_argument("--index", help="faiss index for the in-process retriever")
     p.add_argument("--encoder", help="encoder model dir for the in-process retriever")
-    p.add_argument("--query-prefix", default="", help="encoder query prefix (MiniLM: none; e5: 'query: ')")
+    p.add_argument(
+        "--query-prefix",
+        default=cfg["retriever"]["encoder"]["query_prefix"],
+        help="encoder query prefix (default: the toy config's; MiniLM: none; e5: 'query: ')",
+    )
     p.add_argument("--steps", type=int, default=w.steps)
     p.add_argument("--batch-size", type=int, default=w.batch_size)
     p.add_argument("--lr", type=float, default=w.lr)

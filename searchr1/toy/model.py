@@ -46,7 +46,7 @@ class ToyModelSize(FromConfig):
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
 
 
-def make_model(tokenizer, size: ToyModelSize, seed: int = 0) -> LlamaForCausalLM:
+def make_model(tokenizer, size: ToyModelSize, seed: int) -> LlamaForCausalLM:
     """A freshly initialised model whose vocabulary and special ids match ``tokenizer``."""
     size.validate()
     config = LlamaConfig(
@@ -76,7 +76,7 @@ def eos_token_ids(tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
 
 
-def write_model(tokenizer_dir: str | Path, out_dir: str | Path, size: ToyModelSize, seed: int = 0) -> LlamaForCausalLM:
+def write_model(tokenizer_dir: str | Path, out_dir: str | Path, size: ToyModelSize, seed: int) -> LlamaForCausalLM:
     """Create the model and save it with its tokenizer and generation config (safetensors)."""
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = make_model(tokenizer, size, seed)

@@ -439,13 +439,14 @@ def warm_start(
     return result
 
 
-def http_retriever(url: str, *, timeout_s: float = 60.0, chunk: int = 512) -> Retrieve:
-    """A blocking `retrieve` over the HTTP retriever at ``url`` (the full /retrieve URL)."""
+def http_retriever(url: str, *, timeout_s: float, max_retries: int, chunk: int = 512) -> Retrieve:
+    """A blocking `retrieve` over the HTTP retriever at ``url`` (the full /retrieve URL); ``timeout_s`` and
+    ``max_retries`` are the config's retriever.timeout_s and retriever.max_retries."""
     from searchr1.retrieval.client import RetrievalClient
 
     def retrieve(queries: list[str], topk: int) -> list[list[dict]]:
         async def run() -> list[list[dict]]:
-            client = RetrievalClient(url, timeout_s=timeout_s, batch=True)
+            client = RetrievalClient(url, timeout_s=timeout_s, max_retries=max_retries, batch=True)
             try:
                 out: list[list[dict]] = []
                 for i in range(0, len(queries), chunk):
@@ -464,19 +465,25 @@ def local_retriever(
     index_path: str | Path,
     encoder_path: str | Path,
     *,
-    query_prefix: str = "",
-    pooling: str = "mean",
-    max_length: int = 128,
+    encoder_settings: dict,
 ) -> Retrieve:
-    """A `retrieve` over the corpus and faiss index in this process (the retriever server's parts)."""
+    """A `retrieve` over the corpus and faiss index in this process (the retriever server's parts);
+    ``encoder_settings``: the config's retriever.encoder section (the index was built with it)."""
     from searchr1.retrieval.corpus import CorpusStore
     from searchr1.retrieval.encoder import Encoder
     from searchr1.retrieval.index import check_pair, load_backend
 
     check_pair(index_path, corpus_path)
     corpus = CorpusStore(corpus_path)
+    enc = encoder_settings
     encoder = Encoder(
-        encoder_path, query_prefix=query_prefix, passage_prefix="", pooling=pooling, max_length=max_length
+        encoder_path,
+        query_prefix=enc["query_prefix"],
+        passage_prefix=enc["passage_prefix"],
+        pooling=enc["pooling"],
+        normalize=enc["normalize"],
+        max_length=enc["max_length"],
+        cpu_bf16=enc["cpu_bf16"],
     )
     backend = load_backend(index_path)
 

@@ -1,4 +1,5 @@
-"""``gpu-bench``: the torch GPU backend against its floors, its fp32 reference and through HTTP, in one run.
+"""GPU benchmark of the retriever: the torch GPU backend against its floors, its fp32 reference and through
+HTTP, in one run (``python -m benchmarks.retriever.gpu``; the committed run is benchmarks/retriever_gpu.json).
 
 For each (GPU count, index size) the same synthetic index is searched by
 
@@ -9,9 +10,10 @@ For each (GPU count, index size) the same synthetic index is searched by
 - two floors: one bare fp16 matmul of the whole shape (queries x all vectors, on every GPU at once)
   and one full read of the vectors (a max over them);
 
-and checked: the backend's top-k for a sample of queries against an exact fp32 search of the fp32
-vectors the fp16 index was made from (on the GPU, TF32 off), and that reference itself against a
-numpy fp32 search on the CPU at the first size. Then the HTTP server (``create_app`` +
+and checked (benchmarks/retriever/exactness.py, the one exactness check, which the tests run too): the
+backend's top-k for a sample of queries against an exact fp32 search of the fp32 vectors the fp16 index was
+made from (on the GPU, TF32 off), and that reference itself against a numpy fp32 search on the CPU at the
+first size. Then the HTTP server (``create_app`` +
 ``RetrieverServer``, the production path) is driven by load-generator processes at 256 requests in
 flight, one query per request, with an e5-base-shaped query encoder: a randomly initialised
 BertModel with e5-base-v2's config (768 hidden, 12 layers) and a WordPiece tokenizer over a
@@ -34,18 +36,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.retriever.exactness import check_exact, check_reference_on_cpu
+from benchmarks.retriever.synthetic import make_e5_shaped_encoder, synthetic_queries, write_synthetic_corpus
+from searchr1.config import default_config
 from searchr1.fsutil import write_json_atomic
 
 FORMAT = "searchr1-gpu-bench/1"
 WIKI18_ROWS = 21_015_324
-# An exact-search hit counts as correct when its fp32 score (q . x over the fp32 vectors) is within
-# TOL of the reference's score at the same rank. The fp16 copy of the vectors moves a score by
-# ~1e-5 (std, unit vectors, d=768); TOL is ~10x that, far below the gap between distinct hits.
-TOL = 2e-4
+# The checkout root: the load-generator processes import benchmarks.retriever.loadgen from it.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sync(devices: list) -> None:
@@ -85,83 +89,6 @@ def make_vectors(n: int, dim: int, devices: list, seed: int) -> list:
             x[s : s + block.shape[0]] = torch.nn.functional.normalize(block, dim=1)
         shards.append(x)
     return shards
-
-
-def fp32_reference(shards32: list, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact fp32 top-k (TF32 off) over the fp32 shards; ids global."""
-    import torch
-
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        all_s, all_i, lo = [], [], 0
-        with torch.inference_mode():
-            for x in shards32:
-                q = torch.from_numpy(queries).to(x.device)
-                for s in range(0, x.shape[0], 1 << 22):
-                    sc = q @ x[s : s + (1 << 22)].T
-                    v, i = torch.topk(sc, min(k, sc.shape[1]), dim=1)
-                    all_s.append(v.cpu())
-                    all_i.append(i.cpu() + lo + s)
-                lo += x.shape[0]
-        s_, i_ = torch.cat(all_s, 1), torch.cat(all_i, 1)
-        v, w = torch.topk(s_, k, dim=1)
-        return v.numpy(), i_.gather(1, w).numpy()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-
-
-def _exact_scores(shards32: list, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """fp32 q . x[id] for every (query, id) pair, from the fp32 shards."""
-    import torch
-
-    bounds = np.cumsum([0] + [x.shape[0] for x in shards32])
-    out = np.empty(ids.shape, dtype=np.float32)
-    for d, x in enumerate(shards32):
-        mask = (ids >= bounds[d]) & (ids < bounds[d + 1])
-        if not mask.any():
-            continue
-        r, c = np.nonzero(mask)
-        rows = x[torch.from_numpy(ids[r, c] - bounds[d]).to(x.device)].cpu().numpy()
-        out[r, c] = np.einsum("ij,ij->i", rows.astype(np.float64), queries[r].astype(np.float64))
-    return out
-
-
-def check_exact(backend, shards32: list, queries: np.ndarray, k: int) -> dict:
-    """The backend's top-k vs the fp32 reference, up to ties (see TOL)."""
-    want_s, want_i = fp32_reference(shards32, queries, k)
-    got_s, got_i = backend.search(queries, k)
-    exact = _exact_scores(shards32, queries, got_i)  # the returned ids' true fp32 scores
-    deficit = want_s - -np.sort(-exact, axis=1)  # >0: a returned hit worse than the reference's at that rank
-    same_sets = sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(got_i, want_i))
-    return {
-        "queries": len(queries),
-        "k": k,
-        "reference": "exact fp32 search of the fp32 vectors on the GPU (TF32 off)",
-        "rule": "sorted fp32 scores of the returned ids >= the reference's at each rank - tolerance",
-        "tolerance": TOL,
-        "max_rank_score_deficit": float(max(deficit.max(), 0.0)),
-        "max_returned_score_error": float(np.abs(got_s - exact).max()),
-        "id_sets_equal": int(same_sets),
-        "ok": bool(deficit.max() <= TOL and np.abs(got_s - exact).max() <= TOL),
-    }
-
-
-def check_reference_on_cpu(shards32: list, queries: np.ndarray, k: int) -> dict:
-    """The GPU fp32 reference against a numpy fp32 search on the CPU (same vectors copied to the host)."""
-    want_s, want_i = fp32_reference(shards32, queries, k)
-    host = np.concatenate([x.cpu().numpy() for x in shards32])
-    sc = queries @ host.T
-    part = np.argpartition(-sc, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(sc, part, 1), axis=1)
-    cpu_i = np.take_along_axis(part, order, 1)
-    cpu_s = np.take_along_axis(sc, cpu_i, 1)
-    return {
-        "queries": len(queries),
-        "ids_equal": int((cpu_i == want_i).all(axis=1).sum()),
-        "max_score_diff": float(np.abs(cpu_s - want_s).max()),
-        "ok": bool(np.abs(cpu_s - want_s).max() <= 1e-5),
-    }
 
 
 def floors(backend, q: np.ndarray, reps: int) -> dict:
@@ -216,68 +143,6 @@ def floors(backend, q: np.ndarray, reps: int) -> dict:
 # The e5-base-shaped encoder and the HTTP run
 # ---------------------------------------------------------------------------------------------
 
-_WORDS = (
-    "query passage who what when where which how is was the of in a an to by for wrote born name "
-    "river king album treaty novel mountain film election bridge species number long directed "
-    "capital country city won first largest song written played team president"
-).split()
-
-
-def make_e5_shaped_encoder(workdir: Path, device: str, layers: int = 12):
-    """Our ``Encoder`` over ``make_e5_shaped_model`` (in fp16 on CUDA)."""
-    from searchr1.retrieval.encoder import Encoder
-
-    return Encoder(
-        make_e5_shaped_model(workdir, layers), query_prefix="query: ", passage_prefix="passage: ", device=device
-    )
-
-
-def make_e5_shaped_model(workdir: Path, layers: int = 12) -> Path:
-    """A randomly initialised BertModel with e5-base-v2's config, saved as a Hugging Face model directory.
-
-    The tokenizer is a WordPiece over a synthetic 30,522-entry vocabulary (e5-base-v2's size) with
-    the words of the synthetic queries, so queries tokenize to a realistic ~10-16 tokens.
-    """
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    model_dir = workdir / ("e5-base-shaped-random" if layers == 12 else f"e5-base-shaped-random-{layers}-layers")
-    if not (model_dir / "config.json").exists():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(i) for i in range(10)] + list(":?,.'-")
-        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + _WORDS
-        vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
-        (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt"), do_lower_case=True).save_pretrained(model_dir)
-        config = BertConfig(
-            vocab_size=30522,
-            hidden_size=768,
-            num_hidden_layers=layers,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            max_position_embeddings=512,
-            type_vocab_size=2,
-        )
-        torch.manual_seed(0)
-        BertModel(config).save_pretrained(model_dir)
-    return model_dir
-
-
-_LOADGEN = r"""
-import json, sys, time
-from searchr1.retrieval.bench import run_load_sync, synthetic_queries
-url, conc, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[6]), sys.argv[7]
-warm, start_at, dur = float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-qs = synthetic_queries(60000, seed=seed)
-run_load_sync(url, qs[-5000:], conc, duration_s=warm)
-while time.time() < start_at:
-    time.sleep(0.005)
-r = run_load_sync(url, qs, conc, duration_s=dur)
-with open(out, "w") as f:
-    json.dump({"requests": r.requests, "errors": r.errors, "wall_s": r.wall_s, "lat": r.latencies_s,
-               "cpu_s": r.client_cpu_s}, f)
-"""
-
 
 def e2e(
     backend,
@@ -323,21 +188,34 @@ def _start_server(backend, encoder, corpus_path: Path, http_workers: int, pipeli
     from searchr1.retrieval.frontends import MultiProcessServer, bind_group
     from searchr1.retrieval.server import BatchingWorker, HttpLimits, Limits, RetrieverServer, create_app, index_info
 
+    ret = default_config()["retriever"]  # the served limits and batch size of config.yaml
+    limits = Limits(topk_max=ret["topk_max"], default_topk=ret["topk"])
     corpus = CorpusStore(corpus_path)
     sockets = bind_group("127.0.0.1", 0, http_workers)
     port = sockets[0].getsockname()[1]
     if http_workers == 1:
-        app = create_app(corpus, encoder, backend, max_batch_size=256, max_wait_ms=max_wait_ms, pipeline=pipeline)
+        app = create_app(
+            corpus,
+            encoder,
+            backend,
+            topk_max=ret["topk_max"],
+            default_topk=ret["topk"],
+            max_batch_size=ret["max_batch_size"],
+            max_wait_ms=max_wait_ms,
+            pipeline=pipeline,
+        )
         worker = app.state.worker
         server = RetrieverServer(app, sockets[0], log_level="warning")
         started = lambda: server.started  # noqa: E731
     else:
-        worker = BatchingWorker(None, encoder, backend, max_batch_size=256, max_wait_ms=max_wait_ms, pipeline=pipeline)
+        worker = BatchingWorker(
+            None, encoder, backend, max_batch_size=ret["max_batch_size"], max_wait_ms=max_wait_ms, pipeline=pipeline
+        )
         server = MultiProcessServer(
             worker,
             corpus_path=corpus_path,
             info=index_info(corpus, encoder, backend),
-            limits=Limits(),
+            limits=limits,
             http_limits=HttpLimits(),
             sockets=sockets,
             log_level="warning",
@@ -381,6 +259,7 @@ def _e2e(
     url, worker, stop = _start_server(backend, encoder, corpus_path, http_workers, pipeline, max_wait_ms)
     start_at = time.time() + 6.0  # after the load processes have started and warmed up
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     tmp = Path(tempfile.mkdtemp(prefix="gpu_bench_load_"))
     files = [tmp / f"load{i}.json" for i in range(procs)]
@@ -389,8 +268,8 @@ def _e2e(
             subprocess.Popen(
                 [
                     sys.executable,
-                    "-c",
-                    _LOADGEN,
+                    "-m",
+                    "benchmarks.retriever.loadgen",
                     url,
                     str(c),
                     "3",
@@ -490,11 +369,13 @@ def worker_only(backend, encoder, *, concurrency: int, duration_s: float, pipeli
     the multi-process server's worker runs: what encode + search allow."""
     import asyncio
 
-    from searchr1.retrieval.bench import synthetic_queries
     from searchr1.retrieval.server import BatchingWorker
 
+    ret = default_config()["retriever"]
     texts = synthetic_queries(60000, seed=99)
-    worker = BatchingWorker(None, encoder, backend, max_batch_size=256, max_wait_ms=1.0, pipeline=pipeline)
+    worker = BatchingWorker(
+        None, encoder, backend, max_batch_size=ret["max_batch_size"], max_wait_ms=ret["max_wait_ms"], pipeline=pipeline
+    )
 
     async def drive(seconds: float) -> tuple[int, float]:
         worker.start()
@@ -603,8 +484,6 @@ def bench_cell(n: int, n_gpus: int, a: argparse.Namespace, *, encoder, corpus_fo
     print(f"[gpu-bench] {n_gpus} GPU, {n:,}: search {search}, floors {f}, before {b}", flush=True)
 
     if encoder is not None and n in a.e2e_sizes:
-        from searchr1.retrieval.bench import synthetic_queries
-
         texts = synthetic_queries(a.batch, seed=1)
         out["encoder"] = encoder_check(encoder, texts, devices[:1], a.reps)
         print(f"[gpu-bench] encoder {out['encoder']}", flush=True)
@@ -738,7 +617,6 @@ def finalize(report: dict) -> dict:
 def cmd_gpu_bench(a: argparse.Namespace) -> int:
     import torch
 
-    from searchr1.retrieval.bench import write_synthetic_corpus
     from searchr1.retrieval.corpus import build_offsets
 
     if a.device_type == "cuda" and not torch.cuda.is_available():
@@ -765,9 +643,7 @@ def cmd_gpu_bench(a: argparse.Namespace) -> int:
             "(768 hidden, 12 layers, 12 heads, vocab 30522), fp16, WordPiece over a synthetic vocabulary; "
             "built in-process (no downloads there)",
             "timing": "median wall time of repeated search() calls (result on the host), queries rotating over 8 sets",
-            "command": "python -m searchr1.retrieval " + " ".join(sys.argv[1:])
-            if sys.argv[0].endswith("__main__.py")
-            else " ".join(sys.argv),
+            "command": "python -m benchmarks.retriever.gpu " + " ".join(sys.argv[1:]),
         }
     )
     report.setdefault("machines", {})
@@ -834,11 +710,11 @@ def _variant(text: str) -> tuple[int, int]:
     return int(chunk), int(group)
 
 
-def add_subcommands(sub: argparse._SubParsersAction, recipe: dict) -> None:
-    """``recipe``: config.yaml's retriever section (the server defaults the HTTP runs use)."""
+def build_parser() -> argparse.ArgumentParser:
     from searchr1.retrieval.frontends import GPU_HTTP_WORKERS
 
-    p = sub.add_parser("gpu-bench", help="GPU backend vs matmul/read floors, fp32 check and HTTP end to end (CUDA)")
+    recipe = default_config()["retriever"]  # the server defaults the HTTP runs use
+    p = argparse.ArgumentParser(prog="python -m benchmarks.retriever.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/retriever_gpu.json", help="JSON report (cells are merged into it)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, WIKI18_ROWS])
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts to shard over (those visible)")
@@ -884,4 +760,12 @@ def add_subcommands(sub: argparse._SubParsersAction, recipe: dict) -> None:
     )
     p.add_argument("--encoder-layers", type=int, default=12, help=argparse.SUPPRESS)  # smoke tests only
     p.add_argument("--device-type", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test of the code paths
-    p.set_defaults(func=cmd_gpu_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cmd_gpu_bench(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

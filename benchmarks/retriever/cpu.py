@@ -1,258 +1,39 @@
-"""Retriever benchmarks: micro-batching vs per-request serving (CPU), and a GPU backend check.
+"""CPU benchmark of the retriever: our server with cross-request micro-batching against the same server with
+batching off, or against Search-R1's own server run from its source (``--peer-source``).
 
-``bench``: synthetic flat indexes (random unit vectors, d=384) with a matching synthetic corpus and
-the real MiniLM query encoder; our server is started twice per size in a subprocess (batching on /
-off) and driven by an async load generator of 1, 32 and 256 concurrent clients in slime's pattern
-(one query per request, ``return_scores: false``). Each client is an ``httpx.AsyncClient`` with one
-keep-alive connection (httpx's shared pool scales badly past ~100 connections, which would make the
-load generator, not the server, the bottleneck).
+Synthetic flat indexes (random unit vectors) with a matching synthetic corpus and a real query encoder
+(MiniLM, or an e5-base-shaped model); every server runs in its own process, all up at once, and is driven by
+the load generator (benchmarks/retriever/loadgen.py) at 1, 32 and 256 concurrent clients in slime's pattern
+(one query per request), levels interleaved. Writes a JSON report (default results/bench/retriever.json; the
+committed runs are benchmarks/retriever_cpu.json and benchmarks/retriever_cpu_peer.json).
 
-``gpu-check``: random fp16 vectors (d=768) in memory, the torch GPU backend's top-k checked against
-an exact fp32 CPU search on sampled queries, and the QPS of 256 concurrent submitters through the
-batched worker directly (no HTTP: on a GPU the HTTP layer, not the search, would be measured).
+    python -m benchmarks.retriever.cpu --out results/bench/retriever.json [--sizes 100000 1000000] ...
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import struct
+import sys
 import tempfile
 import time
-import urllib.parse
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from searchr1.fsutil import open_atomic, write_json_atomic
+from benchmarks.retriever.loadgen import run_load_sync
+from benchmarks.retriever.synthetic import (
+    make_e5_shaped_model,
+    synthetic_queries,
+    write_synthetic_corpus,
+    write_synthetic_flat_index,
+)
+from searchr1.fsutil import write_json_atomic
 from searchr1.retrieval.corpus import build_offsets
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic data
-# ---------------------------------------------------------------------------------------------
-
-
-def write_synthetic_flat_index(
-    path: Path, n: int, dim: int, *, seed: int = 0, chunk: int = 100_000, use_gpu: bool = False
-) -> None:
-    """Write a faiss IndexFlatIP file of ``n`` random unit vectors, streaming (no full copy in RAM).
-
-    ``use_gpu``: draw them with torch on the GPU (a 10M x 768 index in seconds instead of minutes of
-    numpy); the vectors differ from the numpy ones of the same seed, both are random unit vectors.
-    """
-    rng = np.random.default_rng(seed)
-    gen = None
-    if use_gpu:
-        import torch
-
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        chunk = max(chunk, 1 << 20)
-    with open_atomic(path, "wb") as f:
-        # faiss header: fourcc, d, ntotal, 2 dummies, is_trained, metric (0 = inner product), n floats.
-        f.write(b"IxFI" + struct.pack("<iqqqBiQ", dim, n, 1 << 20, 1 << 20, 1, 0, n * dim))
-        for start in range(0, n, chunk):
-            rows = min(chunk, n - start)
-            if gen is not None:
-                x = (
-                    torch.nn.functional.normalize(torch.randn((rows, dim), generator=gen, device="cuda"), dim=1)
-                    .cpu()
-                    .numpy()
-                )
-            else:
-                x = rng.standard_normal((rows, dim), dtype=np.float32)
-                x /= np.linalg.norm(x, axis=1, keepdims=True)
-            f.write(x.tobytes())
-
-
-def write_synthetic_corpus(path: Path, n: int, *, chunk: int = 1 << 20) -> None:
-    """``n`` Search-R1 corpus rows ``{"id", "contents": '"Synthetic <i>"\\nSynthetic passage number <i>.'}``.
-
-    Every number is written with 10 digits, so all rows have one width and are made with numpy a
-    million at a time (21M rows in seconds; one ``json.dumps`` per row took minutes).
-    """
-    template = (
-        json.dumps({"id": "0" * 10, "contents": f'"Synthetic {"0" * 10}"\nSynthetic passage number {"0" * 10}.'}) + "\n"
-    )
-    row = np.frombuffer(template.encode(), dtype=np.uint8)
-    fields = [
-        i for i in range(len(template) - 9) if template[i : i + 10] == "0" * 10 and (i == 0 or template[i - 1] != "0")
-    ]
-    powers = 10 ** np.arange(9, -1, -1, dtype=np.int64)
-    with open_atomic(path, "wb") as f:
-        for start in range(0, n, chunk):
-            ids = np.arange(start, min(start + chunk, n), dtype=np.int64)
-            digits = ((ids[:, None] // powers) % 10 + 48).astype(np.uint8)
-            rows = np.tile(row, (len(ids), 1))
-            for pos in fields:
-                rows[:, pos : pos + 10] = digits
-            f.write(rows.tobytes())
-
-
-def synthetic_queries(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct question-like queries (distinct numbers), so nothing can be de-duplicated."""
-    rng = np.random.default_rng(seed)
-    subjects = ["river", "king", "album", "treaty", "novel", "mountain", "film", "election", "bridge", "species"]
-    asks = ["who wrote the", "when was the", "where is the", "what is the name of the", "how long is the"]
-    numbers = rng.choice(10**6, size=n, replace=False)
-    return [f"{asks[rng.integers(len(asks))]} {subjects[rng.integers(len(subjects))]} number {k}" for k in numbers]
-
-
-# ---------------------------------------------------------------------------------------------
-# Load generator
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadResult:
-    concurrency: int
-    requests: int
-    errors: int
-    wall_s: float
-    latencies_s: list[float] = field(repr=False)
-    client_cpu_s: float
-    results: list | None = field(default=None, repr=False)
-
-    def summary(self) -> dict:
-        lat = np.asarray(self.latencies_s) if self.latencies_s else np.zeros(1)
-        return {
-            "concurrency": self.concurrency,
-            "requests": self.requests,
-            "errors": self.errors,
-            "wall_s": round(self.wall_s, 3),
-            # answered requests per second: a request that failed or timed out counts as nothing
-            "qps": round((self.requests - self.errors) / self.wall_s, 2) if self.wall_s > 0 else 0.0,
-            "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
-            "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
-            "load_generator_cpu_s": round(self.client_cpu_s, 3),
-        }
-
-
-class _HTTPClientError(Exception):
-    """A reply the load generator could not read as one HTTP/1.1 response."""
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """Read one HTTP/1.1 response with a Content-Length body (what uvicorn sends for our replies)."""
-    status_line = await reader.readline()
-    if not status_line:
-        raise _HTTPClientError("connection closed by the server")
-    parts = status_line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise _HTTPClientError(f"bad status line {status_line[:80]!r}")
-    status, length = int(parts[1]), None
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    if length is None:
-        raise _HTTPClientError("response without Content-Length")
-    return status, await reader.readexactly(length)
-
-
-async def run_load(
-    url: str,
-    queries: list[str],
-    concurrency: int,
-    *,
-    topk: int = 3,
-    duration_s: float | None = None,
-    keep_results: bool = False,
-    timeout_s: float = 600.0,
-    return_scores: bool = False,
-) -> LoadResult:
-    """Drive ``url`` with ``concurrency`` clients, each sending one query per request in turn.
-
-    Each client is one keep-alive HTTP/1.1 connection written and read with raw asyncio streams:
-    httpx costs ~1 ms of CPU per request, which on a 2-core machine starves the server it measures;
-    this costs a few tens of microseconds. Without ``duration_s`` every query is sent exactly once
-    (client c takes queries c, c+C, ...); with it, clients cycle through the queries until the
-    deadline (requests in flight finish). A request counts as an error (never raised) unless the
-    reply is a 200 whose body is a Search-R1 result; after a transport error the client reconnects.
-    With ``keep_results`` the bodies are parsed and kept (for tests; the benchmark only checks the shape).
-    """
-    import orjson
-
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "http" or not parsed.hostname:
-        raise ValueError(f"load generator needs an http:// URL, got {url!r}")
-    host, port, path = parsed.hostname, parsed.port or 80, parsed.path or "/"
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-    ).encode()
-    results: list | None = [None] * len(queries) if keep_results else None
-    latencies: list[float] = []
-    errors = 0
-    deadline = None if duration_s is None else time.perf_counter() + duration_s
-
-    async def client(c: int) -> None:
-        nonlocal errors
-        reader = writer = None
-        i = c
-        try:
-            while True:
-                if deadline is None:
-                    if i >= len(queries):
-                        return
-                elif time.perf_counter() >= deadline:
-                    return
-                body = orjson.dumps(
-                    {"queries": [queries[i % len(queries)]], "topk": topk, "return_scores": return_scores}
-                )
-                t0 = time.perf_counter()
-                hits = None
-                try:
-                    async with asyncio.timeout(timeout_s):
-                        if writer is None:
-                            reader, writer = await asyncio.open_connection(host, port)
-                        writer.write(head % len(body) + body)
-                        status, reply = await _read_response(reader)
-                    ok = status == 200 and reply.startswith(b'{"result":[[')
-                    if ok and results is not None:
-                        hits = orjson.loads(reply)["result"][0]
-                        if return_scores:
-                            hits = [h["document"] for h in hits]
-                except (OSError, EOFError, TimeoutError, ValueError, _HTTPClientError, asyncio.IncompleteReadError):
-                    ok = False
-                    if writer is not None:
-                        writer.close()
-                    reader = writer = None  # reconnect for the next request
-                latencies.append(time.perf_counter() - t0)
-                if not ok:
-                    errors += 1
-                if results is not None and i < len(results):
-                    results[i] = hits
-                i += concurrency
-        finally:
-            if writer is not None:
-                writer.close()
-
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(concurrency)))
-    wall = time.perf_counter() - t0
-    return LoadResult(concurrency, len(latencies), errors, wall, latencies, time.process_time() - cpu0, results)
-
-
-def run_load_sync(url: str, queries: list[str], concurrency: int, **kw) -> LoadResult:
-    """``run_load`` on a fresh event loop (uvloop when installed: less client CPU)."""
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(run_load(url, queries, concurrency, **kw))
-
-
-# ---------------------------------------------------------------------------------------------
-# bench: batching on vs off
+# batching on vs off, or ours vs Search-R1's
 # ---------------------------------------------------------------------------------------------
 
 
@@ -287,7 +68,7 @@ def _server_deltas(before: dict, after: dict) -> dict:
 
 
 # Servers the CPU benchmark can compare: ours with batching (the default server), ours with batching
-# off, and Search-R1's own server run from its source (searchr1.retrieval.peer).
+# off, and Search-R1's own server run from its source (benchmarks/retriever/peer.py).
 MODES = ("batching", "per_request", "peer")
 # Every server of the CPU benchmark: no GPU (it is the CPU comparison, also on a GPU machine), and idle
 # OpenMP threads sleep (torch and faiss are two OpenMP runtimes in one process; spinning threads made a
@@ -300,8 +81,6 @@ def _encoder_dir(spec: str, workdir: Path) -> tuple[Path, str, str]:
     if spec == "minilm":
         return _minilm_path(), "", "minilm"  # Search-R1 adds no prefix unless the name holds "e5" or "bge"
     if spec == "e5-base-shaped":
-        from searchr1.retrieval.gpubench import make_e5_shaped_model
-
         return make_e5_shaped_model(workdir), "query: ", "e5"  # its "e5" rule adds "query: ", as ours does
     return Path(spec), "query: ", "e5"
 
@@ -334,9 +113,9 @@ def bench_size(
     of the servers alternating from level to level), each run from the same place in the query list."""
     import contextlib
 
+    from benchmarks.retriever.peer import managed_peer
     from searchr1.retrieval.index import write_index_meta
     from searchr1.retrieval.managed import managed_server
-    from searchr1.retrieval.peer import managed_peer
 
     dim = _model_dim(encoder)
     corpus, index = workdir / f"corpus_{n}.jsonl", workdir / f"index_{n}_{dim}.faiss"
@@ -494,7 +273,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     peer_source = Path(a.peer_source).resolve() if a.peer_source else None
     modes = tuple(a.modes or (("batching", "peer") if peer_source else ("per_request", "batching")))
     if "peer" in modes:
-        from searchr1.retrieval.peer import server_file
+        from benchmarks.retriever.peer import server_file
 
         if peer_source is None:
             raise SystemExit("--modes peer needs --peer-source (a checkout of Search-R1)")
@@ -539,9 +318,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if peer_source is not None:
         commit = peer_source / "COMMIT"
         report["peer"] = {
-            "what": "Search-R1's search_r1/search/retrieval_server.py, unmodified, run by searchr1.retrieval.peer: "
-            "bound to 127.0.0.1 and a free port, .cuda() kept on the CPU and .half() skipped "
-            "(fp32 encoder, as ours on a CPU)",
+            "what": "Search-R1's search_r1/search/retrieval_server.py, unmodified, run by "
+            "benchmarks/retriever/peer.py: bound to 127.0.0.1 and a free port, .cuda() kept on the CPU and "
+            ".half() skipped (fp32 encoder, as ours on a CPU)",
             "source": str(peer_source),
             "commit": commit.read_text().strip() if commit.exists() else None,
         }
@@ -645,188 +424,21 @@ def stage_table(report: dict, concurrency: int = 256) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# gpu-check
-# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from searchr1.config import default_config
 
-
-class _VectorEncoder:
-    """Maps query text "q<i>" to row i of a fixed random matrix (no model on the GPU box)."""
-
-    name = "random-query-vectors"
-
-    def __init__(self, vectors: np.ndarray) -> None:
-        self.vectors = vectors
-        self.dim = vectors.shape[1]
-
-    def encode_queries(self, texts: list[str]) -> np.ndarray:
-        return self.vectors[[int(t[1:]) % len(self.vectors) for t in texts]]
-
-    encode_passages = encode_queries
-
-
-class _NullCorpus:
-    """Row lookups return the id only: the check measures search, not JSON of passages."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.path = "synthetic"
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get(self, i: int) -> dict:
-        return {"id": str(i), "contents": ""}
-
-
-def _exact_topk_cpu(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
-    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(q), 0), dtype=np.int64)
-    for s in range(0, len(x), chunk):
-        scores = q @ x[s : s + chunk].astype(np.float32).T
-        kk = min(k, scores.shape[1])
-        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        best_s = np.concatenate([best_s, np.take_along_axis(scores, part, 1)], axis=1)
-        best_i = np.concatenate([best_i, part + s], axis=1)
-    order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
-
-
-def gpu_check_size(n: int, *, dim: int, n_check: int, k: int, concurrency: int, duration_s: float) -> dict:
-    import torch
-
-    from searchr1.retrieval.index import TorchBackend
-    from searchr1.retrieval.server import BatchingWorker
-
-    rng = np.random.default_rng(n)
-    t0 = time.perf_counter()
-    x = np.empty((n, dim), dtype=np.float16)
-    for s in range(0, n, 1 << 20):
-        block = rng.standard_normal((min(1 << 20, n - s), dim), dtype=np.float32)
-        x[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    qv = rng.standard_normal((4096, dim), dtype=np.float32)
-    qv /= np.linalg.norm(qv, axis=1, keepdims=True)
-    gen_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    backend = TorchBackend(x, device="cuda" if torch.cuda.is_available() else "cpu")
-    load_s = time.perf_counter() - t0
-
-    # Correctness: GPU fp16 top-k vs exact fp32 CPU top-k (same fp16-rounded vectors).
-    want_s, want_i = _exact_topk_cpu(x, qv[:n_check], k)
-    got_s, got_i = backend.search(qv[:n_check], k)
-    score_err = float(np.max(np.abs(got_s - want_s)))
-    tol = 2e-3  # fp16 products summed over 768 dims
-    id_mismatch = 0
-    for r in range(n_check):
-        for j in range(k):
-            if got_i[r, j] != want_i[r, j]:
-                # A tie up to fp16 noise is fine: the returned id's exact score must equal the wanted score.
-                exact = float(x[got_i[r, j]].astype(np.float32) @ qv[r])
-                if abs(exact - want_s[r, j]) > tol:
-                    id_mismatch += 1
-    correct = id_mismatch == 0 and score_err <= tol
-
-    # Throughput: `concurrency` submitters, one query each, through the batched worker (no HTTP).
-    worker = BatchingWorker(_NullCorpus(n), _VectorEncoder(qv), backend, max_batch_size=concurrency, max_wait_ms=1.0)
-
-    async def drive() -> tuple[int, list[float], float]:
-        worker.start()
-        lat: list[float] = []
-        deadline = time.perf_counter() + duration_s
-
-        async def one(c: int) -> None:
-            i = c
-            while time.perf_counter() < deadline:
-                t = time.perf_counter()
-                await worker.submit([f"q{i}"], k, False)
-                lat.append(time.perf_counter() - t)
-                i += concurrency
-
-        t = time.perf_counter()
-        await asyncio.gather(*(one(c) for c in range(concurrency)))
-        wall = time.perf_counter() - t
-        await worker.stop()
-        return len(lat), lat, wall
-
-    asyncio.run(drive())  # warm-up (CUDA kernels, allocator)
-    done, lat, wall = asyncio.run(drive())
-    # Raw search throughput at the full batch size, for reference.
-    qb = qv[:concurrency]
-    backend.search(qb, k)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    reps = 20
-    for _ in range(reps):
-        backend.search(qb, k)
-    raw_batch_s = (time.perf_counter() - t) / reps
-    return {
-        "passages": n,
-        "dim": dim,
-        "backend": backend.name,
-        "generate_s": round(gen_s, 1),
-        "load_to_device_s": round(load_s, 1),
-        "check": {
-            "queries": n_check,
-            "k": k,
-            "max_score_abs_err": score_err,
-            "id_mismatches_beyond_ties": id_mismatch,
-            "tolerance": tol,
-            "ok": bool(correct),
-        },
-        "worker_qps": {
-            "concurrency": concurrency,
-            "requests": done,
-            "wall_s": round(wall, 2),
-            "qps": round(done / wall, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
-            "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
-            "path": "BatchingWorker.submit directly (no HTTP)",
-        },
-        "raw_search": {
-            "batch": concurrency,
-            "seconds_per_batch": round(raw_batch_s, 5),
-            "qps": round(concurrency / raw_batch_s, 1),
-        },
-    }
-
-
-def cmd_gpu_check(a: argparse.Namespace) -> int:
-    import torch
-
-    report: dict = {
-        "what": "torch GPU backend (fp16, sharded over visible GPUs) vs exact CPU search; batched worker QPS",
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "platform": platform.platform(),
-        "sizes": {},
-    }
-    for n in a.sizes:
-        report["sizes"][str(n)] = gpu_check_size(
-            n, dim=a.dim, n_check=a.check_queries, k=a.topk, concurrency=a.concurrency, duration_s=a.duration
-        )
-        print(json.dumps(report["sizes"][str(n)]), flush=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(out)
-    ok = all(s["check"]["ok"] for s in report["sizes"].values())
-    return 0 if ok else 1
-
-
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench", help="CPU benchmark: our server against Search-R1's (--peer-source) or with batching off"
-    )
+    ret = default_config()["retriever"]
+    p = argparse.ArgumentParser(prog="python -m benchmarks.retriever.cpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/bench/retriever.json")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--duration", type=float, default=12.0, help="seconds of load per (size, server, concurrency)")
-    p.add_argument("--max-wait-ms", type=float, default=1.0)
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=ret["max_wait_ms"],
+        help="our server's batch wait (default: config.yaml's retriever.max_wait_ms)",
+    )
     p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto", help="our search backend")
     p.add_argument(
         "--encoder-precision",
@@ -863,14 +475,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default=None, help="where the synthetic data goes (default: a temp dir)")
     p.add_argument("--keep-data", action="store_true")
     p.add_argument("--log-dir", default="logs")
-    p.set_defaults(func=cmd_bench)
+    return p
 
-    p = sub.add_parser("gpu-check", help="torch GPU backend: correctness vs CPU exact search, and QPS")
-    p.add_argument("--out", default="benchmarks/retriever_gpu.json")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--check-queries", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=256)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.set_defaults(func=cmd_gpu_check)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cmd_bench(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

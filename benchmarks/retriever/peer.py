@@ -1,6 +1,6 @@
 """Search-R1's own retrieval server, run from a checkout of its source, for the CPU benchmark's comparison.
 
-``python -m searchr1.retrieval.peer --source DIR --port P [--device cpu] -- <its own arguments>`` runs
+``python benchmarks/retriever/peer.py --source DIR --port P [--device cpu] -- <its own arguments>`` runs
 ``DIR/search_r1/search/retrieval_server.py`` unmodified as ``__main__`` (``runpy``), after three
 adjustments made from outside, each because its ``__main__`` hard-codes something a benchmark on a
 CPU machine cannot use:
@@ -55,12 +55,13 @@ def peer_command(
     topk: int = 3,
     device: str = "cpu",
 ) -> list[str]:
-    """The command that serves ``index``/``corpus`` with Search-R1's server on 127.0.0.1:``port``."""
+    """The command that serves ``index``/``corpus`` with Search-R1's server on 127.0.0.1:``port``.
+
+    This file is run by its path: it imports nothing of the checkout, so it starts from any directory."""
     server_file(source)
     return [
         sys.executable,
-        "-m",
-        "searchr1.retrieval.peer",
+        str(Path(__file__).resolve()),
         "--source",
         str(source),
         "--port",
@@ -139,7 +140,7 @@ def _cpu_only() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, theirs = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(prog="python -m searchr1.retrieval.peer", description=__doc__)
+    p = argparse.ArgumentParser(prog="python benchmarks/retriever/peer.py", description=__doc__)
     p.add_argument("--source", required=True, help="a checkout of Search-R1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--device", choices=["cpu", "as-is"], default="cpu")
@@ -149,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.device == "cpu":
         _cpu_only()
     sys.argv = [str(path), *theirs]
+    # Run by its path, this file's folder is sys.path[0]: drop it, so no benchmark module shadows an import of theirs.
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)
     sys.path.insert(0, str(Path(a.source).resolve()))
     runpy.run_path(str(path), run_name="__main__")
     return 0

