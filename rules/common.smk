@@ -10,13 +10,20 @@ sys.path.insert(
     0, workflow.basedir
 )  # the searchr1 package beside the Snakefile, installed or not
 
-from searchr1.config import ConfigError, validate_config  # noqa: E402
+from searchr1.config import (  # noqa: E402
+    ConfigError,
+    validate_config,
+    validate_experiments,
+)
+from searchr1.experiments import runs  # noqa: E402
 from searchr1.steps.settings import StepSettings, declare  # noqa: E402
 
 from searchr1.retrieval import placement as retriever_placement  # noqa: E402
 
 try:
     config = validate_config(config)
+    # every (experiment, seed) run's effective config: the config with its experiment's overrides and seed
+    RUN_CONFIGS = validate_experiments(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 # A shared retriever that cannot fit beside SGLang is refused here, before anything is submitted.
@@ -32,9 +39,73 @@ WORK = config[
 ]  # null in the config = <data_dir>/work (resolved by validate_config)
 TOY = config["scale"] == "toy"
 SPLITS = config["eval"]["splits"]
-# Evaluated models: the base policy, the RL checkpoint, then eval.models in config order (headline rows).
+# The training runs, experiments x train.seeds (searchr1.experiments). One run (the default) keeps the single
+# run's paths (results/train, results/models/rl, model rl); several live under results/runs/<exp>/seed<seed>/
+# and their RL models are evaluated as rl-<exp>-s<seed>.
+RUNS = runs(config)
+SINGLE_RUN = len(RUNS) == 1
+RUN_CONFIG = {run: cfg for run, cfg in zip(RUNS, RUN_CONFIGS)}
+RUN_OF_MODEL = {run.model: run for run in RUNS}
+RUN_MODELS = [run.model for run in RUNS]
+# A run's files: the single run's paths, or patterns over the {experiment} and {seed} wildcards.
+RUN_DIR = "results" if SINGLE_RUN else "results/runs/{experiment}/seed{seed}"
+RUN_TRAIN_DIR = f"{RUN_DIR}/train"
+RUN_MODEL_DIR = "results/models/rl" if SINGLE_RUN else f"{RUN_DIR}/model"
+RUN_LOG = "" if SINGLE_RUN else "_{experiment}_s{seed}"  # logs/train_<exp>_s<seed>.log
+# Evaluated models: the base policy, the runs' RL checkpoints, then eval.models in config order (headline rows).
 EVAL_MODELS = config["eval"]["models"]
-MODELS = ["base", "rl", *EVAL_MODELS]
+MODELS = ["base", *RUN_MODELS, *EVAL_MODELS]
+
+
+def run_of(wildcards, runs=RUNS):
+    """The run a job of the train or export_rl rule belongs to (its {experiment} and {seed} wildcards)."""
+    if len(runs) == 1:
+        return runs[0]
+    for run in runs:
+        if run.experiment == wildcards.experiment and str(run.seed) == wildcards.seed:
+            return run
+    raise WorkflowError(
+        f"no run {wildcards.experiment} seed {wildcards.seed} in experiments x train.seeds"
+    )
+
+
+def run_files(run, pattern):
+    """``pattern`` (over {experiment} and {seed}) for ``run``."""
+    return pattern.format(experiment=run.experiment, seed=run.seed)
+
+
+def per_run_params(params_of_run):
+    """Snakemake params, one per name, each the value of the job's run ({run: params dict}): every run
+    declares its own effective settings, so a changed experiment setting reruns that experiment's runs only.
+    """
+    names = {tuple(p) for p in params_of_run.values()}
+    if len(names) != 1:
+        raise WorkflowError(
+            "the runs' train jobs declare different settings (an experiment changed a section's shape)"
+        )
+    runs = list(params_of_run)
+    return {
+        name: (
+            lambda wildcards, name=name: params_of_run[run_of(wildcards, runs)][name]
+        )
+        for name in next(iter(names))
+    }
+
+
+class MessageText:
+    """A job's message text passed as a param: not a builtin type, so Snakemake leaves it out of the params it
+    compares between runs (as searchr1.steps.settings.Operational)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+    def __format__(self, spec):
+        return self.text
+
+
 RES = config["resources"]
 TRAIN_RES = config["train"]["resources"]
 EVAL_RES = config["eval"]["resources"]
@@ -46,7 +117,6 @@ INDEX = f"{DATA}/index/index.faiss"
 INDEX_META = f"{INDEX}.meta.json"
 ENCODER_DIR = f"{DATA}/models/encoder"
 BASE_MODEL_DIR = f"{DATA}/models/policy_base"
-RL_MODEL_DIR = "results/models/rl"
 RETRIEVER_INPUTS = dict(
     corpus=CORPUS,
     offsets=OFFSETS,
@@ -134,15 +204,16 @@ EVAL_AGENT_SETTINGS = [
 TRAIN_BACKEND = config["train"]["backend"]
 SLIME = config["train"]["slime"]
 CURVE = bool(config["eval"]["interval"])
-# The train job reads the recipe (train.*, less the other backend's section) and the learning-curve
-# settings only when eval.interval turns the curve on.
-TRAIN_SETTINGS = settings(
+# The train job reads the recipe (train.*, less the other backend's section; train.seed is the run's seed, not
+# the list train.seeds, so a new seed reruns nothing) and the learning-curve settings only when eval.interval
+# turns the curve on. Each run declares them from its own effective config.
+TRAIN_KEYS = [
     "seed",
     "policy.repo",
     *(
         f"train.{key}"
         for key in config["train"]
-        if key not in ("slime", "torch", "resources")
+        if key not in ("slime", "torch", "resources", "seeds")
     ),
     f"train.{TRAIN_BACKEND}",
     # slime: a worker node's step asks for the job's per-node CPUs and memory (operational)
@@ -165,7 +236,8 @@ TRAIN_SETTINGS = settings(
     "work_dir",  # checkpoints and exports under <work_dir>/train (operational)
     "budget",  # the free-disk check before training starts (operational)
     *(["agent.skip_special_tokens"] if TRAIN_BACKEND == "slime" else []),
-)
+]
+TRAIN_SETTINGS = {run: declare(RUN_CONFIG[run], *TRAIN_KEYS) for run in RUNS}
 
 # GPUs per job from retriever.placement (searchr1.retrieval.placement): dedicated adds the retriever's own GPUs
 # to the train and evaluate jobs; the retriever check asks for what its retriever uses (none on the CPU).
@@ -195,8 +267,8 @@ if workflow.is_main_process:
     print(format_plan(config), file=sys.stderr)
 
 
-def slime_command_preview():
-    """The exact commands the train job runs (printed by `snakemake -n`), built by the same code it runs,
+def slime_command_preview(run):
+    """The exact commands ``run``'s train job runs (printed by `snakemake -n`), built by the same code it runs,
     from the settings the train rule declares (so the preview cannot read more than the job may).
     """
     if TRAIN_BACKEND != "slime":
@@ -204,22 +276,26 @@ def slime_command_preview():
     from searchr1.steps.train import slime_preview
 
     return slime_preview(
-        StepSettings.from_params(TRAIN_SETTINGS, step="train"),
+        StepSettings.from_params(TRAIN_SETTINGS[run], step="train"),
         base_model=BASE_MODEL_DIR,
         train_parquet="results/data/train.parquet",
         image_file=IMAGE,
     )
 
 
-# Braces doubled: Snakemake formats message strings with the job's wildcards.
-_preview = slime_command_preview().replace("{", "{{").replace("}", "}}")
 from searchr1.budget import need_bytes  # noqa: E402
 
+TRAIN_PARAMS = per_run_params(TRAIN_SETTINGS)
+# the message's last part, per run (a param, so `-n` shows each run's own work dir and command)
+TRAIN_PARAMS["command"] = lambda wildcards: MessageText(
+    f"{RUN_CONFIG[run_of(wildcards)]['work_dir']}/train (with margin); "
+    f"{retriever_placement.describe(config, 'train')}; runs:\n"
+    + slime_command_preview(run_of(wildcards))
+)
 TRAIN_MESSAGE = (
     f"GRPO training ({TRAIN_BACKEND}) on {TRAIN_GPUS} GPUs, {TRAIN_NODES} node(s), "
     f"{{resources.mem_mb}} MB, {{resources.runtime}} min, up to {need_bytes(config, 'train') / 1e9:,.1f} GB "
-    f"of disk under {WORK}/train (with margin); "
-    f"{retriever_placement.describe(config, 'train')}; runs:\n{_preview}"
+    "of disk under {params.command}"
 )
 # Braces doubled: Snakemake formats the message with the job's wildcards.
 _eval_retriever = retriever_placement.describe(config, "evaluate")
@@ -231,12 +307,12 @@ EVAL_MESSAGE = (
 
 
 def eval_model_dir(name):
-    """Where model `name` is evaluated from: base, rl, a download of eval.models (rule download_model_<name>)
+    """Where model `name` is evaluated from: base, a run's RL model, a download of eval.models (rule download_model_<name>)
     or its local directory."""
     if name == "base":
         return BASE_MODEL_DIR
-    if name == "rl":
-        return RL_MODEL_DIR
+    if name in RUN_OF_MODEL:
+        return run_files(RUN_OF_MODEL[name], RUN_MODEL_DIR)
     spec = EVAL_MODELS[name]
     return spec["path"] if "path" in spec else f"{DATA}/models/eval/{name}"
 
@@ -248,3 +324,5 @@ def model_dir(wildcards):
 wildcard_constraints:
     model="|".join(MODELS),
     split="|".join(SPLITS),
+    experiment="|".join(config["experiments"]),
+    seed="[0-9]+",

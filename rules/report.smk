@@ -5,11 +5,20 @@
 
 rule report:
     input:
-        **({"curve": "results/train/eval_curve.jsonl"} if CURVE else {}),
+        # every run's files, in the order of searchr1.experiments.runs (experiments, then seeds)
+        **(
+            {
+                "curve": [
+                    run_files(r, f"{RUN_TRAIN_DIR}/eval_curve.jsonl") for r in RUNS
+                ]
+            }
+            if CURVE
+            else {}
+        ),
         evals=expand("results/eval/{model}/{split}.json", model=MODELS, split=SPLITS),
         jsonls=expand("results/eval/{model}/{split}.jsonl", model=MODELS, split=SPLITS),
-        metrics="results/train/metrics.jsonl",
-        final="results/train/final.json",
+        metrics=[run_files(r, f"{RUN_TRAIN_DIR}/metrics.jsonl") for r in RUNS],
+        final=[run_files(r, f"{RUN_TRAIN_DIR}/final.json") for r in RUNS],
     output:
         **(
             {
@@ -57,6 +66,9 @@ rule report:
     params:
         **settings(
             "scale",
+            "seed",  # train.seeds null = [seed]
+            "experiments",
+            "train.seeds",
             "published",
             "eval.splits",
             "eval.models",

@@ -46,13 +46,13 @@ rule train:
         base=BASE_MODEL_DIR,
         retriever_check="results/retriever/check.json",
     output:
-        **({"curve": "results/train/eval_curve.jsonl"} if CURVE else {}),
-        metrics="results/train/metrics.jsonl",
-        final="results/train/final.json",
+        **({"curve": f"{RUN_TRAIN_DIR}/eval_curve.jsonl"} if CURVE else {}),
+        metrics=f"{RUN_TRAIN_DIR}/metrics.jsonl",
+        final=f"{RUN_TRAIN_DIR}/final.json",
     log:
-        "logs/train.log",
+        f"logs/train{RUN_LOG}.log",
     benchmark:
-        "logs/benchmarks/train.tsv"
+        f"logs/benchmarks/train{RUN_LOG}.tsv"
     conda:
         "../envs/train.yaml"
     threads: TRAIN_RES["cpus"]
@@ -62,8 +62,9 @@ rule train:
         mem_mb=TRAIN_RES["mem_mb"],
         runtime=TRAIN_RES["runtime_min"],
     params:
-        # the recipe, the agent, the retriever it starts, the learning curve (common.smk: TRAIN_SETTINGS)
-        **TRAIN_SETTINGS,
+        # the run's recipe (with its experiment's overrides and seed), the agent, the retriever it starts, the
+        # learning curve (common.smk: TRAIN_KEYS, TRAIN_PARAMS)
+        **TRAIN_PARAMS,
     message:
         TRAIN_MESSAGE
     script:
@@ -73,13 +74,13 @@ rule train:
 rule export_rl:
     """The final policy as an HF checkpoint (slime's --save-hf output, or the torch backend's export)."""
     input:
-        final="results/train/final.json",
+        final=f"{RUN_TRAIN_DIR}/final.json",
     output:
-        directory(RL_MODEL_DIR),
+        directory(RUN_MODEL_DIR),
     log:
-        "logs/export_rl.log",
+        f"logs/export_rl{RUN_LOG}.log",
     benchmark:
-        "logs/benchmarks/export_rl.tsv"
+        f"logs/benchmarks/export_rl{RUN_LOG}.tsv"
     conda:
         "../envs/train.yaml"
     threads: RES["export_rl"]["cpus"]

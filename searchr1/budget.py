@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from searchr1.experiments import runs, train_seeds
+
 GB = 1e9
 
 
@@ -186,26 +188,37 @@ def artifacts(cfg: Mapping[str, Any]) -> list[Artifact]:
         )
     t = train_bytes(cfg)
     keep, every = cfg["train"]["keep_checkpoints"], cfg["train"]["save_hf_interval"]
+    # every run (experiments x train.seeds) keeps its own checkpoints and exports: they add up
+    n_runs = len(runs(cfg))
+    per_run = "" if n_runs == 1 else f" per run x {n_runs} runs"
+    train_where = f"{work}/train" if n_runs == 1 else f"{work}/runs"
     out.append(
         Artifact(
             "train",
-            f"checkpoints: keep {keep} (+1 while saving) x {t['checkpoint'] / GB:.3g} GB",
-            f"{work}/train",
-            t["checkpoints"],
+            f"checkpoints: keep {keep} (+1 while saving) x {t['checkpoint'] / GB:.3g} GB{per_run}",
+            train_where,
+            t["checkpoints"] * n_runs,
         )
     )
     out.append(
         Artifact(
             "train",
             f"HF exports: {'every ' + str(every) + ' rollouts + final' if every else 'final'}"
-            f", {t['n_exports']} x {t['export'] / GB:.3g} GB",
-            f"{work}/train",
-            t["exports"],
+            f", {t['n_exports']} x {t['export'] / GB:.3g} GB{per_run}",
+            train_where,
+            t["exports"] * n_runs,
         )
     )
-    out.append(Artifact("export_rl", "RL policy (HF)", "results/models/rl", export))
+    out.append(
+        Artifact(
+            "export_rl",
+            "RL policy (HF)" + ("" if n_runs == 1 else f" x {n_runs} runs"),
+            "results/models/rl" if n_runs == 1 else "results/runs",
+            export * n_runs,
+        )
+    )
     questions = eval_questions(cfg)
-    models = 2 + len(cfg["eval"]["models"])  # base, rl and eval.models
+    models = 1 + n_runs + len(cfg["eval"]["models"])  # base, every run's RL model and eval.models
     out.append(
         Artifact(
             "evaluate",
@@ -264,12 +277,13 @@ def jobs(cfg: Mapping[str, Any]) -> list[Job]:
         d = res["download"]
         rows.append(Job("container_image", 1, 0, d["cpus"], d["mem_mb"], d["runtime_min"]))
     tr = train["resources"]
-    rows.append(Job("train", 1, nodes * job_gpus(cfg, "train"), tr["cpus"], tr["mem_mb"], tr["runtime_min"]))
+    n_runs = len(runs(cfg))  # one train job per run (experiments x train.seeds)
+    rows.append(Job("train", n_runs, nodes * job_gpus(cfg, "train"), tr["cpus"], tr["mem_mb"], tr["runtime_min"]))
     er = ev["resources"]
     rows.append(
         Job(
             "evaluate",
-            (2 + len(ev["models"])) * len(ev["splits"]),
+            (1 + n_runs + len(ev["models"])) * len(ev["splits"]),
             job_gpus(cfg, "evaluate"),
             er["cpus"],
             er["mem_mb"],
@@ -308,13 +322,28 @@ def format_plan(cfg: Mapping[str, Any]) -> str:
         + ", ".join(f"{k} {_gb(v)}" for k, v in by_root.items())
         + f"); with margin x{cfg['budget']['margin']}: {_gb(total * cfg['budget']['margin'])}"
     )
+    n_runs = len(runs(cfg))
+    if n_runs > 1:
+        names = list(cfg["experiments"])
+        lines += [
+            "",
+            f"  runs: {n_runs} = {len(names)} experiment(s) ({', '.join(names)}) x {len(train_seeds(cfg))} "
+            f"training seed(s) ({', '.join(map(str, train_seeds(cfg)))})",
+        ]
     lines += ["", "  jobs (GPUs, CPUs, memory, wall-time request each)"]
-    for j in jobs(cfg):
+    all_jobs = jobs(cfg)
+    for j in all_jobs:
         count = f" x{j.count}" if j.count > 1 else ""
         lines.append(
             f"    {j.rule + count:<{width + 4}}  {j.gpus} GPU  {j.cpus} CPU  {j.mem_mb / 1000:,.0f} GB RAM  "
             f"{j.runtime_min / 60:,.1f} h"
         )
+    gpu_hours = sum(j.count * j.gpus * j.runtime_min / 60 for j in all_jobs)
+    train_hours = sum(j.count * j.gpus * j.runtime_min / 60 for j in all_jobs if j.rule == "train")
+    lines.append(
+        f"    GPU-hours requested: {gpu_hours:,.0f} in all, {train_hours:,.0f} of them training "
+        f"({n_runs} run{'s' if n_runs > 1 else ''}; requests are upper bounds)"
+    )
     lines += ["", f"  retriever placement: {cfg['retriever']['placement'] if not cfg['retriever']['url'] else 'url'}"]
     lines += placement_lines(cfg)
     return "\n".join(lines)

@@ -16,12 +16,14 @@ import sys
 
 
 def _load(argv: list[str]) -> dict | None:
-    """config.yaml (the packaged one) with the files of ``argv`` on top, validated; None (the problems printed)
-    if invalid."""
-    from searchr1.config import ConfigError, default_config
+    """config.yaml (the packaged one) with the files of ``argv`` on top, validated with every experiment's
+    merged config, as the workflow checks them; None (the problems printed) if invalid."""
+    from searchr1.config import ConfigError, default_config, validate_experiments
 
     try:
-        return default_config(*argv)
+        cfg = default_config(*argv)
+        validate_experiments(cfg)
+        return cfg
     except ConfigError as err:
         print(err, file=sys.stderr)
         return None

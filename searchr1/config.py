@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import jsonschema
 import yaml
 
+from searchr1.experiments import Run, is_run_model_name, override_problems, runs, train_seeds
+
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.yaml"
 # The recipe's defaults shipped with the package (package data, see pyproject.toml). In a checkout these are
 # symbolic links to the root config.yaml and config.toy.yaml, the files the Snakefile reads and users edit:
@@ -104,8 +106,17 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
                 f"({', '.join(cfg['data']['splits'])})"
             )
     for name in ev["models"]:
-        if name in ("base", "rl"):
-            problems.append(f"config key 'eval.models': {name!r} is reserved (the base policy and the RL checkpoint)")
+        if name == "base" or is_run_model_name(name):
+            problems.append(
+                f"config key 'eval.models': {name!r} is reserved (the base policy and the runs' RL checkpoints: "
+                "rl, rl-<experiment>-s<seed>)"
+            )
+    if train["seed"] is not None and train["seed"] not in train_seeds(cfg):
+        problems.append(
+            f"config key 'train.seed': {train['seed']} is set per run from train.seeds (here "
+            f"{train_seeds(cfg)}); list the seeds in train.seeds instead"
+        )
+    problems += override_problems(cfg)
     known = list(dict.fromkeys(["base", "rl", *ev["models"]]))
     for name in ev["compare"]:
         if name not in known:
@@ -213,6 +224,8 @@ def resolve_derived(cfg: dict[str, Any]) -> dict[str, Any]:
     slime = cfg.get("train", {}).get("slime")
     if slime and slime.get("rollout_num_gpus") is None and slime.get("colocate"):
         slime["rollout_num_gpus"] = slime["nodes"] * slime["gpus_per_node"]
+    if cfg["train"]["seed"] is None:  # the first run's seed (each run's config sets its own: searchr1.experiments)
+        cfg["train"] = {**cfg["train"], "seed": train_seeds(cfg)[0]}
     return cfg
 
 
@@ -329,3 +342,31 @@ class FromConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **extra: Any) -> Any:
         return settings_from_config(cls, cfg, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs (experiments x train.seeds, searchr1.experiments): each run's effective config
+# ----------------------------------------------------------------------------------------------
+
+
+def run_config(cfg: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """The effective config of ``run``: ``cfg`` merged with its experiment's overrides, validated, with
+    ``train.seed`` = the run's seed and, with several runs, its own work directory."""
+    overrides = cfg["experiments"][run.experiment]
+    merged = deep_merge(cfg, overrides)
+    merged["train"]["seed"] = run.seed
+    try:
+        merged = validate_config(merged)
+    except ConfigError as err:
+        raise ConfigError(f"experiment {run.experiment!r} (seed {run.seed}): {err}") from None
+    if not run.single:
+        merged["work_dir"] = f"{cfg['work_dir']}/runs/{run.experiment}/seed{run.seed}"
+    return merged
+
+
+def validate_experiments(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Check every experiment's overrides and its merged config; return the runs' effective configs."""
+    problems = override_problems(cfg)
+    if problems:
+        raise ConfigError("invalid experiments:\n  - " + "\n  - ".join(problems))
+    return [run_config(cfg, run) for run in runs(cfg)]

@@ -159,17 +159,21 @@ def walk(record: Mapping[str, Any], source: str) -> Iterable[tuple[str, Mapping[
             yield from walk(sub, f"{source} <- {name}")
 
 
-def check_consistent(records: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+def check_consistent(records: Mapping[str, Mapping[str, Any] | None], ignore: Iterable[str] = ()) -> dict[str, Any]:
     """Raise :class:`MixedSettingsError` naming the key if two records (or their inputs) disagree on it.
 
-    ``records`` maps a label (a file) to its provenance. Returns the merged ``{key: value}`` of all settings.
+    ``records`` maps a label (a file) to its provenance; keys in ``ignore`` (and keys under them) are not
+    compared (what differs by design: an experiment's own settings). Returns the merged ``{key: value}``.
     """
+    ignored = tuple(ignore)
     seen: dict[str, tuple[str, Any]] = {}
     for label, record in records.items():
         if not record:
             continue
         for where, rec in walk(record, label):
             for key, value in (rec.get("settings") or {}).items():
+                if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in ignored):
+                    continue
                 if key in seen and canonical(seen[key][1]) != canonical(value):
                     first_where, first_value = seen[key]
                     raise MixedSettingsError(

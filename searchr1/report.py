@@ -13,6 +13,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from searchr1 import provenance  # noqa: E402
+from searchr1.compare import mean_sd  # noqa: E402
+from searchr1.experiments import Run  # noqa: E402
 from searchr1.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 from searchr1.stats import FAILURE_CATEGORIES, failure_category, read_jsonl, summarize_rows  # noqa: E402
 
@@ -598,13 +602,14 @@ def provenance_section(
     record: Mapping[str, Any],
     provenance_json: str | Path | None,
     out_md: Path,
+    checked: str = "Every input was made under the same value of every setting they share (checked; the report "
+    "refuses mixed inputs and names the key).",
 ) -> list[str]:
     """What made each input: its step, settings hash and code version (the full records in provenance_json)."""
     lines = [
         "## Provenance",
         "",
-        "Every input was made under the same value of every setting they share (checked; the report refuses "
-        "mixed inputs and names the key). Settings hash: sha256 of the step's declared settings.",
+        f"{checked} Settings hash: sha256 of the step's declared settings.",
         "",
         "| file | step | settings hash | code |",
         "|---|---|---|---|",
@@ -627,3 +632,365 @@ def provenance_section(
             f"[{Path(provenance_json).name}]({_rel(Path(provenance_json), out_md)})",
         ]
     return lines + [""]
+
+
+# --------------------------------------------------------------------------------------------------
+# experiments x seeds (searchr1.experiments): the headline of several training runs
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """One training run's report inputs: its run, training metrics, final record and learning curve."""
+
+    run: Run
+    metrics: Path
+    final: Path
+    curve: Path | None = None
+
+
+BEHAVIOUR_ROWS = (
+    # (label, row -> bool): per-question rates over the split, from the eval JSONL
+    ("format valid (Search-R1's is_valid_sequence)", lambda r: bool(r["format_valid"])),
+    ("closes `</think>`", lambda r: "</think>" in r["response"]),
+    ("searched at least once", lambda r: r["searches"] > 0),
+    ("answered", lambda r: bool(r["answered"])),
+)
+
+
+def _rate(rows: Sequence[Mapping[str, Any]], test: Any) -> float:
+    return sum(1 for r in rows if test(r)) / len(rows)
+
+
+def _mean_sd_text(values: Sequence[float], fmt: str = "{:.3f}") -> str:
+    mean, sd = mean_sd(values)
+    text = fmt.format(mean) + ("" if sd is None else " ± " + fmt.format(sd))
+    if len(values) > 1:
+        text += " (" + ", ".join(fmt.format(v) for v in values) + ")"
+    return text
+
+
+def _em_vector(rows: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> list[float]:
+    by_id = {r["id"]: float(r["em"]) for r in rows}
+    return [by_id[i] for i in ids]
+
+
+def plot_bands(
+    series: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]],
+    ax: Any,
+    *,
+    ylabel: str,
+    title: str,
+) -> None:
+    """Per experiment, the mean over its seeds (the steps all its seeds have) with the min-max range shaded."""
+    for i, (name, runs) in enumerate(series.items()):
+        common = sorted(set.intersection(*(set(steps) for steps, _ in runs))) if runs else []
+        if not common:
+            continue
+        values = np.array([[dict(zip(steps, vals))[s] for s in common] for steps, vals in runs])
+        color = f"C{i}"
+        label = f"{name} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        label += ", range shaded)" if len(runs) > 1 else ")"
+        ax.plot(
+            common, values.mean(axis=0), color=color, linewidth=2, marker="." if len(common) < 30 else None, label=label
+        )
+        if len(runs) > 1:
+            ax.fill_between(common, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2)
+    _step_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+
+
+def render_experiment_plots(
+    metrics: Mapping[Run, Sequence[Mapping[str, Any]]],
+    curves: Mapping[Run, Mapping[str, list[tuple[int, float]]]] | None,
+    splits: Sequence[str],
+    plots_dir: Path,
+) -> dict[str, Path]:
+    """reward.png (the training reward, shaped, and the EM of the same rollouts when recorded),
+    response_length.png and em_curve.png (held-out EM per split), each per experiment over its seeds."""
+
+    def series(key: str) -> dict[str, list[tuple[list[float], list[float]]]]:
+        out: dict[str, list[tuple[list[float], list[float]]]] = {}
+        for run, rows in metrics.items():
+            if all(key in r for r in rows):
+                out.setdefault(run.experiment, []).append(([r["step"] for r in rows], [r[key] for r in rows]))
+        return out
+
+    paths: dict[str, Path] = {}
+    with_em = bool(series("em_mean"))
+    fig, axes = plt.subplots(
+        1, 2 if with_em else 1, figsize=(FIGSIZE[0] * (2 if with_em else 1), FIGSIZE[1]), squeeze=False
+    )
+    plot_bands(
+        series("reward_mean"),
+        axes[0][0],
+        ylabel="mean training reward",
+        title="Training reward per rollout step (reward_mean)",
+    )
+    if with_em:
+        plot_bands(
+            series("em_mean"), axes[0][1], ylabel="mean exact match", title="Exact match of the same rollouts (em_mean)"
+        )
+    paths["reward"] = plots_dir / "reward.png"
+    _save(fig, paths["reward"])
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    plot_bands(
+        series("response_len_mean"),
+        ax,
+        ylabel="model tokens per response",
+        title="Mean response length per rollout step",
+    )
+    paths["response_length"] = plots_dir / "response_length.png"
+    _save(fig, paths["response_length"])
+    if curves is not None:
+        fig, axes = plt.subplots(1, len(splits), figsize=(FIGSIZE[0] * len(splits) * 0.7, FIGSIZE[1]), squeeze=False)
+        for ax, split in zip(axes[0], splits):
+            by_exp: dict[str, list[tuple[list[float], list[float]]]] = {}
+            for run, curve in curves.items():
+                if split in curve:
+                    by_exp.setdefault(run.experiment, []).append(
+                        ([p[0] for p in curve[split]], [p[1] for p in curve[split]])
+                    )
+            plot_bands(
+                by_exp, ax, ylabel="exact match (greedy)", title=f"Held-out EM during training: {split_name(split)}"
+            )
+            ax.set_ylim(0, 1)
+        paths["em_curve"] = plots_dir / "em_curve.png"
+        _save(fig, paths["em_curve"])
+    return paths
+
+
+def render_experiments_report(
+    *,
+    eval_dir: Path,
+    runs: Sequence[RunInputs],
+    experiments: Mapping[str, Mapping[str, Any]],
+    published: Mapping[str, Mapping[str, float]],
+    splits: Sequence[str],
+    out_md: Path,
+    examples_md: Path,
+    plots_dir: Path,
+    scale: str,
+    record: Mapping[str, Any],
+    provenance_json: Path | None,
+    other_models: Sequence[str],
+    compare: Sequence[str],
+    bootstrap_seed: int,
+    n_examples: int = DEFAULT_EXAMPLES,
+    curve_every: int | None = None,
+) -> None:
+    """The headline of several runs (experiments x seeds): EM per experiment as mean ± sd over seeds with each
+    seed's value, the difference to the first experiment with its two-level bootstrap interval, behaviour
+    rates, training plots per experiment, and every run's provenance (each run checked on its own)."""
+    from searchr1.compare import AVERAGE, BOOTSTRAP_SAMPLES, METHOD, difference
+    from searchr1.experiments import by_experiment, override_keys, overrides_text
+
+    groups = by_experiment([ri.run for ri in runs])
+    names = list(groups)
+    shared = ["base", *other_models]
+    run_models = [ri.run.model for ri in runs]
+    models = [*shared, *run_models]
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    summaries: dict[tuple[str, str], dict[str, Any]] = {}
+    metas: dict[tuple[str, str], dict[str, Any]] = {}
+    ids: dict[str, list[str]] = {}
+    for split in splits:
+        for model in models:
+            rows[(model, split)], summaries[(model, split)], metas[(model, split)] = load_eval(eval_dir, model, split)
+        ids[split] = sorted(r["id"] for r in rows[("base", split)])
+        for model in models[1:]:
+            got = sorted(r["id"] for r in rows[(model, split)])
+            if got != ids[split]:
+                raise ValueError(
+                    f"base and {model} were evaluated on different questions of {split} "
+                    f"({len(ids[split])} vs {len(got)} ids): {eval_dir / 'base' / (split + '.jsonl')} vs "
+                    f"{eval_dir / model / (split + '.jsonl')}"
+                )
+
+    # provenance: shared evals agree among themselves; each run agrees with itself and with the shared evals
+    # on every key its experiment does not change; the runs of one experiment differ only in train.seed.
+    shared_records = {str(eval_dir / m / f"{s}.json"): metas[(m, s)].get("provenance") for m in shared for s in splits}
+    provenance.check_consistent({**shared_records, "this report": record})
+    records: dict[str, Any] = dict(shared_records)
+    run_records: dict[Run, dict[str, Any]] = {}
+    for ri in runs:
+        own = {str(ri.final): provenance.of_json(ri.final)}
+        own.update(
+            {str(eval_dir / ri.run.model / f"{s}.json"): metas[(ri.run.model, s)].get("provenance") for s in splits}
+        )
+        provenance.check_consistent(own)
+        changed = override_keys(experiments[ri.run.experiment])
+        provenance.check_consistent({**shared_records, **own}, ignore=changed)
+        run_records[ri.run] = own
+        records.update(own)
+    for group in groups.values():
+        provenance.check_consistent(
+            {label: rec for run in group for label, rec in run_records[run].items()}, ignore=["train.seed"]
+        )
+
+    metrics = {ri.run: load_metrics(ri.metrics) for ri in runs}
+    curves = None
+    if any(ri.curve is not None for ri in runs):
+        curves = {ri.run: load_curve(ri.curve, splits) for ri in runs if ri.curve is not None}
+    plots = render_experiment_plots(metrics, curves, splits, plots_dir)
+
+    comparable = scale == "full"
+    any_meta = metas[(run_models[0], splits[0])]
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    n_text = ", ".join(f"{split_name(s)} {len(ids[s])}" for s in splits)
+    seeds_of = {name: [run.seed for run in group] for name, group in groups.items()}
+    average = len(splits) > 1
+    lines = [
+        "# Search-R1 on slime: headline results",
+        "",
+        f"- scale: **{scale}**" + ("" if comparable else " (the offline toy world: tiny model, synthetic questions)"),
+        f"- settings hash `{record['settings_hash']}`, code {_code_text(record)}; rendered {today} "
+        "(every input's provenance: the Provenance section below)",
+        f"- evaluation: temperature {any_meta.get('temperature', 0.0)} (greedy when 0), 1 sample per question, "
+        f"engine `{any_meta.get('engine', '?')}`; questions per split: {n_text}",
+        f"- {len(names)} experiment(s) x their seeds = {len(runs)} training runs; the first, `{names[0]}`, is "
+        "the reference of the differences",
+        "",
+        "## Experiments",
+        "",
+        "| experiment | changes from the config | training seeds |",
+        "|---|---|---|",
+        *(
+            f"| `{name}` | {overrides_text(experiments[name])} | {', '.join(map(str, seeds_of[name]))} |"
+            for name in names
+        ),
+        "",
+        "## Exact match",
+        "",
+    ]
+    header = ["model", *(f"{split_name(s)} EM" for s in splits), *(["average EM"] if average else [])]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in shared:
+        cells = [model_name(model)] + [_fmt_em(summaries[(model, s)]) for s in splits]
+        if average:
+            cells.append(f"{mean_em(summaries, model, splits):.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, group in groups.items():
+        cells = [f"`{name}` ({len(group)} seed{'s' if len(group) > 1 else ''})"]
+        for s in splits:
+            cells.append(_mean_sd_text([summaries[(run.model, s)]["em"] for run in group]))
+        if average:
+            cells.append(_mean_sd_text([mean_em(summaries, run.model, splits) for run in group]))
+        lines.append("| " + " | ".join(cells) + " |")
+    pub_rl = published.get("rl", {})
+    if pub_rl and all(s in pub_rl for s in splits):
+        cells = ["published RL (seed run)", *(f"{float(pub_rl[s]):.3f}" for s in splits)]
+        if average:
+            cells.append(f"{sum(float(pub_rl[s]) for s in splits) / len(splits):.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Base and other named models: EM [95% Wilson interval], evaluated once. Experiments: mean ± sd over "
+        "the training seeds (sample sd), then each seed's EM in seed order. EM is Search-R1's evaluation "
+        "reward (the last `<answer>` of prompt + response, SQuAD-normalised exact match), whatever reward the "
+        "experiment trained on."
+        + ("" if comparable else " **At toy scale the published numbers are not comparable.**"),
+        "",
+    ]
+    if len(names) > 1:
+        ref = names[0]
+
+        def matrices(name: str) -> dict[str, list[list[float]]]:
+            return {s: [_em_vector(rows[(run.model, s)], ids[s]) for run in groups[name]] for s in splits}
+
+        lines += [f"## Difference to `{ref}`", ""]
+        header = [
+            "experiment",
+            *(f"{split_name(s)} ΔEM [95% CI]" for s in splits),
+            *(["average ΔEM [95% CI]"] if average else []),
+        ]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in names[1:]:
+            diff = difference(matrices(ref), matrices(name), seed=bootstrap_seed)
+            keys = [*splits, *([AVERAGE] if average else [])]
+            cells = [f"`{name}` − `{ref}`"] + [
+                f"{_signed(diff[k].estimate)} [{_signed(diff[k].low)}, {_signed(diff[k].high)}]" for k in keys
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "ΔEM: the experiment's mean EM over its seeds minus the reference's. Interval: "
+            + METHOD.format(samples=BOOTSTRAP_SAMPLES)
+            + f" Bootstrap seed: {bootstrap_seed} (the config's seed). An interval that contains 0 shows no "
+            "difference at this number of seeds and questions.",
+            "",
+        ]
+    lines += ["## Behaviour", ""]
+    columns = [(m, s) for s in splits for m in ["base", *names, *other_models]]
+    header = ["behaviour"] + [f"{split_name(s)} {model_name(m) if m in shared else '`' + m + '`'}" for m, s in columns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, test in BEHAVIOUR_ROWS:
+        cells = [label]
+        for m, s in columns:
+            if m in shared:
+                cells.append(_pct(_rate(rows[(m, s)], test)))
+            else:
+                values = [_rate(rows[(run.model, s)], test) for run in groups[m]]
+                mean, sd = mean_sd(values)
+                cells.append(_pct(mean) + ("" if sd is None else f" ± {100 * sd:.1f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Rates over all questions of the split; experiments: mean ± sd over their seeds. *format valid*: the "
+        "whole assistant turn passes Search-R1's `is_valid_sequence` (think, then search/information/think "
+        "blocks, then answer, nothing else); *closes `</think>`*: the response holds at least one `</think>`.",
+        "",
+        "## Training",
+        "",
+    ]
+    for name, group in groups.items():
+        first = [metrics[run][0]["reward_mean"] for run in group]
+        last = [metrics[run][-1]["reward_mean"] for run in group]
+        steps = [len(metrics[run]) for run in group]
+        lines.append(
+            f"- `{name}`: {min(steps)}–{max(steps)} rollout steps per seed; training reward (reward_mean) first "
+            f"step {_mean_sd_text(first)}, last step {_mean_sd_text(last)}"
+        )
+        if curves is not None:
+            for s in splits:
+                pts = [curves[run].get(s, []) for run in group if run in curves]
+                if pts and all(pts):
+                    lines.append(
+                        f"  - held-out {split_name(s)} EM (learning curve) step {pts[0][0][0]}: "
+                        f"{_mean_sd_text([p[0][1] for p in pts])} → step {pts[0][-1][0]}: "
+                        f"{_mean_sd_text([p[-1][1] for p in pts])}"
+                    )
+    titles = {
+        "reward": "Training reward per rollout step, per experiment",
+        "response_length": "Mean response length per rollout step, per experiment",
+        "em_curve": "Held-out EM during training, per experiment",
+    }
+    lines += ["", "## Plots", ""]
+    for name, path in plots.items():
+        lines += [f"![{titles[name]}]({_rel(path, out_md)})", ""]
+    pair = [run_models[0] if m == "rl" else m for m in compare]
+    lines += [
+        "## Examples",
+        "",
+        f"{' vs '.join(pair)} trajectories (eval.compare; `rl` is the first run, `{run_models[0]}`): "
+        f"[{examples_md.name}]({_rel(examples_md, out_md)})",
+        "",
+    ]
+    lines += provenance_section(
+        records,
+        record,
+        provenance_json,
+        out_md,
+        checked="Checked: the base and named models' evaluations agree on every setting they share; each run's "
+        "training and evaluations agree among themselves, and with those on every setting its experiment does "
+        "not change; the runs of one experiment differ only in train.seed (the report refuses mixed inputs and "
+        "names the key).",
+    )
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(examples_md, examples_markdown(rows, splits, n_examples, pair) + "\n")
+    if provenance_json is not None:
+        write_json_atomic(provenance_json, {"provenance": dict(record), "inputs": records})
+    write_text_atomic(out_md, "\n".join(lines))

@@ -380,7 +380,8 @@ def recipe_flags(cfg: Mapping[str, Any], paths: LaunchPaths) -> list[str]:
     if train["rollout_shuffle"]:
         f.append("--rollout-shuffle")
     f += [
-        "--rollout-seed", str(cfg["seed"]),
+        # the run's training seed (train.seeds): slime's rollout (prompt order, sampling) and Megatron's RNG
+        "--seed", str(train["seed"]), "--rollout-seed", str(train["seed"]),
         "--num-rollout", str(train["num_rollout"]),
         "--rollout-batch-size", str(train["rollout_batch_size"]),
         "--n-samples-per-prompt", str(train["n_samples_per_prompt"]),

@@ -124,13 +124,18 @@ def _workflow_rules(configfiles: tuple[tuple[Path, str], ...]) -> dict[str, dict
         return rules
 
 
-def rule_params(rule: str, *configfiles: str) -> dict[str, Any]:
-    """The params a rule declares under ``configfiles`` (relative to the checkout, or absolute)."""
+def rule_params(rule: str, *configfiles: str, **wildcards: str) -> dict[str, Any]:
+    """The params a rule declares under ``configfiles`` (relative to the checkout, or absolute), for the job
+    with ``wildcards`` (params given per job, as the runs' train and evaluate settings, are evaluated for it;
+    by default the single run's job: model rl)."""
+    from types import SimpleNamespace
+
     paths = [Path(c) if Path(c).is_absolute() else ROOT / c for c in configfiles]
     rules = _workflow_rules(tuple((path, path.read_text()) for path in paths))
     if rule not in rules:
         raise KeyError(f"no rule {rule!r} under {configfiles}: {sorted(rules)}")
-    return dict(rules[rule])
+    job = SimpleNamespace(**({"model": "rl"} | wildcards))
+    return {name: value(job) if callable(value) else value for name, value in rules[rule].items()}
 
 
 def local_rules(*configfiles: str) -> set[str]:

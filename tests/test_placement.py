@@ -285,7 +285,8 @@ def test_placement_is_operational_and_declared_by_every_job_that_starts_a_retrie
 
     assert is_operational("retriever.placement") and is_operational("retriever.gpus")
     for rule in ("train", "evaluate", "retriever_check"):
-        keys = {v.key if hasattr(v, "key") else v[0] for v in rule_params(rule, "config.yaml").values()}
+        params = rule_params(rule, "config.yaml")
+        keys = {v.key if hasattr(v, "key") else v[0] for name, v in params.items() if name.startswith("cfg__")}
         assert {"retriever.placement", "retriever.gpus"} <= keys, rule
     cfg = step("retriever_check", Path("/nonexistent"), None)
     record = cfg.record()

@@ -69,7 +69,7 @@ class GRPOSettings(FromConfig):
     grpo_std_normalization: bool = True
 
     CONFIG_KEYS: ClassVar[dict[str, str]] = {
-        "seed": "seed",
+        "seed": "train.seed",  # the run's training seed (searchr1.experiments: one per train.seeds entry)
         **{
             k: f"train.{k}"
             for k in (
