@@ -21,12 +21,12 @@ pytestmark = pytest.mark.slow
 
 SPLITS = ("nq_test", "hotpotqa_test")
 REDUCED = {
-    # a second experiment that changes a training setting (the demo's format reward needs the reward: section)
-    "experiments": {"recipe": {}, "lr_high": {"train": {"lr": 2.0e-4}}},
+    # the demo's pair: the recipe (pure EM) and Search-R1's published format reward
+    "experiments": {"recipe": {}, "format": {"reward": {"structure_format_score": 0.2, "final_format_score": 0.1}}},
     "train": {"seeds": [1, 2], "num_rollout": 2},
     "eval": {"interval": 2, "curve_subset": 10, "max_questions": 30},
 }
-RUNS = [(e, s) for e in ("recipe", "lr_high") for s in (1, 2)]
+RUNS = [(e, s) for e in ("recipe", "format") for s in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,12 @@ def test_every_run_trained_with_its_own_seed_and_settings(reduced: Path) -> None
         assert [r["step"] for r in rows] == [0, 1]
         settings = json.loads((train / "final.json").read_text())["provenance"]["settings"]
         assert settings["train.seed"] == seed
-        assert settings["train.lr"] == (2.0e-4 if experiment == "lr_high" else 1.0e-4)
+        assert settings["reward.structure_format_score"] == (0.2 if experiment == "format" else 0)
+        assert settings["reward.final_format_score"] == (0.1 if experiment == "format" else 0)
+        # the training reward and the EM of the same rollouts, side by side
+        assert all("reward_mean" in r and "em_mean" in r for r in rows)
+        if experiment == "recipe":
+            assert all(r["reward_mean"] == r["em_mean"] for r in rows)
         for split in SPLITS:
             assert (reduced / f"results/eval/rl-{experiment}-s{seed}/{split}.jsonl").is_file()
     # two seeds of one experiment sample different rollouts
@@ -71,8 +76,8 @@ def test_every_run_trained_with_its_own_seed_and_settings(reduced: Path) -> None
 
 def test_the_headline_compares_the_experiments(reduced: Path) -> None:
     md = (reduced / "results/headline.md").read_text()
-    assert "| `recipe` (2 seeds) |" in md and "| `lr_high` (2 seeds) |" in md
-    assert "| `lr_high` − `recipe` |" in md and "two-level bootstrap" in md
+    assert "| `recipe` (2 seeds) |" in md and "| `format` (2 seeds) |" in md
+    assert "| `format` − `recipe` |" in md and "two-level bootstrap" in md
     for row in ("format valid (Search-R1's is_valid_sequence)", "closes `</think>`", "searched at least once"):
         assert f"| {row} |" in md
     for plot in ("reward.png", "em_curve.png", "response_length.png"):
