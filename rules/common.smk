@@ -16,7 +16,7 @@ from searchr1.config import (  # noqa: E402
     validate_experiments,
 )
 from searchr1.experiments import runs  # noqa: E402
-from searchr1.steps.settings import StepSettings, declare  # noqa: E402
+from searchr1.steps.settings import MessageText, StepSettings, declare  # noqa: E402
 
 from searchr1.retrieval import placement as retriever_placement  # noqa: E402
 
@@ -90,20 +90,6 @@ def per_run_params(params_of_run):
         )
         for name in next(iter(names))
     }
-
-
-class MessageText:
-    """A job's message text passed as a param: not a builtin type, so Snakemake leaves it out of the params it
-    compares between runs (as searchr1.steps.settings.Operational)."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def __str__(self):
-        return self.text
-
-    def __format__(self, spec):
-        return self.text
 
 
 RES = config["resources"]

@@ -360,3 +360,31 @@ def test_load_config_fills_schema_defaults(tmp_path):
     filled, missing = complete(raw, schema)
     assert missing == [] and filled["data"]["sha256"] == {}
     assert load_config(ROOT / "config.yaml")["data"]["sha256"] == {}
+
+
+@pytest.mark.parametrize(
+    "configfiles",
+    [("config.yaml", "config.toy.yaml"), ("config.yaml",)],
+    ids=["toy", "full"],
+)
+def test_every_rules_params_unpickle_where_its_script_runs(configfiles, tmp_path):
+    """Snakemake's script: directive pickles the job's params into a fresh interpreter, which must import every
+    value's class from a module: a class defined in a rule file lives in snakemake.workflow, whose import from the
+    script fails (a circular import), so every train job of the toy failed that way once (MessageText)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from helpers import _workflow_rules, rule_params
+
+    paths = [ROOT / c for c in configfiles]
+    rules = _workflow_rules(tuple((path, path.read_text()) for path in paths))
+    job = tmp_path / "params.pickle"
+    params = {rule: rule_params(rule, *configfiles) for rule in rules if not rule.startswith("__")}
+    job.write_bytes(pickle.dumps(params))
+    code = "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read())"
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(job)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "train" in params and "evaluate" in params

@@ -28,12 +28,27 @@ from typing import Any
 
 from searchr1.config import _resolve, cached_schema, config_value
 
-__all__ = ["Operational", "StepSettings", "UndeclaredSetting", "declare", "flatten", "operational_keys"]
+__all__ = ["MessageText", "Operational", "StepSettings", "UndeclaredSetting", "declare", "flatten", "operational_keys"]
 
 
 class UndeclaredSetting(LookupError):
     """A step read a config key its rule does not declare in ``params:`` (deliberately not a KeyError, so
     that ``.get(key, default)`` cannot swallow it)."""
+
+
+@dataclass(frozen=True)
+class MessageText:
+    """A job's message text passed as a param (the train job's command preview): not a builtin type, so
+    Snakemake leaves it out of the params it compares between runs, as :class:`Operational`. Defined here, not in
+    a rule file: the job's script unpickles its params and must import the class from a module."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __format__(self, spec: str) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
