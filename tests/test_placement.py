@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, config, copy_workflow, rule_params, snakemake
+from helpers import ROOT, config, copy_workflow, encoder_kwargs, rule_params, snakemake
 
 from searchr1.budget import format_plan, jobs
 from searchr1.config import ConfigError
@@ -309,8 +309,11 @@ def test_a_cpu_retriever_process_sees_no_gpu(tmp_path):
     corpus, index = tmp_path / "corpus.jsonl", tmp_path / "index.faiss"
     corpus.write_text('{"id": "0", "contents": "\\"Nile\\"\\nThe Nile is a river."}\n')
     minilm = Path(gt.__file__).parent / "model"
-    build_index(corpus, Encoder(minilm, query_prefix="", passage_prefix="", device="cpu"), index, progress=False)
     cfg = StepSettings.from_params(rule_params("retriever_check", "config.yaml", "config.toy.yaml"), step="c")
+    # the index made with the toy config's encoder settings, which the server checks against its own
+    settings = {k: cfg["retriever"]["encoder"][k] for k in ("pooling", "normalize", "max_length", "cpu_bf16")}
+    encoder = Encoder(minilm, **encoder_kwargs(**settings), device="cpu")
+    build_index(corpus, encoder, index, batch_size=16, shard_size=1000, progress=False)
     inputs = {"corpus": str(corpus), "index": str(index), "encoder": str(minilm)}
     with retriever(cfg, inputs, tmp_path / "check.log", gpus=place(cfg, "retriever_check", env={}).retriever) as url:
         pid = managed.check_health(url)["pid"]
