@@ -43,7 +43,9 @@ def available() -> str | None:
         return "needs root (slurmd, munged, network namespaces)"
     missing = [c for c in COMMANDS if shutil.which(c) is None]
     if missing:
-        return f"needs SLURM and munge installed ({', '.join(missing)} missing: tests/slurm/setup_local_slurm.sh install)"
+        return (
+            f"needs SLURM and munge installed ({', '.join(missing)} missing: tests/slurm/setup_local_slurm.sh install)"
+        )
     if not MUNGE_KEY.is_file():
         return f"needs a munge key ({MUNGE_KEY}: tests/slurm/setup_local_slurm.sh install)"
     return netns.available()
@@ -97,6 +99,14 @@ class SlurmCluster:
                 found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
             except OSError:
                 pass  # ended meanwhile
+        return found
+
+    def settled_leftovers(self, host: str, timeout_s: float) -> list[str]:
+        """``leftovers(host)`` once it is empty, or as it is after ``timeout_s`` (a finished job's slurmstepd
+        takes a moment to go)."""
+        deadline = time.monotonic() + timeout_s
+        while (found := self.leftovers(host)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         return found
 
 
@@ -202,9 +212,14 @@ def two_node_slurm(
         munge = state / "munge"
         shutil.chown(munge, "munge", "munge")
         cluster.procs["munged"] = subprocess.Popen(
-            ["munged", "--foreground", f"--socket={munge / 'munge.socket'}",
-             f"--pid-file={munge / 'munged.pid'}", f"--log-file={state / 'log' / 'munged.log'}",
-             f"--seed-file={munge / 'munged.seed'}"],  # fmt: skip
+            [
+                "munged",
+                "--foreground",
+                f"--socket={munge / 'munge.socket'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={state / 'log' / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],  # fmt: skip
             user="munge",
             group="munge",
             stdout=subprocess.DEVNULL,
