@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from netns import enter_node  # noqa: E402
 
-from searchr1.steps.retrieval import retriever  # noqa: E402
+from searchr1.steps.retrieval import place, retriever  # noqa: E402
 from searchr1.steps.settings import StepSettings  # noqa: E402
 from searchr1.steps.train import retriever_host, slime_cluster, train_slime  # noqa: E402
 
@@ -41,8 +41,9 @@ def main() -> None:
     log_path = Path(job["log_path"])
     # "bind_host" reproduces the old binding (127.0.0.1 of the head) for the test that the pre-flight catches it
     host = job.get("bind_host") or retriever_host(cfg, cluster.head_ip)
-    with retriever(cfg, job["inputs"], log_path, host=host) as url:
-        final = train_slime(cfg, job["inputs"], url, log_path, **launch)
+    gpus = place(cfg, "train")  # the job's GPU ids (CUDA_VISIBLE_DEVICES, else 0..n-1): Ray's head's, the retriever's
+    with retriever(cfg, job["inputs"], log_path, host=host, gpus=gpus.retriever) as url:
+        final = train_slime(cfg, job["inputs"], url, log_path, head_gpus=gpus.compute, **launch)
     print(json.dumps({"url": url, "final": final}))
 
 

@@ -127,7 +127,7 @@ def test_one_sbatch_job_trains_on_two_slurm_nodes(shared_dir: Path, index_pair) 
         leftovers = {host: cluster.settled_leftovers(host, timeout_s=30) for host in (HEAD, WORKER)}
         ray_dir = f"/tmp/searchr1-ray-{job_id.group(1)}" if job_id else None
         stray = stop_job_ray(ray_dir, grace_s=5) if ray_dir else []  # the head keeps the machine's /tmp
-        daemons = cluster.logs_tail()
+        daemons, worker_log = cluster.logs_tail(), cluster.log(f"slurmd-{WORKER}")
     out = (tmp / "job.out").read_text() if (tmp / "job.out").exists() else ""
     err = (tmp / "job.err").read_text() if (tmp / "job.err").exists() else ""
     log = slime_log(tmp)
@@ -136,6 +136,6 @@ def test_one_sbatch_job_trains_on_two_slurm_nodes(shared_dir: Path, index_pair) 
     check_healthy_run(tmp, json.loads(out.strip().splitlines()[-1]), log, head_ip)
     assert "JobState=COMPLETED" in accounting and "NodeList=sr1-head,sr1-worker" in accounting, accounting
     # the worker's Ray and pre-flight ran as steps of this job on the worker node
-    assert re.search(rf"launch task StepId={job_id.group(1)}\.\d+ request from .*", cluster.log(f"slurmd-{WORKER}"))
+    assert re.search(rf"launch task StepId={job_id.group(1)}\.\d+ request from .*", worker_log)
     assert leftovers == {HEAD: [], WORKER: []} and stray == []
     print(f"two-node SLURM: cluster up in {up:.1f} s, the train job in {took:.1f} s")
