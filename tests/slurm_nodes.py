@@ -19,6 +19,7 @@ node; nothing opens the device (no cgroup device fencing: task/none).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,6 +101,22 @@ class SlurmCluster:
             except OSError:
                 pass  # ended meanwhile
         return found
+
+    def wait_for_job(self, job_id: str, timeout_s: float) -> str:
+        """The job's final state (COMPLETED, FAILED, ...); a job still running after ``timeout_s`` is cancelled
+        (its steps get SIGTERM, as at a time limit) and reported as ``TIMEOUT (test)``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            shown = self.run("scontrol", "show", "job", "-o", job_id).stdout
+            state = re.search(r"JobState=(\S+)", shown)
+            if state and state.group(1) not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+                return state.group(1)
+            time.sleep(1)
+        self.run("scancel", job_id)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and "JobState=COMPLETING" in self.run("scontrol", "show", "job", job_id).stdout:
+            time.sleep(1)
+        return "TIMEOUT (test)"
 
     def settled_leftovers(self, host: str, timeout_s: float) -> list[str]:
         """``leftovers(host)`` once it is empty, or as it is after ``timeout_s`` (a finished job's slurmstepd
@@ -202,6 +219,9 @@ def two_node_slurm(
     head = names[0]
     state = Path("/var/tmp") / f"searchr1-slurm2n-{os.getpid()}-{time.monotonic_ns()}"
     with ExitStack() as stack:
+        # a SIGTERM (`timeout pytest ...`) unwinds through the cleanup below instead of leaving the daemons running
+        previous = signal.signal(signal.SIGTERM, _raise_exit)
+        stack.callback(signal.signal, signal.SIGTERM, previous)
         stack.callback(shutil.rmtree, state, ignore_errors=True)
         for sub in ("etc", "run", "log", "ctld", "munge", *(f"spool/{n}" for n in names)):
             (state / sub).mkdir(parents=True)
@@ -248,6 +268,10 @@ def two_node_slurm(
 
         _wait("both slurmd registered and idle", idle, 90, cluster)
         yield cluster
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(f"signal {signum}")
 
 
 def _shutdown(cluster: SlurmCluster) -> None:

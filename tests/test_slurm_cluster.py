@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -113,29 +114,31 @@ def test_one_sbatch_job_trains_on_two_slurm_nodes(shared_dir: Path, index_pair) 
         script = tmp / "train.sbatch"
         script.write_text(batch_script(job))
         env = {**driver_env(), "SLURM_CONF": str(cluster.conf), "MASTER_ADDR": head_ip}
-        sbatch = ["sbatch", "--wait", "--export=ALL", "--job-name", "rule_train", "--output", str(tmp / "job.out"),
+        sbatch = ["sbatch", "--parsable", "--export=ALL", "--job-name", "rule_train", "--output", str(tmp / "job.out"),
                   "--error", str(tmp / "job.err"), "-t", "30", "--mem", str(MEM_MB), "--nodes=2",
                   f"--gres=gpu:{GPUS_PER_NODE}", f"--cpus-per-task={CPUS}", "-D", str(tmp), str(script)]  # fmt: skip
+        submitted = subprocess.run(sbatch, env=env, capture_output=True, text=True, timeout=60)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip().split(";")[0]
+        ray_dir = f"/tmp/searchr1-ray-{job_id}"  # the job's Ray temp dir on the head, which keeps the machine's /tmp
         try:
-            done = subprocess.run(sbatch, env=env, capture_output=True, text=True, timeout=540)
-        except subprocess.TimeoutExpired as e:
-            done = subprocess.CompletedProcess(sbatch, -1, e.stdout or "", f"(test: sbatch --wait ran out)\n{e.stderr}")
-        took = time.monotonic() - started - up
-        job_id = re.search(r"Submitted batch job (\d+)", str(done.stdout))
-        accounting = cluster.run("scontrol", "show", "job", job_id.group(1)).stdout if job_id else ""
-        # the job's steps are gone from both nodes: nothing but each node's slurmd is left in its namespace
-        leftovers = {host: cluster.settled_leftovers(host, timeout_s=30) for host in (HEAD, WORKER)}
-        ray_dir = f"/tmp/searchr1-ray-{job_id.group(1)}" if job_id else None
-        stray = stop_job_ray(ray_dir, grace_s=5) if ray_dir else []  # the head keeps the machine's /tmp
-        daemons, worker_log = cluster.logs_tail(), cluster.log(f"slurmd-{WORKER}")
+            state = cluster.wait_for_job(job_id, timeout_s=540)
+            took = time.monotonic() - started - up
+            accounting = cluster.run("scontrol", "show", "job", job_id).stdout
+            # the job's steps are gone from both nodes: nothing but each node's slurmd is left in its namespace
+            leftovers = {host: cluster.settled_leftovers(host, timeout_s=30) for host in (HEAD, WORKER)}
+            daemons, worker_log = cluster.logs_tail(), cluster.log(f"slurmd-{WORKER}")
+        finally:
+            stray = stop_job_ray(ray_dir, grace_s=5)  # whatever happened, nothing of this run keeps running
+            shutil.rmtree(ray_dir, ignore_errors=True)
     out = (tmp / "job.out").read_text() if (tmp / "job.out").exists() else ""
     err = (tmp / "job.err").read_text() if (tmp / "job.err").exists() else ""
     log = slime_log(tmp)
-    why = f"sbatch: {done.stdout}{done.stderr}\njob:\n{accounting}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}"
-    assert done.returncode == 0, f"{why}\nslime log:\n{log[-4000:]}\ndaemons:\n{daemons}"
+    why = f"job {job_id}: {state}\n{accounting}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}"
+    assert state == "COMPLETED", f"{why}\nslime log:\n{log[-4000:]}\ndaemons:\n{daemons}"
     check_healthy_run(tmp, json.loads(out.strip().splitlines()[-1]), log, head_ip)
-    assert "JobState=COMPLETED" in accounting and "NodeList=sr1-head,sr1-worker" in accounting, accounting
+    assert "NodeList=sr1-head,sr1-worker" in accounting and "ExitCode=0:0" in accounting, accounting
     # the worker's Ray and pre-flight ran as steps of this job on the worker node
-    assert re.search(rf"launch task StepId={job_id.group(1)}\.\d+ request from .*", worker_log)
+    assert re.search(rf"launch task StepId={job_id}\.\d+ request from .*", worker_log)
     assert leftovers == {HEAD: [], WORKER: []} and stray == []
     print(f"two-node SLURM: cluster up in {up:.1f} s, the train job in {took:.1f} s")
