@@ -33,7 +33,7 @@ from pathlib import Path
 
 import netns
 
-COMMANDS = ("slurmctld", "slurmd", "srun", "sbatch", "scontrol", "sinfo", "scancel", "munged")
+COMMANDS = ("slurmctld", "slurmd", "srun", "sbatch", "squeue", "scontrol", "sinfo", "scancel", "munged", "nsenter")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 PARTITION = "two"
 
@@ -258,7 +258,7 @@ def two_node_slurm(
             cluster.procs[f"slurmd-{host}"] = subprocess.Popen(
                 [*prefix, "slurmd", "-D", "-f", str(conf), "-N", host],
                 env=cluster.env,  # gres.conf is found beside $SLURM_CONF (`-f` alone reads /etc/slurm's)
-                stdout=open(state / "log" / f"slurmd-{host}.out", "w"),
+                stdout=stack.enter_context(open(state / "log" / f"slurmd-{host}.out", "w")),
                 stderr=subprocess.STDOUT,
             )
 
