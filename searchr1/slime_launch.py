@@ -144,14 +144,31 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
+def slurm_job_nodelist(job_id: str) -> str | None:
+    """The node list of SLURM job ``job_id`` as slurmctld has it (``squeue -j``); None if it cannot say."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    nodelist = out.stdout.strip()
+    return nodelist if out.returncode == 0 and nodelist else None
+
+
 def cluster_from_env(
     nodes: int,
     env: Mapping[str, str] | None = None,
     *,
     expand_hostnames: Callable[[str], list[str]] = slurm_hostnames,
     resolve_ip: Callable[[str], str] = socket.gethostbyname,
+    job_nodelist: Callable[[str], str | None] = slurm_job_nodelist,
 ) -> ClusterInfo:
-    """Head and worker hosts: one node = this machine; more = the first ``nodes`` of SLURM_JOB_NODELIST."""
+    """Head and worker hosts: one node = this machine; more = the first ``nodes`` of SLURM_JOB_NODELIST.
+
+    Inside a job step that covers fewer nodes than the job, SLURM_JOB_NODELIST names the step's nodes only:
+    the Snakemake SLURM executor runs the rule under ``srun -n1 ... --nodes=N`` (snakemake-executor-plugin-
+    slurm-jobstep 0.6.1), which srun reduces to one node, and SLURM 22.05 then sets SLURM_JOB_NODELIST to that
+    node (SLURM_NODELIST kept the job's: tests/test_slurm_cluster.py). So when the variables list fewer than
+    ``nodes`` hosts, the job's own node list is asked from SLURM (``job_nodelist(SLURM_JOB_ID)``)."""
     env = os.environ if env is None else env
     if nodes <= 1:
         return ClusterInfo(head_host="localhost", head_ip=env.get("MASTER_ADDR", "127.0.0.1"), worker_hosts=[])
@@ -159,8 +176,15 @@ def cluster_from_env(
     if not nodelist:
         raise LaunchError(f"train.slime.nodes is {nodes} but SLURM_JOB_NODELIST is not set (run inside a SLURM job)")
     hosts = expand_hostnames(nodelist)
+    if len(hosts) < nodes and env.get("SLURM_JOB_ID"):
+        from_job = job_nodelist(env["SLURM_JOB_ID"])
+        if from_job and from_job != nodelist:
+            nodelist, hosts = from_job, expand_hostnames(from_job)
     if len(hosts) < nodes:
-        raise LaunchError(f"train.slime.nodes is {nodes} but the SLURM allocation has {len(hosts)}: {hosts}")
+        raise LaunchError(
+            f"train.slime.nodes is {nodes} but the SLURM allocation has {len(hosts)}: {hosts} (node list "
+            f"{nodelist!r}; submit the job with --nodes={nodes})"
+        )
     head = hosts[0]
     given = env.get("MASTER_ADDR") or env.get("SLIME_HOST_IP")
     head_ip = given or resolve_ip(head)

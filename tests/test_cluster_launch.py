@@ -46,6 +46,33 @@ def node(host: str, ip: str, gpus: float = 4, state: str = "ALIVE") -> dict:
 # --- the head's address -----------------------------------------------------------------------------------------
 
 
+def test_the_nodes_come_from_the_job_when_the_step_names_fewer():
+    """The Snakemake SLURM executor runs the train rule in `srun -n1 ... --nodes=2`: srun makes that one node and
+    SLURM_JOB_NODELIST names only it (tests/test_slurm_cluster.py saw it on SLURM 22.05). The job's node list
+    comes from SLURM then; before, the launch refused a two-node allocation as a one-node one."""
+    expand = {"n1": ["n1"], "n[1-2]": ["n1", "n2"]}.__getitem__
+    asked = []
+
+    def job_nodelist(job_id: str) -> str:
+        asked.append(job_id)
+        return "n[1-2]"
+
+    step_env = {"SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "42", "MASTER_ADDR": "10.0.0.5"}
+    got = cluster_from_env(2, step_env, expand_hostnames=expand, resolve_ip=str, job_nodelist=job_nodelist)
+    assert (got.head_host, got.worker_hosts, asked) == ("n1", ["n2"], ["42"])
+    # the variables list enough nodes: SLURM is not asked
+    whole = {**step_env, "SLURM_JOB_NODELIST": "n[1-2]"}
+    assert cluster_from_env(
+        2, whole, expand_hostnames=expand, resolve_ip=str, job_nodelist=job_nodelist
+    ).worker_hosts == ["n2"]
+    assert asked == ["42"]
+    # a job that really has one node is refused, naming what it has
+    with pytest.raises(LaunchError, match=r"train.slime.nodes is 2 but the SLURM allocation has 1: \['n1'\]"):
+        cluster_from_env(2, step_env, expand_hostnames=expand, resolve_ip=str, job_nodelist=lambda job: "n1")
+    with pytest.raises(LaunchError, match="allocation has 1"):  # SLURM cannot say: the variables stand
+        cluster_from_env(2, step_env, expand_hostnames=expand, resolve_ip=str, job_nodelist=lambda job: None)
+
+
 def test_a_loopback_head_address_is_refused_on_several_nodes():
     """Debian's `127.0.1.1 <hostname>` hosts entry made the head 127.0.1.1: workers would dial themselves."""
     env = {"SLURM_JOB_NODELIST": "n[1-2]"}
