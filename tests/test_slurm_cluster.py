@@ -43,6 +43,7 @@ from cluster_common import (
     build_index_pair,
     check_healthy_run,
     driver_env,
+    hidden_by_node_tmp,
     shared_run_dir,
     slime_log,
     write_train_job,
@@ -78,7 +79,7 @@ KEEP_SLURM = (
 
 @pytest.fixture(scope="module", autouse=True)
 def slurm_possible() -> None:
-    why_not = slurm_nodes.available()
+    why_not = hidden_by_node_tmp() or slurm_nodes.available()
     if why_not:
         pytest.skip(f"{WHY}: {why_not}")
 
