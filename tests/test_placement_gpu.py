@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or shutil.which("nvidia-smi") is None,
-    reason="needs a CUDA GPU and nvidia-smi (run on the GPU machine: docs/placement.md records its output)",
+    reason="needs a CUDA GPU and nvidia-smi (run it on a GPU machine; docs/placement.md says it has not run there yet)",
 )
 ROWS = 2_000_000
 
