@@ -528,17 +528,9 @@ def render_report(
 
     plots = render_plots(metrics, plots_dir, curve)
     comparable = scale == "full"
-    any_meta = metas[("rl", splits[0])]
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     n_text = ", ".join(f"{split_name(s)} {summaries[('rl', s)]['n']}" for s in splits)
     lines = [
-        "# Search-R1 on slime: headline results",
-        "",
-        f"- scale: **{scale}**" + ("" if comparable else " (the offline toy world: tiny model, synthetic questions)"),
-        f"- settings hash `{record['settings_hash']}`, code {_code_text(record)}; rendered {today} "
-        "(every input's provenance: the Provenance section below)",
-        f"- evaluation: temperature {any_meta.get('temperature', 0.0)} (greedy when 0), 1 sample per question, "
-        f"engine `{any_meta.get('engine', '?')}`; questions per split: {n_text}",
+        *_headline_top(scale, record, metas[("rl", splits[0])], n_text),
         "",
         "## Exact match",
         "",
@@ -589,6 +581,21 @@ def render_report(
     if provenance_json is not None:
         write_json_atomic(provenance_json, {"provenance": dict(record), "inputs": records})
     write_text_atomic(out_md, "\n".join(lines))
+
+
+def _headline_top(scale: str, record: Mapping[str, Any], eval_meta: Mapping[str, Any], n_text: str) -> list[str]:
+    """The headline's title and its scale, provenance and evaluation lines (one run or several)."""
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    toy_note = "" if scale == "full" else " (the offline toy world: tiny model, synthetic questions)"
+    return [
+        "# Search-R1 on slime: headline results",
+        "",
+        f"- scale: **{scale}**{toy_note}",
+        f"- settings hash `{record['settings_hash']}`, code {_code_text(record)}; rendered {today} "
+        "(every input's provenance: the Provenance section below)",
+        f"- evaluation: temperature {eval_meta.get('temperature', 0.0)} (greedy when 0), 1 sample per question, "
+        f"engine `{eval_meta.get('engine', '?')}`; questions per split: {n_text}",
+    ]
 
 
 def _code_text(record: Mapping[str, Any]) -> str:
@@ -838,19 +845,11 @@ def render_experiments_report(
     plots = render_experiment_plots(metrics, curves, splits, plots_dir)
 
     comparable = scale == "full"
-    any_meta = metas[(run_models[0], splits[0])]
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     n_text = ", ".join(f"{split_name(s)} {len(ids[s])}" for s in splits)
     seeds_of = {name: [run.seed for run in group] for name, group in groups.items()}
     average = len(splits) > 1
     lines = [
-        "# Search-R1 on slime: headline results",
-        "",
-        f"- scale: **{scale}**" + ("" if comparable else " (the offline toy world: tiny model, synthetic questions)"),
-        f"- settings hash `{record['settings_hash']}`, code {_code_text(record)}; rendered {today} "
-        "(every input's provenance: the Provenance section below)",
-        f"- evaluation: temperature {any_meta.get('temperature', 0.0)} (greedy when 0), 1 sample per question, "
-        f"engine `{any_meta.get('engine', '?')}`; questions per split: {n_text}",
+        *_headline_top(scale, record, metas[(run_models[0], splits[0])], n_text),
         f"- {len(names)} experiment(s) x their seeds = {len(runs)} training runs; the first, `{names[0]}`, is "
         "the reference of the differences",
         "",
